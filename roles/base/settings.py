@@ -1,0 +1,82 @@
+"""Settings of the base role, applied to every host (keys ``base__<field>``)."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Literal
+
+from webstack.settings import required, setting
+
+
+@dataclass(frozen=True)
+class AdminUser:
+    """An operator account: SSH keys only, member of the admin group (sudo)."""
+
+    name: str = required("login name")
+    ssh_keys: tuple[str, ...] = required(
+        "public keys (one line each); `file:PATH` reads a key file on the control machine"
+    )
+    shell: str = setting("/bin/bash", "login shell")
+
+
+@dataclass(frozen=True)
+class Opening:
+    """One extra inbound firewall opening, from inventory groups and/or networks."""
+
+    port: int = required("destination port")
+    proto: Literal["tcp", "udp"] = setting("tcp", "protocol")
+    from_groups: tuple[str, ...] = setting((), "inventory groups or roles whose hosts may connect")
+    from_networks: tuple[str, ...] = setting((), "CIDR networks that may connect")
+    comment: str = setting("", "why the opening exists (shown in the ruleset)")
+
+
+@dataclass(frozen=True)
+class BaseSettings:
+    """Every host: accounts, SSH, firewall, updates, time, journal, sysctl."""
+
+    admin_users: tuple[AdminUser, ...] = setting((), "operator accounts (at least one, with a key)")
+    removed_users: tuple[str, ...] = setting((), "former operators whose accounts are deleted")
+    admin_group: str = setting("webstack-admin", "group granted passwordless sudo")
+    admin_networks: tuple[str, ...] = setting(
+        ("0.0.0.0/0", "::/0"), "networks allowed to reach SSH (narrow this in production)"
+    )
+    ssh_port: int = setting(22, "port sshd listens on")
+    ssh_permit_root_login: bool = setting(False, "allow root over SSH (keys only); off once onboarded")
+    ssh_tcp_forwarding: bool = setting(False, "allow SSH TCP forwarding (tunnels)")
+    firewall_enabled: bool = setting(True, "manage nftables with default-deny inbound")
+    firewall_openings: tuple[Opening, ...] = setting((), "extra inbound openings beyond those roles derive")
+    unattended_upgrades: bool = setting(True, "install security updates daily (unattended-upgrades)")
+    unattended_reboot: bool = setting(False, "let unattended-upgrades reboot when a kernel update needs it")
+    unattended_reboot_time: str = setting("04:00", "time of such automatic reboots")
+    timezone: str = setting("Etc/UTC", "system time zone")
+    ntp_servers: tuple[str, ...] = setting(("2.debian.pool.ntp.org",), "NTP pools/servers for chrony")
+    journal_max_use: str = setting("500M", "disk cap of the persistent journal")
+    extra_packages: tuple[str, ...] = setting((), "more Debian packages to install everywhere")
+
+    def check(self) -> tuple[str, str] | None:
+        """Field-level consistency; returns (key, message) on a problem."""
+        for net in self.admin_networks:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                return "admin_networks", f"not a network: {net!r}"
+        for i, opening in enumerate(self.firewall_openings):
+            if not 0 < opening.port < 65536:
+                return f"firewall_openings[{i}].port", f"not a port: {opening.port}"
+            if not (opening.from_groups or opening.from_networks):
+                return f"firewall_openings[{i}]", "needs from_groups or from_networks"
+            for net in opening.from_networks:
+                try:
+                    ipaddress.ip_network(net, strict=False)
+                except ValueError:
+                    return f"firewall_openings[{i}].from_networks", f"not a network: {net!r}"
+        if not 0 < self.ssh_port < 65536:
+            return "ssh_port", f"not a port: {self.ssh_port}"
+        names = [u.name for u in self.admin_users]
+        if len(set(names)) != len(names):
+            return "admin_users", "a user is listed twice"
+        overlap = set(names) & set(self.removed_users)
+        if overlap:
+            return "removed_users", f"also listed in admin_users: {', '.join(sorted(overlap))}"
+        return None

@@ -1,0 +1,149 @@
+"""``webstack``: the operator's helper commands (secrets, inventory check, docs).
+
+    webstack check INVENTORY_DIR          validate an inventory (no connection)
+    webstack secrets init INVENTORY_DIR   new key + empty secrets file
+    webstack secrets edit INVENTORY_DIR   decrypt to a private temp file, $EDITOR, re-encrypt
+    webstack secrets set INVENTORY_DIR KEY   value from stdin (never from argv)
+    webstack secrets unset INVENTORY_DIR KEY
+    webstack secrets list INVENTORY_DIR   names only, never values
+    webstack secrets rotate INVENTORY_DIR new key; re-encrypt; old key kept as .old
+    webstack docs [--check]               regenerate (or check) the README settings tables
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from webstack import secrets
+from webstack.errors import ConfigError
+
+
+def _write_recipients(inv: Path, public: str) -> None:
+    (inv / "secrets.recipients").write_text(
+        "# age public keys the secrets file is encrypted to (one per operator)\n" + public + "\n"
+    )
+
+
+def cmd_init(inv: Path) -> int:
+    if (inv / "secrets.age").exists():
+        print(f"{inv / 'secrets.age'} exists already; use `edit` or `rotate`", file=sys.stderr)
+        return 2
+    inv.mkdir(parents=True, exist_ok=True)
+    path, public = secrets.new_identity(inv.name) if not secrets.key_file(inv.name).exists() else (
+        secrets.key_file(inv.name), None)
+    if public is None:
+        import pyrage
+
+        text = path.read_text().splitlines()
+        ident = pyrage.x25519.Identity.from_str([t for t in text if t.startswith("AGE-")][0])
+        public = str(ident.to_public())
+    _write_recipients(inv, public)
+    secrets.encrypt(inv, {})
+    print(f"key: {path} (keep it safe, outside git)\nrecipients: {inv / 'secrets.recipients'}\nsecrets: {inv / 'secrets.age'}")
+    return 0
+
+
+def cmd_edit(inv: Path) -> int:
+    data = secrets.decrypt(inv)
+    import yaml
+
+    editor = os.environ.get("EDITOR", "vi")
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    fd, name = tempfile.mkstemp(prefix="webstack-secrets-", suffix=".yml", dir=shm)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(yaml.safe_dump(data, default_flow_style=False))
+        while True:
+            subprocess.run([editor, name], check=False)
+            try:
+                new = secrets.parse_plaintext(Path(name).read_text(), name)
+                break
+            except ConfigError as exc:
+                print(f"error: {exc}; editing again (Ctrl-C aborts, nothing is saved)", file=sys.stderr)
+        secrets.encrypt(inv, new)
+    finally:
+        os.unlink(name)
+    return 0
+
+
+def cmd_set(inv: Path, key: str) -> int:
+    data = secrets.decrypt(inv)
+    value = sys.stdin.read().rstrip("\n")
+    if not value:
+        print("no value on stdin", file=sys.stderr)
+        return 2
+    data[key] = value
+    secrets.encrypt(inv, data)
+    return 0
+
+
+def cmd_unset(inv: Path, key: str) -> int:
+    data = secrets.decrypt(inv)
+    data.pop(key, None)
+    secrets.encrypt(inv, data)
+    return 0
+
+
+def cmd_rotate(inv: Path) -> int:
+    data = secrets.decrypt(inv)
+    old = secrets.key_file(inv.name)
+    if old.exists():
+        old.replace(old.with_suffix(".agekey.old"))
+    path, public = secrets.new_identity(inv.name)
+    _write_recipients(inv, public)
+    secrets.encrypt(inv, data)
+    print(f"new key: {path}; old key kept as {old.with_suffix('.agekey.old')}; commit {inv / 'secrets.recipients'} and secrets.age")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="webstack", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    check = sub.add_parser("check", help="validate an inventory without connecting")
+    check.add_argument("inventory", type=Path)
+    sec = sub.add_parser("secrets", help="manage an inventory's encrypted secrets")
+    sec.add_argument("action", choices=["init", "edit", "set", "unset", "list", "rotate"])
+    sec.add_argument("inventory", type=Path)
+    sec.add_argument("key", nargs="?")
+    docs = sub.add_parser("docs", help="regenerate the README settings tables")
+    docs.add_argument("--check", action="store_true", help="exit 1 if README.md is out of date")
+    args = parser.parse_args(argv)
+    try:
+        if args.cmd == "check":
+            from webstack.inventory import load
+
+            configs = load(args.inventory)
+            print(f"{args.inventory}: {len(configs)} hosts OK")
+            return 0
+        if args.cmd == "docs":
+            from webstack.docs import update_readme
+
+            return update_readme(Path(__file__).resolve().parent.parent / "README.md", check=args.check)
+        inv = args.inventory
+        if args.action in ("set", "unset") and not args.key:
+            parser.error(f"secrets {args.action} needs KEY")
+        if args.action == "init":
+            return cmd_init(inv)
+        if args.action == "edit":
+            return cmd_edit(inv)
+        if args.action == "set":
+            return cmd_set(inv, args.key)
+        if args.action == "unset":
+            return cmd_unset(inv, args.key)
+        if args.action == "list":
+            for key in sorted(secrets.decrypt(inv)):
+                print(key)
+            return 0
+        return cmd_rotate(inv)
+    except ConfigError as exc:
+        print(f"webstack: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

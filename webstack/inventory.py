@@ -1,0 +1,292 @@
+"""Load a YAML inventory directory into validated, typed per-host configuration.
+
+An inventory is a directory ``inventories/<env>/`` holding:
+
+- ``hosts.yml``: ``ssh`` connection defaults and ``hosts`` (address, roles,
+  groups, optional release);
+- ``group_data/all.yml``, ``group_data/<group>.yml``: settings for every host /
+  the hosts of one group or role;
+- ``host_data/<host>.yml``: settings for one host;
+- ``secrets.age``: the encrypted secrets (see ``webstack.secrets``).
+
+Settings keys are flat and namespaced by role (``base__ssh_port``). They merge
+explicitly, one key at a time: all < groups (in the order the host lists its
+roles then groups) < host. Every key, type, secret and cross-host rule is
+checked here, before pyinfra connects to any server; a problem raises
+:class:`ConfigError` naming the file and key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from webstack.errors import ConfigError
+from webstack.settings import parse
+
+HOST_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+RELEASES = ("bookworm", "trixie")
+HOST_KEYS = {"address", "roles", "groups", "release", "port"}
+SSH_KEYS = {"user": "ssh_user", "key": "ssh_key", "known_hosts": "ssh_known_hosts_file", "port": "ssh_port"}
+
+
+@dataclass(frozen=True)
+class Peer:
+    """What every host may know about every other host of the inventory."""
+
+    name: str
+    address: str
+    roles: tuple[str, ...]
+    groups: tuple[str, ...]
+
+    def is_in(self, group_or_role: str) -> bool:
+        """True when the host has this role or belongs to this group."""
+        return group_or_role in self.roles or group_or_role in self.groups
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    """Everything a deploy needs to know about one host, validated."""
+
+    name: str
+    address: str
+    env: str
+    release: str | None
+    roles: tuple[str, ...]
+    groups: tuple[str, ...]
+    settings: Mapping[str, Any]
+    peers: tuple[Peer, ...]
+    secrets: Mapping[str, Any] = field(repr=False)
+
+    def role(self, name: str) -> Any:
+        """The typed settings of one role (``base`` included)."""
+        return self.settings[name]
+
+    def members(self, group_or_role: str) -> list[Peer]:
+        """All inventory hosts with this role or in this group, in inventory order."""
+        return [p for p in self.peers if p.is_in(group_or_role)]
+
+    def secret(self, key: str) -> Any:
+        """A secret as a pyinfra ``HiddenValue`` (masked in all output)."""
+        return self.secrets[key]
+
+
+@dataclass
+class _Source:
+    """Merged raw settings with the file each key came from."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    origin: dict[str, str] = field(default_factory=dict)
+
+    def update(self, data: Mapping[str, Any], path: str) -> None:
+        for key, value in data.items():
+            self.values[key] = value
+            self.origin[key] = path
+
+
+def read_yaml(path: Path, *, required: bool = True) -> Any:
+    """Parse one YAML file, turning syntax errors into a ConfigError naming the file."""
+    if not path.exists():
+        if required:
+            raise ConfigError(str(path), None, "file not found")
+        return None
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(where, None, f"malformed YAML: {problem}") from None
+
+
+def _mapping(data: Any, path: Path, what: str) -> dict[str, Any]:
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), None, f"{what} must be a mapping, got {type(data).__name__}")
+    for key in data:
+        if not isinstance(key, str):
+            raise ConfigError(str(path), str(key), "keys must be strings")
+    return data
+
+
+def _hosts(inv: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    path = inv / "hosts.yml"
+    doc = _mapping(read_yaml(path), path, "hosts.yml")
+    unknown = set(doc) - {"ssh", "hosts"}
+    if unknown:
+        raise ConfigError(str(path), sorted(unknown)[0], "unknown key (known: hosts, ssh)")
+    ssh = _mapping(doc.get("ssh"), path, "ssh")
+    for key in ssh:
+        if key not in SSH_KEYS:
+            raise ConfigError(str(path), f"ssh.{key}", f"unknown key (known: {', '.join(SSH_KEYS)})")
+    hosts = _mapping(doc.get("hosts"), path, "hosts")
+    if not hosts:
+        raise ConfigError(str(path), "hosts", "no hosts defined")
+    out: dict[str, dict[str, Any]] = {}
+    for name, entry in hosts.items():
+        key = f"hosts.{name}"
+        if not HOST_NAME.match(name):
+            raise ConfigError(str(path), key, "host names are lower-case letters, digits and '-'")
+        entry = _mapping(entry, path, key)
+        for k in entry:
+            if k not in HOST_KEYS:
+                raise ConfigError(str(path), f"{key}.{k}", f"unknown key (known: {', '.join(sorted(HOST_KEYS))})")
+        address = entry.get("address")
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise ConfigError(str(path), f"{key}.address", f"not an IP address: {address!r}") from None
+        for listkey in ("roles", "groups"):
+            value = entry.get(listkey, [])
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(str(path), f"{key}.{listkey}", "must be a list of names")
+        release = entry.get("release")
+        if release is not None and release not in RELEASES:
+            raise ConfigError(str(path), f"{key}.release", f"must be one of {', '.join(RELEASES)}")
+        out[name] = entry
+    return ssh, out
+
+
+def _settings_files(inv: Path, kind: str, name: str) -> tuple[Path, dict[str, Any]]:
+    path = inv / kind / f"{name}.yml"
+    return path, _mapping(read_yaml(path, required=False), path, f"{kind}/{name}.yml")
+
+
+def load(inv_dir: str | Path, *, secrets: Mapping[str, str] | None = None) -> list[HostConfig]:
+    """Load and validate an inventory directory; return one HostConfig per host.
+
+    ``secrets`` is the decrypted secrets mapping; when None it is read from the
+    inventory's ``secrets.age`` (``webstack.secrets.load``).
+    """
+    from pyinfra.api import HiddenValue
+
+    from roles.registry import ROLES, check_fleet, needed_secrets
+
+    inv = Path(inv_dir)
+    env = inv.name
+    ssh, hosts = _hosts(inv)
+    hosts_path = str(inv / "hosts.yml")
+
+    # Every role a host names exists; every data file names a known group or host.
+    groups_known: set[str] = set()
+    for name, entry in hosts.items():
+        for role in entry.get("roles", []):
+            if role not in ROLES or role == "base":
+                known = ", ".join(sorted(r for r in ROLES if r != "base"))
+                raise ConfigError(hosts_path, f"hosts.{name}.roles", f"unknown role {role!r} (known: {known})")
+        groups_known.update(entry.get("roles", []))
+        groups_known.update(entry.get("groups", []))
+    for kind, known_names in (("group_data", groups_known | {"all"}), ("host_data", set(hosts))):
+        folder = inv / kind
+        if folder.is_dir():
+            for path in sorted(folder.iterdir()):
+                if path.suffix != ".yml":
+                    raise ConfigError(str(path), None, "data files end in .yml")
+                if path.stem not in known_names:
+                    raise ConfigError(str(path), None, f"no {'group or role' if kind == 'group_data' else 'host'} named {path.stem!r} in {hosts_path}")
+
+    # Settings keys are '<role>__<field>' for a known role.
+    def split_key(key: str, path: str) -> tuple[str, str]:
+        role, sep, fieldname = key.partition("__")
+        if not sep or role not in ROLES:
+            raise ConfigError(path, key, f"unknown key: settings are '<role>__<setting>' with role one of {', '.join(sorted(ROLES))}")
+        return role, fieldname
+
+    all_path, all_data = _settings_files(inv, "group_data", "all")
+    peers = tuple(
+        Peer(name, str(e["address"]), tuple(e.get("roles", [])), tuple(e.get("groups", [])))
+        for name, e in hosts.items()
+    )
+    if secrets is None:
+        from webstack.secrets import load_for_inventory
+
+        secrets = load_for_inventory(inv)
+    secrets_path = str(inv / "secrets.age")
+
+    configs = []
+    for name, entry in hosts.items():
+        source = _Source()
+        source.update(all_data, str(all_path))
+        for group in [*entry.get("roles", []), *entry.get("groups", [])]:
+            path, data = _settings_files(inv, "group_data", group)
+            source.update(data, str(path))
+        path, data = _settings_files(inv, "host_data", name)
+        source.update(data, str(path))
+
+        per_role: dict[str, dict[str, Any]] = {}
+        for key, value in source.values.items():
+            role, fieldname = split_key(key, source.origin[key])
+            per_role.setdefault(role, {})[fieldname] = value
+        applied = ("base", *entry.get("roles", []))
+        settings = {}
+        for role in applied:
+            settings[role] = parse(
+                ROLES[role].settings,
+                per_role.get(role, {}),
+                lambda k, role=role: source.origin.get(f"{role}__{k}", hosts_path),
+                prefix=f"{role}__",
+            )
+        # Settings for a role the host does not have are still type-checked,
+        # so a typo in group data never waits for the day the role is added.
+        for role, data in per_role.items():
+            if role not in applied:
+                parse(ROLES[role].settings, data, lambda k, role=role: source.origin[f"{role}__{k}"], prefix=f"{role}__")
+
+        draft = HostConfig(
+            name=name,
+            address=str(entry["address"]),
+            env=env,
+            release=entry.get("release"),
+            roles=tuple(entry.get("roles", [])),
+            groups=tuple(entry.get("groups", [])),
+            settings=settings,
+            peers=peers,
+            secrets={},
+        )
+        wanted = needed_secrets(draft)
+        missing = [k for k in wanted if k not in secrets]
+        if missing:
+            raise ConfigError(secrets_path, missing[0], f"missing secret (needed by host {name}); add it with `webstack secrets edit {inv}`")
+        configs.append(
+            HostConfig(**{**draft.__dict__, "secrets": {k: HiddenValue(secrets[k]) for k in wanted}})
+        )
+    check_fleet(configs, hosts_path)
+    return configs
+
+
+def pyinfra_groups(inventory_file: str) -> dict[str, Any]:
+    """The module-level groups a pyinfra inventory file exposes.
+
+    ``inventories/<env>.py`` calls this with its ``__file__``; it loads
+    ``inventories/<env>/`` and returns ``{"all": [(name, data), ...], <role or
+    group>: [names], ...}``. Validation errors stop pyinfra before it connects.
+    """
+    from pyinfra.api.exceptions import PyinfraError
+
+    inv = Path(inventory_file).resolve().with_suffix("")
+    try:
+        configs = load(inv)
+        ssh, _ = _hosts(inv)
+    except ConfigError as exc:
+        raise PyinfraError(f"webstack: {exc}") from None
+
+    all_hosts = []
+    groups: dict[str, list[str]] = {}
+    for cfg in configs:
+        data: dict[str, Any] = {"ssh_hostname": cfg.address, "webstack": cfg}
+        for key, data_key in SSH_KEYS.items():
+            if key in ssh:
+                data[data_key] = ssh[key]
+        if data.get("ssh_user", "root") != "root":
+            data["_sudo"] = True
+        all_hosts.append((cfg.name, data))
+        for group in (*cfg.roles, *cfg.groups):
+            groups.setdefault(group, []).append(cfg.name)
+    return {"all": all_hosts, **groups}
