@@ -1,0 +1,333 @@
+"""Machines: overlay root, first-boot identity, supervisor process, stop/poweroff, SSH wait."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from lab import net
+from lab.config import Fleet, Machine
+from lab.image import image_path
+from lab.util import (
+    APT_POOL_DIR, KNOWN_HOSTS, MACHINES_DIR, REPO_ROOT, SSH_DIR, SSH_KEY,
+    LabError, is_mounted, log, pid_matches, read_pid, run, write_atomic,
+)
+
+STOP_TIMEOUT = 15.0
+# CAP_NET_ADMIN: addresses (keepalived VIP), nftables, sysctl net.* in the machine's netns.
+# CAP_NET_RAW (ping, VRRP) is already in nspawn's default capability set.
+CAPABILITIES = "CAP_NET_ADMIN"
+
+
+def mdir(name: str) -> Path:
+    """State dir of a machine."""
+    return MACHINES_DIR / name
+
+
+def merged_dir(name: str) -> Path:
+    """Mount point of the machine's root filesystem."""
+    return mdir(name) / "merged"
+
+
+def lab_machine_names() -> list[str]:
+    """Names of all machines with a state dir (including ones no longer in the fleet)."""
+    if not MACHINES_DIR.exists():
+        return []
+    return sorted(p.name for p in MACHINES_DIR.iterdir() if p.is_dir())
+
+
+# --- processes --------------------------------------------------------------------------
+
+def supervisor_pid(name: str) -> int | None:
+    """The machine's live supervisor pid (verified by its cmdline), else None."""
+    pid = read_pid(mdir(name) / "supervisor.pid")
+    return pid if pid_matches(pid, "lab.supervisor") and pid_matches(pid, str(mdir(name))) else None
+
+
+def nspawn_pid(name: str) -> int | None:
+    """The machine's live systemd-nspawn pid (verified by its cmdline), else None."""
+    pid = read_pid(mdir(name) / "nspawn.pid")
+    return pid if pid_matches(pid, "systemd-nspawn") and pid_matches(pid, str(merged_dir(name))) else None
+
+
+def state(name: str) -> str:
+    """running | powered-off | stopped."""
+    if nspawn_pid(name) or supervisor_pid(name):
+        return "running"
+    if (mdir(name) / "powered-off").exists():
+        return "powered-off"
+    return "stopped"
+
+
+def _signal(pid: int | None, sig: int) -> None:
+    if pid:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def stop_many(names: list[str], timeout: float = STOP_TIMEOUT) -> None:
+    """Clean shutdown (SIGTERM -> nspawn powers the container off), SIGKILL after timeout."""
+    pending = []
+    for name in names:
+        sup, nsp = supervisor_pid(name), nspawn_pid(name)
+        if sup:
+            _signal(sup, signal.SIGTERM)  # supervisor forwards to nspawn and won't restart
+        elif nsp:
+            _signal(nsp, signal.SIGTERM)
+        if sup or nsp:
+            pending.append(name)
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        pending = [n for n in pending if supervisor_pid(n) or nspawn_pid(n)]
+        time.sleep(0.2)
+    for name in pending:
+        log(f"{name}: no clean shutdown within {timeout:.0f}s, killing")
+        _signal(supervisor_pid(name), signal.SIGKILL)
+        _signal(nspawn_pid(name), signal.SIGKILL)
+    for name in names:  # anything left in the netns (container init orphaned by a dead nspawn)
+        net.kill_netns_pids(name)
+        for f in ("supervisor.pid", "nspawn.pid"):
+            (mdir(name) / f).unlink(missing_ok=True)
+
+
+def kill_hard(name: str) -> None:
+    """SIGKILL supervisor, nspawn and every process of the machine: nothing shuts down cleanly."""
+    _signal(supervisor_pid(name), signal.SIGKILL)
+    _signal(nspawn_pid(name), signal.SIGKILL)
+    net.kill_netns_pids(name)
+    for f in ("supervisor.pid", "nspawn.pid"):
+        (mdir(name) / f).unlink(missing_ok=True)
+
+
+# --- root filesystem ----------------------------------------------------------------------
+
+def _seed_apt(release: str, upper: Path) -> None:
+    """Hard-link the release's .deb pool into a fresh upper dir's apt archive (no copy)."""
+    pool = APT_POOL_DIR / release
+    if not pool.is_dir():
+        return
+    dest = upper / "var/cache/apt/archives"
+    for d in (upper / "var", upper / "var/cache", upper / "var/cache/apt", dest):
+        d.mkdir(mode=0o755, exist_ok=True)
+    for deb in pool.glob("*.deb"):
+        try:
+            os.link(deb, dest / deb.name)
+        except FileExistsError:
+            pass
+        except OSError:
+            shutil.copy2(deb, dest / deb.name)
+
+
+def harvest_apt(name: str) -> int:
+    """Hard-link .debs a machine downloaded into the shared per-release pool; return count."""
+    meta = read_meta(name)
+    if not meta:
+        return 0
+    src = mdir(name) / "upper/var/cache/apt/archives"
+    if not src.is_dir():
+        return 0
+    pool = APT_POOL_DIR / meta["release"]
+    pool.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for deb in src.glob("*.deb"):  # complete files only: apt downloads into partial/ then renames
+        target = pool / deb.name
+        if target.exists():
+            continue
+        try:
+            os.link(deb, target)
+        except OSError:
+            shutil.copy2(deb, target)
+        n += 1
+    return n
+
+
+def read_meta(name: str) -> dict[str, str] | None:
+    """meta.json written when the machine was created, or None."""
+    try:
+        return json.loads((mdir(name) / "meta.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def ensure_ssh_keypair() -> None:
+    """Create the lab's client keypair once."""
+    SSH_DIR.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not SSH_KEY.exists():
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "webstack-lab", "-f", SSH_KEY])
+
+
+def _personalise(fleet: Fleet, m: Machine, root: Path) -> None:
+    """Write the machine's identity into its (mounted) root: hostname, ids, keys, DNS."""
+    (root / "etc/hostname").write_text(f"{m.name}\n")
+    (root / "etc/hosts").write_text(
+        "127.0.0.1\tlocalhost\n"
+        f"{m.address}\t{m.name}\n"
+        "::1\tlocalhost ip6-localhost ip6-loopback\n"
+        "ff02::1\tip6-allnodes\nff02::2\tip6-allrouters\n"
+    )
+    (root / "etc/machine-id").write_text(uuid.uuid4().hex + "\n")
+    resolv = root / "etc/resolv.conf"
+    if resolv.is_symlink() or resolv.exists():
+        resolv.unlink()
+    resolv.write_text(Path("/etc/resolv.conf").read_text())
+    ssh = root / "root/.ssh"
+    ssh.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(ssh, 0o700)
+    auth = ssh / "authorized_keys"
+    auth.write_text(SSH_KEY.with_suffix(".pub").read_text())
+    os.chmod(auth, 0o600)
+    for old in (root / "etc/ssh").glob("ssh_host_*"):
+        old.unlink()
+    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"root@{m.name}",
+         "-f", root / "etc/ssh/ssh_host_ed25519_key"])
+
+
+def ensure_root(fleet: Fleet, m: Machine) -> bool:
+    """Mount the machine's overlay root, creating it on first use. True if newly created."""
+    d = mdir(m.name)
+    upper, work, merged = d / "upper", d / "work", d / "merged"
+    meta = read_meta(m.name)
+    if meta and meta.get("release") != m.release:
+        raise LabError(f"{m.name} was created as {meta.get('release')} but the fleet says "
+                       f"{m.release}: run `python -m lab down` first")
+    new = meta is None
+    if new:
+        if is_mounted(merged):
+            run(["umount", merged])
+        for p in (upper, work):
+            shutil.rmtree(p, ignore_errors=True)
+    for p in (upper, work, merged):
+        p.mkdir(parents=True, exist_ok=True)
+    if new:
+        _seed_apt(m.release, upper)
+    if not is_mounted(merged):
+        lower = image_path(m.release)
+        run(["mount", "-t", "overlay", f"webstack-lab-{m.name}", "-o",
+             f"lowerdir={lower},upperdir={upper},workdir={work}", merged])
+    if new:
+        _personalise(fleet, m, merged)
+        write_atomic(d / "meta.json", json.dumps({"release": m.release, "address": m.address}) + "\n")
+    return new
+
+
+def destroy(name: str) -> None:
+    """Unmount and delete a machine's state dir (its disk). Refuses if still mounted."""
+    merged = merged_dir(name)
+    if is_mounted(merged):
+        if run(["umount", merged], check=False).returncode != 0:
+            run(["umount", "-l", merged])
+    if is_mounted(merged):
+        raise LabError(f"{merged} is still mounted; not deleting {mdir(name)}")
+    shutil.rmtree(mdir(name), ignore_errors=False)
+
+
+# --- boot -----------------------------------------------------------------------------------
+
+def nspawn_argv(m: Machine) -> list[str]:
+    """The systemd-nspawn command line for m (see lab/README.md for why each flag)."""
+    return [
+        "systemd-nspawn",
+        "-D", str(merged_dir(m.name)),
+        "--register=no", "--keep-unit",
+        "-b",
+        f"--machine={m.name}",
+        f"--network-namespace-path=/run/netns/{m.name}",
+        f"--capability={CAPABILITIES}",
+        "--resolv-conf=off",
+        "--link-journal=no",
+        "--console=read-only",
+        "--kill-signal=SIGRTMIN+4",
+    ]
+
+
+def boot(fleet: Fleet, m: Machine) -> int:
+    """Start the detached supervisor (which starts nspawn). Return the supervisor pid."""
+    d = mdir(m.name)
+    (d / "powered-off").unlink(missing_ok=True)
+    (d / "last-exit").unlink(missing_ok=True)
+    (d / "nspawn.pid").unlink(missing_ok=True)
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    primary = f"{m.address}/{fleet.prefixlen}"
+    with open(d / "console.log", "ab") as logf:
+        logf.write(f"\n===== lab boot {time.strftime('%Y-%m-%d %H:%M:%S')} =====\n".encode())
+        logf.flush()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lab.supervisor", str(d), m.name, primary, "--", *nspawn_argv(m)],
+            cwd=str(REPO_ROOT), env=env, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+            start_new_session=True, close_fds=True,
+        )
+    (d / "supervisor.pid").write_text(f"{proc.pid}\n")
+    return proc.pid
+
+
+def ssh_base_argv(batch: bool = False) -> list[str]:
+    """ssh options for lab machines: lab key, lab known_hosts, strict host key checking."""
+    argv = [
+        "ssh", "-i", str(SSH_KEY),
+        "-o", "IdentitiesOnly=yes",
+        "-o", f"UserKnownHostsFile={KNOWN_HOSTS}",
+        "-o", "GlobalKnownHostsFile=/dev/null",
+        "-o", "StrictHostKeyChecking=yes",
+        "-o", "LogLevel=ERROR",
+    ]
+    if batch:
+        argv += ["-o", "BatchMode=yes", "-o", "ConnectTimeout=3"]
+    return argv
+
+
+def write_known_hosts(fleet: Fleet) -> bool:
+    """known_hosts with each machine's address and ed25519 host key; True if it changed."""
+    lines = []
+    for m in fleet.machines:
+        pub = mdir(m.name) / "upper/etc/ssh/ssh_host_ed25519_key.pub"
+        if pub.exists():
+            kind, key = pub.read_text().split()[:2]
+            lines.append(f"{m.address} {kind} {key}\n")
+    SSH_DIR.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return write_atomic(KNOWN_HOSTS, "".join(lines), mode=0o644)
+
+
+def _port_open(address: str, port: int = 22, timeout: float = 1.0) -> bool:
+    try:
+        with socket.create_connection((address, port), timeout=timeout) as s:
+            s.settimeout(timeout)
+            return s.recv(4).startswith(b"SSH-")
+    except OSError:
+        return False
+
+
+def console_tail(name: str, lines: int = 15) -> str:
+    """Last lines of the machine's console log."""
+    try:
+        text = (mdir(name) / "console.log").read_text(errors="replace")
+    except FileNotFoundError:
+        return "(no console.log)"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def wait_ssh(m: Machine, timeout: float = 120.0) -> float:
+    """Wait until port 22 answers and `ssh root@ADDR true` works; return seconds waited."""
+    t0 = time.monotonic()
+    deadline = t0 + timeout
+    while time.monotonic() < deadline:
+        if not (supervisor_pid(m.name) or nspawn_pid(m.name)):
+            raise LabError(f"{m.name}: machine exited while booting; console.log tail:\n"
+                           f"{console_tail(m.name)}")
+        if _port_open(m.address):
+            cp = subprocess.run([*ssh_base_argv(batch=True), f"root@{m.address}", "true"],
+                                stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=20)
+            if cp.returncode == 0:
+                return time.monotonic() - t0
+        time.sleep(0.3)
+    raise LabError(f"{m.name}: no SSH on {m.address} after {timeout:.0f}s; console.log tail:\n"
+                   f"{console_tail(m.name)}")
