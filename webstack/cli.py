@@ -8,6 +8,9 @@
     webstack secrets list INVENTORY_DIR   names only, never values
     webstack secrets rotate INVENTORY_DIR new key; re-encrypt; old key kept as .old
     webstack docs [--check]               regenerate (or check) the README settings tables
+    webstack onboard INVENTORY_DIR [HOST...]
+                                          hosts that refuse the admin user but take root
+                                          with a key get deploys/site.py as root, once
 """
 
 from __future__ import annotations
@@ -101,6 +104,48 @@ def cmd_rotate(inv: Path) -> int:
     return 0
 
 
+def needs_onboarding(inv: Path, hosts: list[str]) -> list[str]:
+    """Hosts whose admin user cannot log in yet (a fresh server that takes only root)."""
+    import paramiko
+
+    from webstack.inventory import _hosts
+
+    ssh, entries = _hosts(inv)
+    user = ssh.get("user", "root")
+    fresh = []
+    for name in hosts or list(entries):
+        if name not in entries:
+            raise ConfigError(str(inv / "hosts.yml"), f"hosts.{name}", "no such host")
+        client = paramiko.SSHClient()
+        if ssh.get("known_hosts"):
+            client.load_host_keys(ssh["known_hosts"])
+        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        try:
+            client.connect(str(entries[name]["address"]), port=entries[name].get("port", ssh.get("port", 22)),
+                           username=user, key_filename=ssh.get("key"), timeout=10,
+                           allow_agent=not ssh.get("key"), look_for_keys=not ssh.get("key"))
+        except paramiko.AuthenticationException:
+            fresh.append(name)
+        finally:
+            client.close()
+    return fresh
+
+
+def cmd_onboard(inv: Path, hosts: list[str], extra: list[str]) -> int:
+    from webstack.inventory import load
+
+    load(inv)  # validate everything before touching any server
+    fresh = needs_onboarding(inv, hosts)
+    if not fresh:
+        print("onboard: every host already accepts its admin user; nothing to do")
+        return 0
+    print(f"onboard: {', '.join(fresh)} (as root, once)")
+    cmd = [str(Path(sys.executable).parent / "pyinfra"), "-y", str(inv.with_suffix(".py")), "deploys/site.py", "--user", "root"]
+    for name in fresh:
+        cmd += ["--limit", name]
+    return subprocess.run(cmd + extra, check=False).returncode
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="webstack", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -110,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     sec.add_argument("action", choices=["init", "edit", "set", "unset", "list", "rotate"])
     sec.add_argument("inventory", type=Path)
     sec.add_argument("key", nargs="?")
+    onboard = sub.add_parser("onboard", help="apply site as root to fresh servers")
+    onboard.add_argument("inventory", type=Path)
+    onboard.add_argument("hosts", nargs="*")
     docs = sub.add_parser("docs", help="regenerate the README settings tables")
     docs.add_argument("--check", action="store_true", help="exit 1 if README.md is out of date")
     args = parser.parse_args(argv)
@@ -120,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             configs = load(args.inventory)
             print(f"{args.inventory}: {len(configs)} hosts OK")
             return 0
+        if args.cmd == "onboard":
+            return cmd_onboard(args.inventory, args.hosts, [])
         if args.cmd == "docs":
             from webstack.docs import update_readme
 

@@ -14,6 +14,7 @@ Supported field types: ``str``, ``int``, ``float``, ``bool``, ``Literal[...]``,
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -144,5 +145,6 @@ def parse(cls: type[T], data: Mapping[str, Any], locate: Locator, prefix: str = 
         problem = check()
         if problem:
             bad_key, message = problem
-            raise ConfigError(locate(bad_key), f"{prefix}{bad_key}", message)
+            top = re.split(r"[\[.]", bad_key, maxsplit=1)[0]
+            raise ConfigError(locate(top), f"{prefix}{bad_key}", message)
     return instance

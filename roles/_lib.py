@@ -1,0 +1,158 @@
+"""Shared building blocks for roles: templates, validated swaps, owed actions.
+
+The pattern every configuration file with a validator follows:
+
+1. render the template on the control machine (``render``);
+2. ``validated_file`` compares the wanted content with the server's file by
+   SHA-1; when they differ it uploads to a staging path next to the target,
+   runs the validator (``nginx -t``, ``sshd -t``, ``visudo -c``...) on the
+   staged file, and only if that passes moves it into place atomically, and
+   records an owed action (a marker under ``/var/lib/webstack/pending``);
+3. ``owed_action`` runs the reload/restart when a swap happened in this run
+   OR a marker was left by an earlier run that failed before acting, and
+   clears the marker only after the action succeeded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from pyinfra import host
+from pyinfra.api import FactBase, QuoteString, StringCommand, operation
+from pyinfra.api.operation import OperationMeta
+from pyinfra.facts.files import File, Sha1File
+from pyinfra.operations import server
+
+from webstack.inventory import HostConfig
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+PENDING_DIR = "/var/lib/webstack/pending"
+MANAGED = "Managed by webstack (pyinfra); local changes are overwritten."
+
+_env = Environment(
+    loader=FileSystemLoader(str(TEMPLATES)),
+    undefined=StrictUndefined,
+    keep_trailing_newline=True,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+
+
+def config() -> HostConfig:
+    """The current host's validated configuration (set by the inventory loader)."""
+    cfg = host.data.get("webstack")
+    if not isinstance(cfg, HostConfig):
+        raise RuntimeError(f"{host.name}: not loaded through a webstack inventory (inventories/<env>.py)")
+    return cfg
+
+
+def render(template: str, **context: Any) -> str:
+    """Render ``templates/<template>`` with a 'managed by' header variable."""
+    return _env.get_template(template).render(managed=MANAGED, **context)
+
+
+class PendingActions(FactBase):
+    """Names of actions (reloads/restarts) owed by an earlier, failed run."""
+
+    default = list
+
+    def command(self) -> str:
+        return f"ls -1 {PENDING_DIR} 2>/dev/null || true"
+
+    def process(self, output: Sequence[str]) -> list[str]:
+        return [line.strip() for line in output if line.strip()]
+
+
+@operation()
+def validated_file(
+    dest: str,
+    content: str,
+    validate: str | None = None,
+    mode: str = "644",
+    user: str = "root",
+    group: str = "root",
+    owes: str | None = None,
+):
+    """Install ``content`` at ``dest`` only if ``validate`` accepts it.
+
+    + dest: target path on the server
+    + content: the full wanted file content
+    + validate: shell command with ``{}`` for the staged file path, e.g. ``sshd -t -f {}``
+    + mode/user/group: wanted permissions and owner (applied before the swap)
+    + owes: name of the action this swap makes owed (e.g. ``reload-ssh``)
+
+    ``validated_file(dest="/etc/ssh/sshd_config", content=text, validate="sshd -t -f {}")``
+    """
+    data = content.encode()
+    want = hashlib.sha1(data).hexdigest()
+    info = host.get_fact(File, path=dest)
+    same_content = bool(info) and host.get_fact(Sha1File, path=dest) == want
+    same_meta = bool(info) and (
+        str(info['mode']) == mode.lstrip("0") and info["user"] == user and info["group"] == group
+    )
+    if same_content and same_meta:
+        host.noop(f"{dest} is up to date")
+        return
+    staged = f"{dest}.webstack-new"
+    yield from _upload(data, staged)
+    steps = [
+        StringCommand("chown", f"{user}:{group}", QuoteString(staged)),
+        StringCommand("chmod", mode, QuoteString(staged)),
+    ]
+    if validate:
+        steps.append(StringCommand(*validate.replace("{}", staged).split()))
+    steps.append(StringCommand("mv", "-f", QuoteString(staged), QuoteString(dest)))
+    if owes:
+        steps += [StringCommand("mkdir", "-p", PENDING_DIR), StringCommand("touch", f"{PENDING_DIR}/{owes}")]
+    chained = StringCommand(*_join(steps, "&&"))
+    # On a failed validation, remove the staged file and fail the operation.
+    yield StringCommand("(", chained, ")", "||", "{", "rm", "-f", QuoteString(staged), ";", "exit", "1", ";", "}")
+
+
+def _upload(data: bytes, dest: str):
+    from pyinfra.api.command import FileUploadCommand
+
+    yield FileUploadCommand(io.BytesIO(data), dest)
+
+
+def _join(parts: list[StringCommand], sep: str) -> list[Any]:
+    out: list[Any] = []
+    for i, part in enumerate(parts):
+        if i:
+            out.append(sep)
+        out.append(part)
+    return out
+
+
+def owed_action(name: str, command: str, swaps: Sequence[OperationMeta]) -> OperationMeta:
+    """Run ``command`` if any of ``swaps`` changed now, or an earlier run left it owed.
+
+    The marker ``/var/lib/webstack/pending/<name>`` is removed only after the
+    command succeeded, so a failed run's reload is retried by the next run.
+    """
+    owed_before = name in host.get_fact(PendingActions)
+    return server.shell(
+        name=f"{command} (owed: {name})",
+        commands=[f"{command} && rm -f {PENDING_DIR}/{name}"],
+        _if=lambda: owed_before or any(op.did_change() for op in swaps),
+    )
+
+
+def template_file(template: str, dest: str, *, validate: str | None = None, owes: str | None = None,
+                  mode: str = "644", user: str = "root", group: str = "root", **context: Any) -> OperationMeta:
+    """``render`` + ``validated_file`` in one call, named after the target."""
+    return validated_file(
+        name=f"Configure {dest}",
+        dest=dest,
+        content=render(template, **context),
+        validate=validate,
+        mode=mode,
+        user=user,
+        group=group,
+        owes=owes,
+    )

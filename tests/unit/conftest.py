@@ -1,0 +1,41 @@
+"""Helpers to build small inventories in a temp dir."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl test@unit"
+SECRETS = {"password_hash_ops": "$6$salt$hash"}
+
+
+def write_inventory(root: Path, hosts: dict[str, Any] | None = None, groups: dict[str, Any] | None = None,
+                    host_data: dict[str, Any] | None = None, raw: dict[str, str] | None = None) -> Path:
+    inv = root / "inv"
+    (inv / "group_data").mkdir(parents=True, exist_ok=True)
+    hosts = hosts if hosts is not None else {
+        "web1": {"address": "10.1.0.11", "roles": [], "groups": ["web"]},
+        "db1": {"address": "10.1.0.31", "roles": [], "groups": ["db"]},
+    }
+    (inv / "hosts.yml").write_text(yaml.safe_dump({"ssh": {"user": "ops"}, "hosts": hosts}))
+    all_data = {"base__admin_users": [{"name": "ops", "ssh_keys": [KEY]}]}
+    for name, data in {"all": all_data, **(groups or {})}.items():
+        (inv / "group_data" / f"{name}.yml").write_text(yaml.safe_dump(data))
+    for name, data in (host_data or {}).items():
+        (inv / "host_data").mkdir(exist_ok=True)
+        (inv / "host_data" / f"{name}.yml").write_text(yaml.safe_dump(data))
+    for rel, text in (raw or {}).items():
+        (inv / rel).parent.mkdir(parents=True, exist_ok=True)
+        (inv / rel).write_text(text)
+    return inv
+
+
+@pytest.fixture
+def make_inventory(tmp_path):
+    def make(**kwargs):
+        return write_inventory(tmp_path, **kwargs)
+
+    return make

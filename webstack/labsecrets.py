@@ -1,0 +1,71 @@
+"""Generate the lab's own age key and secrets (never committed).
+
+    python -m webstack.labsecrets [INVENTORY_DIR]
+
+Creates ``~/.config/webstack/lab.agekey`` and ``inventories/lab/secrets.age``
+if missing, then adds any secret the lab inventory needs and lacks, with fresh
+random values. Existing values are kept, so reruns change nothing.
+"""
+
+from __future__ import annotations
+
+import secrets as pysecrets
+import subprocess
+import sys
+from pathlib import Path
+
+from webstack import secrets
+from webstack.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def generate(key: str) -> str:
+    """A value for a missing lab secret, by naming convention."""
+    if key.startswith("password_hash_"):
+        password = pysecrets.token_urlsafe(18)
+        return subprocess.run(
+            ["openssl", "passwd", "-6", "-stdin"], input=password, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    return pysecrets.token_urlsafe(24)
+
+
+def main(inv: Path) -> int:
+    from webstack.inventory import load
+
+    keyfile = secrets.key_file(inv.name)
+    if not keyfile.exists() or not (inv / "secrets.recipients").exists():
+        if not keyfile.exists():
+            _, public = secrets.new_identity(inv.name)
+        else:
+            import pyrage
+
+            line = [x for x in keyfile.read_text().splitlines() if x.startswith("AGE-")][0]
+            public = str(pyrage.x25519.Identity.from_str(line).to_public())
+        (inv / "secrets.recipients").write_text(f"# the lab's own key ({keyfile})\n{public}\n")
+        (inv / "secrets.age").unlink(missing_ok=True)
+    data = secrets.decrypt(inv) if (inv / "secrets.age").exists() else {}
+    added = []
+    while True:
+        try:
+            load(inv, secrets=data)
+            break
+        except ConfigError as exc:
+            if exc.message.startswith("missing secret") and exc.key:
+                data[exc.key] = generate(exc.key)
+                added.append(exc.key)
+                continue
+            raise
+    if added or not (inv / "secrets.age").exists():
+        secrets.encrypt(inv, data)
+    print(f"lab secrets: {len(data)} in {inv / 'secrets.age'}" + (f" (added {', '.join(added)})" if added else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    target = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "inventories" / "lab"
+    try:
+        sys.exit(main(target))
+    except ConfigError as exc:
+        print(f"webstack: error: {exc}", file=sys.stderr)
+        sys.exit(2)
