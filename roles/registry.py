@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from roles.base.settings import BaseSettings
@@ -76,13 +77,20 @@ def check_fleet(configs: Sequence[HostConfig], where: str) -> None:
     for cfg in configs:
         base = cfg.role("base")
         if not base.admin_users:
-            raise ConfigError(where, f"hosts.{cfg.name}: base__admin_users", "at least one admin user is needed (root login is disabled)")
+            raise ConfigError(where, f"hosts.{cfg.name}: base__admin_users",
+                              "at least one admin user is needed (root login is disabled)")
         for user in base.admin_users:
             if not user.ssh_keys:
-                raise ConfigError(where, f"hosts.{cfg.name}: base__admin_users.{user.name}.ssh_keys", "an admin user needs at least one SSH key")
+                raise ConfigError(where, f"hosts.{cfg.name}: base__admin_users.{user.name}.ssh_keys",
+                                  "an admin user needs at least one SSH key")
+            for i, key in enumerate(user.ssh_keys):
+                if key.startswith("file:") and not Path(key[5:]).is_file():
+                    raise ConfigError(where, f"hosts.{cfg.name}: base__admin_users.{user.name}.ssh_keys[{i}]",
+                                      f"key file not found on the control machine: {key[5:]}")
         for i, opening in enumerate(base.firewall_openings):
             for group in opening.from_groups:
                 if group not in groups:
-                    raise ConfigError(where, f"hosts.{cfg.name}: base__firewall_openings[{i}].from_groups", f"no host has role or group {group!r}")
+                    raise ConfigError(where, f"hosts.{cfg.name}: base__firewall_openings[{i}].from_groups",
+                                      f"no host has role or group {group!r}")
         for net in base.admin_networks:
             ipaddress.ip_network(net, strict=False)

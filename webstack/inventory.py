@@ -190,7 +190,8 @@ def load(inv_dir: str | Path, *, secrets: Mapping[str, str] | None = None) -> li
                 if path.suffix != ".yml":
                     raise ConfigError(str(path), None, "data files end in .yml")
                 if path.stem not in known_names:
-                    raise ConfigError(str(path), None, f"no {'group or role' if kind == 'group_data' else 'host'} named {path.stem!r} in {hosts_path}")
+                    what = "group or role" if kind == "group_data" else "host"
+                    raise ConfigError(str(path), None, f"no {what} named {path.stem!r} in {hosts_path}")
 
     # Settings keys are '<role>__<field>' for a known role.
     def split_key(key: str, path: str) -> tuple[str, str]:
@@ -204,13 +205,7 @@ def load(inv_dir: str | Path, *, secrets: Mapping[str, str] | None = None) -> li
         Peer(name, str(e["address"]), tuple(e.get("roles", [])), tuple(e.get("groups", [])))
         for name, e in hosts.items()
     )
-    if secrets is None:
-        from webstack.secrets import load_for_inventory
-
-        secrets = load_for_inventory(inv)
-    secrets_path = str(inv / "secrets.age")
-
-    configs = []
+    drafts = []
     for name, entry in hosts.items():
         source = _Source()
         source.update(all_data, str(all_path))
@@ -230,14 +225,14 @@ def load(inv_dir: str | Path, *, secrets: Mapping[str, str] | None = None) -> li
             settings[role] = parse(
                 ROLES[role].settings,
                 per_role.get(role, {}),
-                lambda k, role=role: source.origin.get(f"{role}__{k}", hosts_path),
+                lambda k, role=role, source=source: source.origin.get(f"{role}__{k}", hosts_path),
                 prefix=f"{role}__",
             )
         # Settings for a role the host does not have are still type-checked,
         # so a typo in group data never waits for the day the role is added.
         for role, data in per_role.items():
             if role not in applied:
-                parse(ROLES[role].settings, data, lambda k, role=role: source.origin[f"{role}__{k}"], prefix=f"{role}__")
+                parse(ROLES[role].settings, data, lambda k, role=role, source=source: source.origin[f"{role}__{k}"], prefix=f"{role}__")
 
         draft = HostConfig(
             name=name,
@@ -250,14 +245,25 @@ def load(inv_dir: str | Path, *, secrets: Mapping[str, str] | None = None) -> li
             peers=peers,
             secrets={},
         )
+        drafts.append(draft)
+    check_fleet(drafts, hosts_path)
+
+    # Secrets last: a settings mistake is reported even without the key.
+    if secrets is None:
+        from webstack.secrets import load_for_inventory
+
+        secrets = load_for_inventory(inv)
+    secrets_path = str(inv / "secrets.age")
+    configs = []
+    for draft in drafts:
         wanted = needed_secrets(draft)
         missing = [k for k in wanted if k not in secrets]
         if missing:
-            raise ConfigError(secrets_path, missing[0], f"missing secret (needed by host {name}); add it with `webstack secrets edit {inv}`")
+            raise ConfigError(secrets_path, missing[0],
+                              f"missing secret (needed by host {draft.name}); add it with `webstack secrets edit {inv}`")
         configs.append(
             HostConfig(**{**draft.__dict__, "secrets": {k: HiddenValue(secrets[k]) for k in wanted}})
         )
-    check_fleet(configs, hosts_path)
     return configs
 
 

@@ -70,6 +70,21 @@ def firewall_rules(cfg: HostConfig) -> tuple[list[dict], list[str]]:
     return sets, rules
 
 
+def sshd_context(cfg: HostConfig, release: str, host_keys: list[str]) -> dict:
+    """Template variables of sshd_config for a host on a Debian release."""
+    base = cfg.role("base")
+    return {
+        "port": base.ssh_port,
+        "host_keys": host_keys,
+        "kex": _release.SSH_KEX[release],
+        "ciphers": _release.SSH_CIPHERS,
+        "macs": _release.SSH_MACS,
+        "host_key_algorithms": _release.SSH_HOST_KEY_ALGORITHMS,
+        "permit_root_login": "prohibit-password" if base.ssh_permit_root_login else "no",
+        "tcp_forwarding": "yes" if base.ssh_tcp_forwarding else "no",
+    }
+
+
 @operation()
 def password_hash(user: str, hashed):
     """Set a user's password hash (a ``HiddenValue``) only when it differs.
@@ -160,7 +175,6 @@ def identity_and_accounts() -> None:
 @deploy("Base: sshd")
 def sshd() -> None:
     cfg = config()
-    base = cfg.role("base")
     release = codename()
     host_keys = [k for k in SSH_HOST_KEYS if host.get_fact(File, path=k)]
     if not host_keys:
@@ -175,12 +189,7 @@ def sshd() -> None:
         )
     swap = template_file(
         "base/etc/ssh/sshd_config.j2", "/etc/ssh/sshd_config",
-        validate="sshd -t -f {}", owes="reload-ssh",
-        port=base.ssh_port, host_keys=host_keys,
-        kex=_release.SSH_KEX[release], ciphers=_release.SSH_CIPHERS, macs=_release.SSH_MACS,
-        host_key_algorithms=_release.SSH_HOST_KEY_ALGORITHMS,
-        permit_root_login="prohibit-password" if base.ssh_permit_root_login else "no",
-        tcp_forwarding="yes" if base.ssh_tcp_forwarding else "no",
+        validate="sshd -t -f {}", owes="reload-ssh", **sshd_context(cfg, release, host_keys),
     )
     systemd.service(name="sshd enabled", service="ssh", enabled=True, running=True)
     owed_action("reload-ssh", "systemctl reload ssh", [swap])

@@ -134,9 +134,9 @@ def test_host_data_for_unknown_host(make_inventory):
 
 def test_missing_secret(make_inventory):
     assert error_of(make_inventory(), secrets={}) == (
-        "{inv}/secrets.age: password_hash_ops: missing secret (needed by host db1); "
-        "add it with `webstack secrets edit {inv}`"
-    ).format(inv=make_inventory())
+        f"{make_inventory()}/secrets.age: password_hash_ops: missing secret (needed by host db1); "
+        f"add it with `webstack secrets edit {make_inventory()}`"
+    )
 
 
 def test_no_admin_user(make_inventory):

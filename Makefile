@@ -1,0 +1,73 @@
+# webstack: `make demo` builds the lab and deploys the stack; `make test` runs every test.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+VENV := .venv
+PY := $(VENV)/bin/python
+PYINFRA := $(VENV)/bin/pyinfra
+STAMP := $(VENV)/.installed
+HOST_PACKAGES := debootstrap systemd-container nftables iproute2 openssh-client openssl sudo
+LAB_INV := inventories/lab
+
+.PHONY: help setup demo test unit lint integration lab-up lab-down lab-status site bench docs
+
+help:
+	@echo "make demo   - set up, boot the lab fleet, deploy the stack"
+	@echo "make test   - lint, unit tests, then integration tests against the lab"
+	@echo "make bench  - measurements (bench/README.md)"
+	@echo "make lab-down - remove the lab"
+
+/var/lib/webstack-lab/.host-packages:
+	@test "$$(id -u)" = 0 || { echo "webstack: the lab needs root (systemd-nspawn, netns, nftables)" >&2; exit 2; }
+	@missing=$$(for p in $(HOST_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q "ok installed" || echo $$p; done); \
+	if [ -n "$$missing" ]; then echo "installing host packages: $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
+	mkdir -p $(@D) && touch $@
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $@
+
+setup: /var/lib/webstack-lab/.host-packages $(STAMP)
+
+lab-up: setup
+	$(PY) -m lab up
+	$(PY) -m webstack.labsecrets $(LAB_INV)
+
+lab-down: setup
+	$(PY) -m lab down
+
+lab-status: setup
+	$(PY) -m lab status
+
+# Fresh servers accept only root with a key: onboard them once, then converge as the admin user.
+site: lab-up
+	$(VENV)/bin/webstack onboard $(LAB_INV)
+	$(PYINFRA) -y inventories/lab.py deploys/site.py
+
+demo: site
+	@echo
+	@echo "The lab is deployed: $$(grep -c address: $(LAB_INV)/hosts.yml) Debian servers on 10.77.0.0/24."
+	@echo "  log in:        $(PY) -m lab ssh spare1        (root, lab key)"
+	@echo "                 ssh -i /var/lib/webstack-lab/ssh/id_ed25519 -o UserKnownHostsFile=/var/lib/webstack-lab/ssh/known_hosts ops@10.77.0.11"
+	@echo "  converge:      $(PYINFRA) inventories/lab.py deploys/site.py"
+	@echo "  URL:           none yet: the web tier (load balancers, app) is not built in this release; see README 'Status'."
+
+lint: setup
+	$(VENV)/bin/ruff check webstack roles lab deploys inventories tests bench
+	$(PY) -m webstack.cli docs --check
+
+unit: setup
+	$(VENV)/bin/pytest -q tests/unit
+
+integration: site
+	$(VENV)/bin/pytest -q tests/integration
+
+test: lint unit integration
+
+bench: lab-up
+	$(PY) bench/run.py
+
+docs: setup
+	$(PY) -m webstack.cli docs

@@ -1,0 +1,122 @@
+"""Render every template for every host of every shipped inventory.
+
+Rendered files are checked by the real validators where the control machine
+has them (``nft -c``, ``visudo -c``); sshd's own check runs on the servers in
+the integration tests.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from roles._lib import render
+from roles.base import _release, firewall_rules, sshd_context
+from tests.unit.conftest import KEY, SECRETS
+from webstack.inventory import load
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def lab_inventory(tmp: Path) -> Path:
+    """The lab inventory as `python -m lab up` writes it, from lab/fleet.yml."""
+    inv = tmp / "lab"
+    shutil.copytree(ROOT / "inventories" / "lab", inv, ignore=shutil.ignore_patterns("hosts.yml", "secrets.*"))
+    # The lab's key exists only once the lab is up; unit tests need no lab.
+    all_yml = inv / "group_data" / "all.yml"
+    all_yml.write_text(all_yml.read_text().replace('"file:/var/lib/webstack-lab/ssh/id_ed25519.pub"', f'"{KEY}"'))
+    fleet = yaml.safe_load((ROOT / "lab" / "fleet.yml").read_text())
+    hosts = {m["name"]: {k: m[k] for k in ("address", "release", "roles", "groups")} for m in fleet["machines"]}
+    (inv / "hosts.yml").write_text(yaml.safe_dump({"ssh": {"user": "ops"}, "hosts": hosts}))
+    return inv
+
+
+def shipped(tmp: Path) -> list:
+    """(inventory name, HostConfig) for every host of every shipped inventory."""
+    out = []
+    for inv in (lab_inventory(tmp), ROOT / "inventories" / "example-production"):
+        for cfg in load(inv, secrets=SECRETS):
+            out.append((inv.name, cfg))
+    return out
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory):
+    return shipped(tmp_path_factory.mktemp("inv"))
+
+
+def test_every_shipped_inventory_loads(hosts):
+    names = {env for env, _ in hosts}
+    assert names == {"lab", "example-production"}
+    assert len(hosts) == 9 + 8
+
+
+@pytest.mark.parametrize("release", _release.SSH_KEX)
+def test_sshd_config_is_hardened(hosts, release):
+    for _env, cfg in hosts:
+        text = render("base/etc/ssh/sshd_config.j2", **sshd_context(cfg, release, ["/etc/ssh/ssh_host_ed25519_key"]))
+        lines = {line.split(" ", 1)[0]: line.split(" ", 1)[1] for line in text.splitlines() if line and not line.startswith("#")}
+        assert lines["PasswordAuthentication"] == "no"
+        assert lines["PermitRootLogin"] == "no"
+        assert lines["AuthenticationMethods"] == "publickey"
+        assert "diffie-hellman-group14-sha1" not in lines["KexAlgorithms"]
+        assert "hmac-sha1" not in lines["MACs"] and "cbc" not in lines["Ciphers"]
+
+
+@pytest.mark.skipif(not shutil.which("nft"), reason="nft not installed on the control machine")
+def test_nftables_ruleset_is_valid_and_default_deny(hosts, tmp_path):
+    for env, cfg in hosts:
+        sets, rules = firewall_rules(cfg)
+        text = render("base/etc/nftables.conf.j2", sets=sets, rules=rules)
+        path = tmp_path / f"{env}-{cfg.name}.nft"
+        path.write_text(text)
+        check = subprocess.run(["nft", "-c", "-f", str(path)], capture_output=True, text=True)
+        assert check.returncode == 0, f"{env}/{cfg.name}: {check.stderr}"
+        assert "policy drop;" in text
+        assert any("tcp dport 22 accept" in r for r in rules)
+
+
+def test_firewall_opening_from_group_lists_its_members(tmp_path):
+    cfgs = {c.name: c for c in load(ROOT / "inventories" / "example-production", secrets=SECRETS)}
+    sets, rules = firewall_rules(cfgs["db1"])
+    opening = next(s for s in sets if s["name"] == "open0_v4")
+    assert opening["elements"] == ["192.0.2.41"]  # worker1 only
+    assert 'ip saddr @open0_v4 tcp dport 9100 accept comment "metrics scraped by worker1"' in rules
+    ssh = next(s for s in sets if s["name"] == "ssh_v4")
+    assert ssh["elements"] == ["203.0.113.0/24"]
+    assert not any(s["name"].startswith("open") for s in firewall_rules(cfgs["app1"])[0])
+    # host_data narrows SSH on the off-site backup host
+    assert next(s for s in firewall_rules(cfgs["backup1"])[0] if s["name"] == "ssh_v4")["elements"] == ["203.0.113.10/32"]
+
+
+@pytest.mark.skipif(not shutil.which("visudo"), reason="visudo not installed on the control machine")
+def test_sudoers_passes_visudo(tmp_path):
+    path = tmp_path / "sudoers"
+    path.write_text(render("base/etc/sudoers.d/webstack-admin.j2", admin_group="webstack-admin"))
+    check = subprocess.run(["visudo", "-c", "-q", "-f", str(path)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+
+
+def test_hosts_file_lists_every_peer(hosts):
+    for env, cfg in hosts:
+        text = render("base/etc/hosts.j2", name=cfg.name, env=env, peers=cfg.peers)
+        for peer in cfg.peers:
+            assert f"{peer.address}\t{peer.name}" in text
+        assert f"127.0.1.1\t{cfg.name}" in text
+
+
+def test_other_templates_render(hosts):
+    _env, cfg = hosts[0]
+    base = cfg.role("base")
+    chrony = render("base/etc/chrony/chrony.conf.j2", servers=base.ntp_servers)
+    assert "pool 10.77.0.1 iburst" in chrony
+    assert "Storage=persistent" in render("base/etc/systemd/journald.conf.d/webstack.conf.j2", max_use="1G")
+    unattended = render("base/etc/apt/apt.conf.d/52webstack-unattended.j2", enabled=True, reboot=False,
+                        reboot_time="04:00")
+    assert 'APT::Periodic::Unattended-Upgrade "1";' in unattended
+    sysctl = render("base/etc/sysctl.d/60-webstack.conf.j2", sysctls=_release.SYSCTLS)
+    assert "net.ipv4.tcp_syncookies = 1" in sysctl
