@@ -7,18 +7,25 @@ import fcntl
 import os
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from pathlib import Path
-from typing import Iterator
 
 from lab import machine as mach
 from lab import net
 from lab.config import Fleet, Machine, fleet_path, load_fleet
 from lab.image import ensure_image
 from lab.util import (
-    KNOWN_HOSTS, REPO_ROOT, SSH_KEY, STATE_DIR, LabError, check_kernel_features, log,
-    require_root, write_atomic,
+    KNOWN_HOSTS,
+    REPO_ROOT,
+    SSH_KEY,
+    STATE_DIR,
+    LabError,
+    check_kernel_features,
+    log,
+    require_root,
+    run,
+    write_atomic,
 )
 
 INVENTORY = REPO_ROOT / "inventories" / "lab" / "hosts.yml"
@@ -61,9 +68,9 @@ def render_inventory(fleet: Fleet) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _wait_all(machines: list[Machine], timeout: float = 120.0) -> dict[str, float | str]:
-    """Wait for SSH on all machines concurrently; name -> seconds or error text."""
-    results: dict[str, float | str] = {}
+def _wait_all(machines: list[Machine], timeout: float = 120.0) -> dict[str, tuple[float, str] | str]:
+    """Wait for SSH on all machines concurrently; name -> (seconds, systemd state) or error text."""
+    results: dict[str, tuple[float, str] | str] = {}
 
     def one(m: Machine) -> None:
         try:
@@ -96,12 +103,12 @@ def _start_machines(fleet: Fleet, machines: list[Machine], mtu: int) -> dict[str
 
 
 def _report(fleet: Fleet, machines: list[Machine], actions: dict[str, str],
-            waits: dict[str, float | str]) -> bool:
+            waits: dict[str, tuple[float, str] | str]) -> bool:
     good = True
     for m in machines:
         w = waits.get(m.name)
-        if isinstance(w, float):
-            ready = f"ssh ok after {w:.1f}s"
+        if isinstance(w, tuple):
+            ready = f"ssh ok after {w[0]:.1f}s, {w[1]}"
         else:
             ready, good = "FAILED", False
         pid = mach.nspawn_pid(m.name) or "-"
@@ -109,7 +116,7 @@ def _report(fleet: Fleet, machines: list[Machine], actions: dict[str, str],
               f"{actions.get(m.name, ''):<16} {ready}")
     for m in machines:
         w = waits.get(m.name)
-        if not isinstance(w, float):
+        if not isinstance(w, tuple):
             print(f"\n{m.name}: {w}", file=sys.stderr)
     return good
 
@@ -149,7 +156,7 @@ def cmd_down(fleet: Fleet, args: argparse.Namespace) -> int:
             if mach.mdir(name).exists():
                 mach.destroy(name)
         for veth in net.lab_veths():
-            net.run(["ip", "link", "delete", veth], check=False)
+            run(["ip", "link", "delete", veth], check=False)
         net.remove_bridge_and_tables(fleet)
         if KNOWN_HOSTS.exists():
             write_atomic(KNOWN_HOSTS, "")
@@ -165,7 +172,7 @@ def cmd_status(fleet: Fleet, args: argparse.Namespace) -> int:
             st = "running(link down)"
         pid = mach.nspawn_pid(m.name)
         sup = mach.supervisor_pid(m.name)
-        print(f"{m.name:<10} {st:<12} {m.address:<12} {m.release:<9} "
+        print(f"{m.name:<10} {st:<18} {m.address:<12} {m.release:<9} "
               f"pid={pid or '-'} supervisor={sup or '-'}")
     parts = net.partitions()
     if parts:
@@ -183,8 +190,10 @@ def cmd_ssh(fleet: Fleet, args: argparse.Namespace) -> int:
 def cmd_poweroff(fleet: Fleet, args: argparse.Namespace) -> int:
     with lab_lock():
         for m in fleet.select(args.names):
-            net.set_link(m, up=False)           # cable pulled: a VIP in its netns stops answering ARP
+            # Kill first: with the link going down first, keepalived would see it and
+            # drop its VIP cleanly, which a real power cut does not allow.
             mach.kill_hard(m.name)              # power cut: SIGKILL, no clean shutdown
+            net.set_link(m, up=False)           # cable pulled: a VIP in its netns stops answering ARP
             removed = net.flush_extra_addrs(m.name, f"{m.address}/{fleet.prefixlen}")
             if mach.mdir(m.name).exists():
                 (mach.mdir(m.name) / "powered-off").touch()
@@ -283,3 +292,6 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        sys.stderr.close()
+        return 0

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,8 +16,19 @@ from lab import net
 from lab.config import Fleet, Machine
 from lab.image import image_path
 from lab.util import (
-    APT_POOL_DIR, KNOWN_HOSTS, MACHINES_DIR, REPO_ROOT, SSH_DIR, SSH_KEY,
-    LabError, is_mounted, log, pid_matches, read_pid, run, write_atomic,
+    APT_POOL_DIR,
+    KNOWN_HOSTS,
+    MACHINES_DIR,
+    REPO_ROOT,
+    SSH_DIR,
+    SSH_KEY,
+    LabError,
+    is_mounted,
+    log,
+    pid_matches,
+    read_pid,
+    run,
+    write_atomic,
 )
 
 STOP_TIMEOUT = 15.0
@@ -59,9 +69,11 @@ def nspawn_pid(name: str) -> int | None:
 
 
 def state(name: str) -> str:
-    """running | powered-off | stopped."""
+    """running | orphaned (machine processes without nspawn) | powered-off | stopped."""
     if nspawn_pid(name) or supervisor_pid(name):
         return "running"
+    if net.netns_pids(name):
+        return "orphaned"
     if (mdir(name) / "powered-off").exists():
         return "powered-off"
     return "stopped"
@@ -242,6 +254,7 @@ def nspawn_argv(m: Machine) -> list[str]:
         "-b",
         f"--machine={m.name}",
         f"--network-namespace-path=/run/netns/{m.name}",
+        "--private-network",
         f"--capability={CAPABILITIES}",
         "--resolv-conf=off",
         "--link-journal=no",
@@ -297,15 +310,6 @@ def write_known_hosts(fleet: Fleet) -> bool:
     return write_atomic(KNOWN_HOSTS, "".join(lines), mode=0o644)
 
 
-def _port_open(address: str, port: int = 22, timeout: float = 1.0) -> bool:
-    try:
-        with socket.create_connection((address, port), timeout=timeout) as s:
-            s.settimeout(timeout)
-            return s.recv(4).startswith(b"SSH-")
-    except OSError:
-        return False
-
-
 def console_tail(name: str, lines: int = 15) -> str:
     """Last lines of the machine's console log."""
     try:
@@ -315,19 +319,26 @@ def console_tail(name: str, lines: int = 15) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def wait_ssh(m: Machine, timeout: float = 120.0) -> float:
-    """Wait until port 22 answers and `ssh root@ADDR true` works; return seconds waited."""
+def wait_ssh(m: Machine, timeout: float = 120.0) -> tuple[float, str]:
+    """Wait until `ssh root@ADDR` works and boot has finished.
+
+    Returns (seconds waited, systemd state: running or degraded).
+    """
     t0 = time.monotonic()
     deadline = t0 + timeout
+    argv = [*ssh_base_argv(batch=True), f"root@{m.address}", "systemctl is-system-running --wait"]
     while time.monotonic() < deadline:
         if not (supervisor_pid(m.name) or nspawn_pid(m.name)):
             raise LabError(f"{m.name}: machine exited while booting; console.log tail:\n"
                            f"{console_tail(m.name)}")
-        if _port_open(m.address):
-            cp = subprocess.run([*ssh_base_argv(batch=True), f"root@{m.address}", "true"],
-                                stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=20)
-            if cp.returncode == 0:
-                return time.monotonic() - t0
+        try:
+            cp = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                timeout=max(5.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            break
+        sysstate = cp.stdout.strip()
+        if sysstate in ("running", "degraded"):
+            return time.monotonic() - t0, sysstate
         time.sleep(0.3)
-    raise LabError(f"{m.name}: no SSH on {m.address} after {timeout:.0f}s; console.log tail:\n"
-                   f"{console_tail(m.name)}")
+    raise LabError(f"{m.name}: no SSH on {m.address} (or boot unfinished) after {timeout:.0f}s; "
+                   f"console.log tail:\n{console_tail(m.name)}")

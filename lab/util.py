@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 CACHE_DIR = Path("/var/cache/webstack-lab")
 BASE_DIR = CACHE_DIR / "base"
