@@ -25,7 +25,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from pyinfra import host
 from pyinfra.api import FactBase, QuoteString, StringCommand, operation
 from pyinfra.api.operation import OperationMeta
-from pyinfra.facts.files import File, Sha1File
+from pyinfra.facts.files import Directory, File, Sha1File
 from pyinfra.operations import server
 
 from webstack.inventory import HostConfig
@@ -99,6 +99,9 @@ def validated_file(
         host.noop(f"{dest} is up to date")
         return
     staged = f"{dest}.webstack-new"
+    parent = str(Path(dest).parent)
+    if not host.get_fact(Directory, path=parent):
+        yield StringCommand("mkdir", "-p", QuoteString(parent))
     yield from _upload(data, staged)
     steps = [
         StringCommand("chown", f"{user}:{group}", QuoteString(staged)),

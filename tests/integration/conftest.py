@@ -1,0 +1,117 @@
+"""Integration tests against the lab: real Debian machines reached over SSH.
+
+The session starts from freshly built machines (``lab down`` + ``lab up``;
+set WEBSTACK_REUSE_LAB=1 to keep the running lab), checks them as fresh
+servers, onboards them, converges twice, and records each run's output for
+the tests to assert on.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import paramiko
+import pytest
+import testinfra
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+STATE = Path("/var/lib/webstack-lab")
+KEY = STATE / "ssh" / "id_ed25519"
+KNOWN_HOSTS = STATE / "ssh" / "known_hosts"
+FLEET = yaml.safe_load((ROOT / "lab" / "fleet.yml").read_text())
+MACHINES = {m["name"]: m for m in FLEET["machines"]}
+RELEASES = sorted({m["release"] for m in FLEET["machines"]})
+
+
+@dataclass
+class Run:
+    """One CLI run: its exit code and everything it printed."""
+
+    args: list[str]
+    returncode: int
+    output: str
+    seconds: float
+
+    def totals(self) -> dict[str, str]:
+        """pyinfra's 'Grand total' row: hosts, changed, errors, unchanged ('-' for none)."""
+        line = next(x for x in self.output.splitlines() if x.strip().startswith("Grand total"))
+        cols = re.split(r"\s{2,}|\s+", line.strip().replace("Grand total", "").strip())
+        return dict(zip(("hosts", "changed", "error", "no_change"), cols))
+
+
+def run(*args: str, check: bool = True, timeout: int = 1200) -> Run:
+    start = time.monotonic()
+    proc = subprocess.run(list(args), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    result = Run(list(args), proc.returncode, proc.stdout + proc.stderr, time.monotonic() - start)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {proc.returncode}:\n{result.output[-6000:]}")
+    return result
+
+
+def lab(*args: str, check: bool = True) -> Run:
+    return run(str(BIN / "python"), "-m", "lab", *args, check=check)
+
+
+def site(*extra: str, check: bool = True) -> Run:
+    return run(str(BIN / "pyinfra"), "-y", "inventories/lab.py", "deploys/site.py", *extra, check=check)
+
+
+def ssh_login(address: str, user: str, **kwargs) -> None:
+    """Open and close an SSH session, raising paramiko's error when refused."""
+    client = paramiko.SSHClient()
+    client.load_host_keys(str(KNOWN_HOSTS))
+    client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    try:
+        client.connect(address, username=user, timeout=10, allow_agent=False, look_for_keys=False, **kwargs)
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="session")
+def converged() -> dict[str, object]:
+    """Fresh lab → checks as fresh servers → onboarding → two site runs."""
+    if os.environ.get("WEBSTACK_REUSE_LAB") != "1":
+        lab("down")
+    up = lab("up")
+    run(str(BIN / "python"), "-m", "webstack.labsecrets", "inventories/lab")
+    fresh: dict[str, dict[str, bool]] = {}
+    for name, machine in MACHINES.items():
+        state = {}
+        for user in ("root", "ops"):
+            try:
+                ssh_login(machine["address"], user, key_filename=str(KEY))
+                state[user] = True
+            except paramiko.AuthenticationException:
+                state[user] = False
+        fresh[name] = state
+    onboard = run(str(BIN / "webstack"), "onboard", "inventories/lab")
+    first = site()
+    second = site()
+    return {"up": up, "fresh": fresh, "onboard": onboard, "first": first, "second": second}
+
+
+def host_for(name: str):
+    """A testinfra host connected as the admin user, with sudo."""
+    address = MACHINES[name]["address"]
+    return testinfra.get_host(
+        f"paramiko://ops@{address}", ssh_identity_file=str(KEY), sudo=True,
+    )
+
+
+@pytest.fixture(params=sorted(MACHINES), scope="session")
+def machine(request, converged):
+    return request.param
+
+
+@pytest.fixture(params=RELEASES, scope="session")
+def release_machine(request, converged):
+    """One machine per Debian release (from lab/fleet.yml)."""
+    return next(n for n, m in MACHINES.items() if m["release"] == request.param)
