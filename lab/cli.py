@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import os
+import shlex
 import sys
 import time
 from collections.abc import Iterator
@@ -182,7 +183,12 @@ def cmd_status(fleet: Fleet, args: argparse.Namespace) -> int:
 
 def cmd_ssh(fleet: Fleet, args: argparse.Namespace) -> int:
     m = fleet.get(args.name)
-    argv = mach.ssh_base_argv(batch=args.cmd_name == "exec") + [f"root@{m.address}", *args.command]
+    user = mach.login_user(m)
+    command = list(args.command)
+    if user != "root" and command:
+        # Onboarded: the admin user, with sudo around the whole remote command line.
+        command = ["sudo", "-n", "sh", "-c", shlex.quote(" ".join(command))]
+    argv = mach.ssh_base_argv(batch=args.cmd_name == "exec") + [f"{user}@{m.address}", *command]
     os.execvp(argv[0], argv)
     return 127  # not reached
 

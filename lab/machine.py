@@ -319,15 +319,32 @@ def console_tail(name: str, lines: int = 15) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+# Who the lab logs in as: root on a fresh machine, the base role's admin user after onboarding.
+LOGIN_USERS = ("root", "ops")
+
+
+def login_user(m: Machine) -> str:
+    """The first of LOGIN_USERS that the machine accepts (root if none answers)."""
+    for user in LOGIN_USERS:
+        cp = subprocess.run([*ssh_base_argv(batch=True), f"{user}@{m.address}", "true"],
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=15)
+        if cp.returncode == 0:
+            return user
+    return LOGIN_USERS[0]
+
+
 def wait_ssh(m: Machine, timeout: float = 120.0) -> tuple[float, str]:
-    """Wait until `ssh root@ADDR` works and boot has finished.
+    """Wait until `ssh root@ADDR` (or `ops@ADDR` once onboarded) works and boot has finished.
 
     Returns (seconds waited, systemd state: running or degraded).
     """
     t0 = time.monotonic()
     deadline = t0 + timeout
-    argv = [*ssh_base_argv(batch=True), f"root@{m.address}", "systemctl is-system-running --wait"]
+    users = [*LOGIN_USERS]
     while time.monotonic() < deadline:
+        # Fresh machines take root; once the base role has onboarded them, only the admin user.
+        users.append(users.pop(0))
+        argv = [*ssh_base_argv(batch=True), f"{users[-1]}@{m.address}", "systemctl is-system-running --wait"]
         if not (supervisor_pid(m.name) or nspawn_pid(m.name)):
             raise LabError(f"{m.name}: machine exited while booting; console.log tail:\n"
                            f"{console_tail(m.name)}")
