@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,7 @@ class Run:
         """pyinfra's 'Grand total' row: hosts, changed, errors, unchanged ('-' for none)."""
         line = next(x for x in self.output.splitlines() if x.strip().startswith("Grand total"))
         cols = re.split(r"\s{2,}|\s+", line.strip().replace("Grand total", "").strip())
-        return dict(zip(("hosts", "changed", "error", "no_change"), cols))
+        return dict(zip(("hosts", "changed", "error", "no_change"), cols, strict=True))
 
 
 def run(*args: str, check: bool = True, timeout: int = 1200) -> Run:
@@ -98,12 +99,17 @@ def converged() -> dict[str, object]:
     return {"up": up, "fresh": fresh, "onboard": onboard, "first": first, "second": second}
 
 
+_SSH_CONFIG = Path(tempfile.mkdtemp(prefix="webstack-it-")) / "ssh_config"
+_SSH_CONFIG.write_text(
+    f"Host 10.77.0.*\n  IdentityFile {KEY}\n  IdentitiesOnly yes\n  UserKnownHostsFile {KNOWN_HOSTS}\n"
+    "  GlobalKnownHostsFile /dev/null\n  StrictHostKeyChecking yes\n  BatchMode yes\n  ConnectTimeout 5\n"
+)
+
+
 def host_for(name: str):
-    """A testinfra host connected as the admin user, with sudo."""
+    """A testinfra host: OpenSSH as the admin user with strict host keys, commands under sudo."""
     address = MACHINES[name]["address"]
-    return testinfra.get_host(
-        f"paramiko://ops@{address}", ssh_identity_file=str(KEY), sudo=True,
-    )
+    return testinfra.get_host(f"ssh://ops@{address}", ssh_config=str(_SSH_CONFIG), sudo=True)
 
 
 @pytest.fixture(params=sorted(MACHINES), scope="session")

@@ -1,0 +1,203 @@
+"""The base role on real lab servers (both Debian releases), checked from outside."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+
+import paramiko
+import pytest
+
+from tests.integration.conftest import (
+    BIN,
+    KEY,
+    KNOWN_HOSTS,
+    MACHINES,
+    RELEASES,
+    host_for,
+    lab,
+    run,
+    site,
+    ssh_login,
+)
+
+pytestmark = pytest.mark.lab
+
+
+def test_lab_has_both_releases(converged):
+    assert RELEASES == ["bookworm", "trixie"]
+    for name, machine in MACHINES.items():
+        release = host_for(name).system_info.codename
+        assert release == machine["release"], name
+
+
+def test_fresh_servers_took_root_only_then_were_onboarded(converged):
+    assert all(state == {"root": True, "ops": False} for state in converged["fresh"].values()), converged["fresh"]
+    out = converged["onboard"].output
+    assert "onboard: " + ", ".join(MACHINES) in out
+
+
+def test_second_site_run_changes_nothing(converged):
+    first, second = converged["first"].totals(), converged["second"].totals()
+    assert first["error"] == "-" and second["error"] == "-"
+    assert second["changed"] == "-", converged["second"].output[-4000:]
+    assert int(second["no_change"]) > 100
+
+
+def test_secret_never_printed(converged):
+    hashes = [line.split(":")[1] for line in
+              host_for("spare1").check_output("getent shadow ops").splitlines()]
+    assert hashes and hashes[0].startswith("$6$")
+    for key in ("onboard", "first", "second"):
+        assert hashes[0] not in converged[key].output
+
+
+def test_root_login_refused(machine):
+    with pytest.raises(paramiko.AuthenticationException):
+        ssh_login(MACHINES[machine]["address"], "root", key_filename=str(KEY))
+
+
+def test_admin_logs_in_with_key_and_has_sudo(machine):
+    host = host_for(machine)
+    assert host.check_output("id -un") == "root"  # via sudo
+    assert host.user("ops").exists
+    assert "webstack-admin" in host.user("ops").groups
+
+
+def test_passwords_refused_even_with_the_right_one(release_machine):
+    """sshd offers publickey only: a password is never even asked for."""
+    transport = paramiko.Transport((MACHINES[release_machine]["address"], 22))
+    try:
+        transport.start_client(timeout=10)
+        with pytest.raises(paramiko.BadAuthenticationType) as info:
+            transport.auth_password("ops", "whatever-the-password")
+        assert info.value.allowed_types == ["publickey"]
+    finally:
+        transport.close()
+
+
+@pytest.mark.parametrize("options", [
+    ["KexAlgorithms=diffie-hellman-group14-sha1"],
+    ["Ciphers=aes128-cbc"],
+    ["Ciphers=aes128-ctr", "MACs=hmac-sha1"],  # a non-AEAD cipher, so the MAC is negotiated
+    ["HostKeyAlgorithms=ssh-rsa"],
+], ids=["kex", "cipher", "mac", "hostkey"])
+def test_weak_ssh_algorithms_refused(release_machine, options):
+    address = MACHINES[release_machine]["address"]
+    base = ["ssh", "-i", str(KEY), "-o", f"UserKnownHostsFile={KNOWN_HOSTS}", "-o", "BatchMode=yes",
+            "-o", "ConnectTimeout=5", f"ops@{address}", "true"]
+    assert subprocess.run(base, capture_output=True).returncode == 0
+    extra = [arg for option in options for arg in ("-o", option)]
+    weak = subprocess.run(base[:1] + extra + base[1:], capture_output=True, text=True)
+    assert weak.returncode != 0
+    assert "no matching" in weak.stderr or "Unable to negotiate" in weak.stderr, weak.stderr
+
+
+def test_sshd_config_validates_on_server(machine):
+    host = host_for(machine)
+    assert host.run("sshd -t").rc == 0
+    assert host.file("/etc/ssh/sshd_config").contains("Managed by webstack")
+
+
+def test_hostname_and_peers_resolve(machine):
+    host = host_for(machine)
+    assert host.check_output("hostname") == machine
+    for peer, m in MACHINES.items():
+        assert host.check_output(f"getent hosts {peer}").split()[0] == m["address"]
+
+
+def _connect_from(src: str, address: str, port: int) -> str:
+    """From lab machine ``src``, try a TCP connection; 'open', 'refused' or 'timeout'."""
+    code = (
+        "import socket,sys\n"
+        "s=socket.socket(); s.settimeout(2)\n"
+        f"try: s.connect(('{address}',{port})); print('open')\n"
+        "except ConnectionRefusedError: print('refused')\n"
+        "except OSError: print('timeout')\n"
+    )
+    return host_for(src).check_output(f"python3 -c \"{code}\"")
+
+
+@pytest.fixture(scope="module")
+def listener(converged):
+    """A TCP listener on spare1:9100 (the port the lab inventory opens to the worker group)."""
+    spare = host_for("spare1")
+    spare.run("systemd-run --unit=webstack-test-listener --collect python3 -m http.server 9100")
+    yield spare
+    spare.run("systemctl stop webstack-test-listener")
+
+
+def test_firewall_opening_only_for_allowed_group(listener):
+    target = MACHINES["spare1"]["address"]
+    assert listener.socket("tcp://0.0.0.0:9100").is_listening
+    assert _connect_from("worker1", target, 9100) == "open"       # group worker: allowed
+    assert _connect_from("app1", target, 9100) == "timeout"       # dropped, not refused
+    assert _connect_from("db2", target, 9100) == "timeout"
+    # The control machine (admin network) has SSH but not this port.
+    with pytest.raises(OSError):
+        socket.create_connection((target, 9100), timeout=2)
+
+
+def test_ssh_only_from_admin_network(converged):
+    target = MACHINES["db1"]["address"]
+    socket.create_connection((target, 22), timeout=3).close()   # from the control machine
+    assert _connect_from("app1", target, 22) == "timeout"        # another lab host: dropped
+
+
+def test_firewall_is_persistent(release_machine):
+    host = host_for(release_machine)
+    assert host.service("nftables").is_enabled
+    assert "policy drop" in host.check_output("nft list chain inet webstack input")
+
+
+def test_security_updates_and_journal(machine):
+    host = host_for(machine)
+    assert host.package("unattended-upgrades").is_installed
+    dump = host.check_output("apt-config dump APT::Periodic::Unattended-Upgrade")
+    assert dump == 'APT::Periodic::Unattended-Upgrade "1";'
+    assert host.service("apt-daily-upgrade.timer").is_enabled
+    machine_id = host.file("/etc/machine-id").content_string.strip()
+    assert host.file(f"/var/log/journal/{machine_id}").is_directory
+    assert host.file("/etc/chrony/chrony.conf").contains("pool 10.77.0.1 iburst")
+    assert host.sysctl("net.ipv4.tcp_syncookies") == 1
+    assert host.sysctl("net.ipv4.conf.all.accept_redirects") == 0
+
+
+def test_owed_reload_is_not_forgotten(converged):
+    """A run that swapped sshd_config but died before reloading leaves a marker; the next run reloads."""
+    host = host_for("spare1")
+    host.run("mkdir -p /var/lib/webstack/pending && touch /var/lib/webstack/pending/reload-ssh")
+    before = host.check_output("systemctl show ssh -p ExecMainStartTimestampMonotonic")
+    result = site("--limit", "spare1")
+    assert "systemctl reload ssh (owed: reload-ssh)" in result.output
+    assert not host.file("/var/lib/webstack/pending/reload-ssh").exists
+    assert result.totals()["changed"] == "1"
+    assert host.check_output("systemctl show ssh -p ExecMainStartTimestampMonotonic") == before  # reload, not restart
+
+
+def test_invalid_config_is_never_swapped_in(converged):
+    """validated_file refuses a file its validator rejects; the live sshd config stays as it was."""
+    host = host_for("app2")
+    before = host.check_output("sha1sum /etc/ssh/sshd_config")
+    result = run(str(BIN / "pyinfra"), "-y", "inventories/lab.py", "tests/integration/deploys/broken_sshd.py",
+                 "--limit", "app2", check=False)
+    assert result.returncode != 0
+    assert host.check_output("sha1sum /etc/ssh/sshd_config") == before
+    assert not host.file("/etc/ssh/sshd_config.webstack-new").exists
+    assert not host.file("/var/lib/webstack/pending/reload-ssh").exists
+    ssh_login(MACHINES["app2"]["address"], "ops", key_filename=str(KEY))
+
+
+def test_unreachable_host_reported_alone(converged):
+    """A powered-off server fails its own run; the others converge."""
+    lab("poweroff", "spare1")
+    try:
+        result = site("--limit", "spare1", "--limit", "worker1", check=False)
+        assert result.returncode != 0
+        assert "[spare1]" in result.output and "Could not connect" in result.output
+        assert re.search(r"\[worker1\]\s+Connected", result.output)
+        assert re.search(r"\[spare1\]\s+Could not connect", result.output)
+    finally:
+        lab("start", "spare1")
+    ssh_login(MACHINES["spare1"]["address"], "ops", key_filename=str(KEY))
