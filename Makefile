@@ -56,6 +56,7 @@ demo: site
 
 lint: setup
 	$(VENV)/bin/ruff check webstack roles lab deploys inventories tests bench
+	$(VENV)/bin/mypy webstack roles lab
 	$(PY) -m webstack.cli docs --check
 
 unit: setup

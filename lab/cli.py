@@ -122,19 +122,24 @@ def _report(fleet: Fleet, machines: list[Machine], actions: dict[str, str],
     return good
 
 
+def _boot(fleet: Fleet, machines: list) -> tuple:
+    """Images, keys, bridge, then start the machines and wait for each (caller holds the lab lock)."""
+    for release in sorted({m.release for m in machines}):
+        ensure_image(release)
+    mach.ensure_ssh_keypair()
+    mtu = net.uplink_mtu()
+    net.ensure_bridge(fleet, mtu)
+    actions = _start_machines(fleet, machines, mtu)
+    mach.write_known_hosts(fleet)
+    return actions, _wait_all(machines)
+
+
 def cmd_up(fleet: Fleet, args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     machines = fleet.select(args.names)
     check_kernel_features()
     with lab_lock():
-        for release in sorted({m.release for m in machines}):
-            ensure_image(release)
-        mach.ensure_ssh_keypair()
-        mtu = net.uplink_mtu()
-        net.ensure_bridge(fleet, mtu)
-        actions = _start_machines(fleet, machines, mtu)
-        mach.write_known_hosts(fleet)
-        waits = _wait_all(machines)
+        actions, waits = _boot(fleet, machines)
         for m in machines:
             mach.harvest_apt(m.name)
         changed = write_atomic(INVENTORY, render_inventory(fleet))
@@ -213,14 +218,7 @@ def cmd_start(fleet: Fleet, args: argparse.Namespace) -> int:
     machines = fleet.select(args.names)
     check_kernel_features()
     with lab_lock():
-        for release in sorted({m.release for m in machines}):
-            ensure_image(release)
-        mach.ensure_ssh_keypair()
-        mtu = net.uplink_mtu()
-        net.ensure_bridge(fleet, mtu)
-        actions = _start_machines(fleet, machines, mtu)
-        mach.write_known_hosts(fleet)
-        waits = _wait_all(machines)
+        actions, waits = _boot(fleet, machines)
     good = _report(fleet, machines, actions, waits)
     print(f"start: {time.monotonic() - t0:.1f}s")
     return 0 if good else 1

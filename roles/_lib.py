@@ -92,7 +92,7 @@ def validated_file(
     want = hashlib.sha1(data).hexdigest()
     info = host.get_fact(File, path=dest)
     same_content = bool(info) and host.get_fact(Sha1File, path=dest) == want
-    same_meta = bool(info) and (
+    same_meta = isinstance(info, dict) and (
         str(info['mode']) == mode.lstrip("0") and info["user"] == user and info["group"] == group
     )
     if same_content and same_meta:

@@ -26,7 +26,7 @@ def _table(cls: type, prefix: str) -> list[str]:
     for name, tp, default, doc in fields_of(cls):
         lines.append(f"| `{prefix}{name}` | {type_name(tp).replace('|', '&#124;')} | {_default(default)} | {doc} |")
         inner = getattr(tp, "__args__", (None,))[0]
-        if dataclasses.is_dataclass(inner):
+        if isinstance(inner, type) and dataclasses.is_dataclass(inner):
             nested.append((name, inner))
     for name, inner in nested:
         lines += ["", f"Each item of `{prefix}{name}`:", ""] + _table(inner, "")

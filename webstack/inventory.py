@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,6 +90,11 @@ class _Source:
             self.origin[key] = path
 
 
+def _locator(source: _Source, role: str, fallback: str) -> Callable[[str], str]:
+    """The file a role's setting came from (for error messages)."""
+    return lambda key: source.origin.get(f"{role}__{key}", fallback)
+
+
 def read_yaml(path: Path, *, required: bool = True) -> Any:
     """Parse one YAML file, turning syntax errors into a ConfigError naming the file."""
     if not path.exists():
@@ -140,7 +145,7 @@ def _hosts(inv: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
                 raise ConfigError(str(path), f"{key}.{k}", f"unknown key (known: {', '.join(sorted(HOST_KEYS))})")
         address = entry.get("address")
         try:
-            ipaddress.ip_address(address)
+            ipaddress.ip_address(str(address))
         except ValueError:
             raise ConfigError(str(path), f"{key}.address", f"not an IP address: {address!r}") from None
         for listkey in ("roles", "groups"):
@@ -220,19 +225,19 @@ def load(inv_dir: str | Path, *, secrets: Mapping[str, str] | None = None) -> li
             role, fieldname = split_key(key, source.origin[key])
             per_role.setdefault(role, {})[fieldname] = value
         applied = ("base", *entry.get("roles", []))
-        settings = {}
+        settings: dict[str, Any] = {}
         for role in applied:
             settings[role] = parse(
                 ROLES[role].settings,
                 per_role.get(role, {}),
-                lambda k, role=role, source=source: source.origin.get(f"{role}__{k}", hosts_path),
+                _locator(source, role, hosts_path),
                 prefix=f"{role}__",
             )
         # Settings for a role the host does not have are still type-checked,
         # so a typo in group data never waits for the day the role is added.
         for role, data in per_role.items():
             if role not in applied:
-                parse(ROLES[role].settings, data, lambda k, role=role, source=source: source.origin[f"{role}__{k}"], prefix=f"{role}__")
+                parse(ROLES[role].settings, data, _locator(source, role, hosts_path), prefix=f"{role}__")
 
         draft = HostConfig(
             name=name,

@@ -62,7 +62,7 @@ def type_name(tp: Any) -> str:
         return f"list of {type_name(args[0])}"
     if tp is type(None):
         return "null"
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return f"mapping ({tp.__name__})"
     return getattr(tp, "__name__", str(tp))
 
@@ -99,7 +99,7 @@ def _convert(tp: Any, value: Any, key: str, where: str) -> Any:
         if not isinstance(value, list):
             raise bad()
         return tuple(_convert(args[0], item, f"{key}[{i}]", where) for i, item in enumerate(value))
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             raise bad()
         return parse(tp, value, lambda _k: where, prefix=f"{key}.")
