@@ -62,7 +62,7 @@ lint: setup
 unit: setup
 	$(VENV)/bin/pytest -q tests/unit
 
-integration: site
+integration: setup
 	$(VENV)/bin/pytest -q tests/integration
 
 test: lint unit integration
