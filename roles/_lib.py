@@ -140,7 +140,7 @@ def owed_action(name: str, command: str, swaps: Sequence[OperationMeta]) -> Oper
     """
     owed_before = name in host.get_fact(PendingActions)
     return server.shell(
-        name=f"{command} (owed: {name})",
+        name=f"{name} (owed)",
         commands=[f"{command} && rm -f {PENDING_DIR}/{name}"],
         _if=lambda: owed_before or any(op.did_change() for op in swaps),
     )

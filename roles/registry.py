@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from roles.base.settings import BaseSettings
+from roles.postgres.settings import PostgresSettings
 from webstack.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -20,14 +21,25 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class Derived:
+    """An inbound opening a role needs: port, protocol, source addresses, why."""
+
+    port: int
+    proto: str
+    sources: tuple[str, ...]
+    comment: str
+
+
+@dataclass(frozen=True)
 class Role:
-    """One role: its settings class, the roles it must follow, its secrets."""
+    """One role: its settings class, the roles it must follow, its secrets and openings."""
 
     name: str
     doc: str
     settings: type
     after: tuple[str, ...] = ()
     secrets: Callable[[HostConfig], list[str]] = lambda cfg: []
+    openings: Callable[[HostConfig], list[Derived]] = lambda cfg: []
 
 
 def _base_secrets(cfg: HostConfig) -> list[str]:
@@ -36,8 +48,33 @@ def _base_secrets(cfg: HostConfig) -> list[str]:
     return [f"password_hash_{u.name}" for u in cfg.role("base").admin_users]
 
 
+def cluster_members(cfg: HostConfig) -> list[str]:
+    """Names of the hosts in the same PostgreSQL cluster as ``cfg`` (itself included)."""
+    cluster = cfg.role("postgres").cluster
+    return [p.name for p in cfg.peers if "postgres" in p.roles and p.role("postgres").cluster == cluster]
+
+
+def _postgres_secrets(cfg: HostConfig) -> list[str]:
+    return ["postgres_password_replicator", *(f"postgres_password_{u}" for u in cfg.role("postgres").users)]
+
+
+def _postgres_openings(cfg: HostConfig) -> list[Derived]:
+    pg = cfg.role("postgres")
+    clients = sorted({p.address for group in pg.clients for p in cfg.members(group) if p.name != cfg.name})
+    members = cluster_members(cfg)
+    peers = sorted(p.address for p in cfg.peers if p.name in members and p.name != cfg.name)
+    out = []
+    if clients:
+        out.append(Derived(5432, "tcp", tuple(clients), "postgres clients"))
+    if peers:
+        out.append(Derived(5432, "tcp", tuple(peers), "postgres replication and rewind"))
+    return out
+
+
 ROLES: dict[str, Role] = {
     "base": Role("base", "every host: users, SSH, firewall, updates, time, journal", BaseSettings, secrets=_base_secrets),
+    "postgres": Role("postgres", "PostgreSQL primary or streaming replica", PostgresSettings,
+                     secrets=_postgres_secrets, openings=_postgres_openings),
 }
 
 
@@ -94,3 +131,33 @@ def check_fleet(configs: Sequence[HostConfig], where: str) -> None:
                                       f"no host has role or group {group!r}")
         for net in base.admin_networks:
             ipaddress.ip_network(net, strict=False)
+    _check_postgres_clusters(configs, where)
+
+
+def _check_postgres_clusters(configs: Sequence[HostConfig], where: str) -> None:
+    """One primary per cluster, a primary that is a member, one Debian release per cluster."""
+    clusters: dict[str, list[HostConfig]] = {}
+    for cfg in configs:
+        if "postgres" in cfg.roles:
+            clusters.setdefault(cfg.role("postgres").cluster, []).append(cfg)
+    for name, members in clusters.items():
+        primaries = {}
+        for cfg in members:
+            primaries.setdefault(cfg.role("postgres").primary, []).append(cfg.name)
+        if len(primaries) > 1:
+            detail = "; ".join(f"{', '.join(hosts)} say {p or '(none)'!r}" for p, hosts in primaries.items())
+            raise ConfigError(where, f"cluster {name}: postgres__primary", f"two primaries named: {detail}")
+        primary = next(iter(primaries))
+        names = [cfg.name for cfg in members]
+        if not primary:
+            raise ConfigError(where, f"cluster {name}: postgres__primary", "no primary named")
+        if primary not in names:
+            raise ConfigError(where, f"cluster {name}: postgres__primary",
+                              f"{primary!r} is not a postgres host of this cluster (members: {', '.join(names)})")
+        releases = {cfg.release for cfg in members if cfg.release}
+        if len(releases) > 1:
+            raise ConfigError(where, f"cluster {name}: release",
+                              f"members run different Debian releases ({', '.join(sorted(releases))}): "
+                              "streaming replication needs one PostgreSQL major version")
+        if members[0].role("postgres").synchronous and len(members) < 2:
+            raise ConfigError(where, f"cluster {name}: postgres__synchronous", "needs at least one replica")

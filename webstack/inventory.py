@@ -44,6 +44,11 @@ class Peer:
     address: str
     roles: tuple[str, ...]
     groups: tuple[str, ...]
+    settings: Mapping[str, Any] = field(repr=False, compare=False, default_factory=dict)
+
+    def role(self, name: str) -> Any:
+        """The peer's typed settings of one role (``base`` and its own roles only)."""
+        return self.settings[name]
 
     def is_in(self, group_or_role: str) -> bool:
         """True when the host has this role or belongs to this group."""
@@ -206,11 +211,7 @@ def load(inv_dir: str | Path, *, secrets: Mapping[str, str] | None = None) -> li
         return role, fieldname
 
     all_path, all_data = _settings_files(inv, "group_data", "all")
-    peers = tuple(
-        Peer(name, str(e["address"]), tuple(e.get("roles", [])), tuple(e.get("groups", [])))
-        for name, e in hosts.items()
-    )
-    drafts = []
+    all_settings: dict[str, dict[str, Any]] = {}
     for name, entry in hosts.items():
         source = _Source()
         source.update(all_data, str(all_path))
@@ -238,19 +239,26 @@ def load(inv_dir: str | Path, *, secrets: Mapping[str, str] | None = None) -> li
         for role, data in per_role.items():
             if role not in applied:
                 parse(ROLES[role].settings, data, _locator(source, role, hosts_path), prefix=f"{role}__")
+        all_settings[name] = settings
 
-        draft = HostConfig(
+    peers = tuple(
+        Peer(name, str(e["address"]), tuple(e.get("roles", [])), tuple(e.get("groups", [])), all_settings[name])
+        for name, e in hosts.items()
+    )
+    drafts = [
+        HostConfig(
             name=name,
             address=str(entry["address"]),
             env=env,
             release=entry.get("release"),
             roles=tuple(entry.get("roles", [])),
             groups=tuple(entry.get("groups", [])),
-            settings=settings,
+            settings=all_settings[name],
             peers=peers,
             secrets={},
         )
-        drafts.append(draft)
+        for name, entry in hosts.items()
+    ]
     check_fleet(drafts, hosts_path)
 
     # Secrets last: a settings mistake is reported even without the key.

@@ -67,6 +67,11 @@ def firewall_rules(cfg: HostConfig) -> tuple[list[dict], list[str]]:
         comment = opening.comment or f"opening {i}"
         if sources:
             add(f"open{i}", opening.port, opening.proto, sources, comment)
+    from roles.registry import ROLES
+
+    for role in cfg.roles:
+        for j, derived in enumerate(ROLES[role].openings(cfg)):
+            add(f"{role}{j}", derived.port, derived.proto, list(derived.sources), derived.comment)
     return sets, rules
 
 

@@ -1,0 +1,13 @@
+"""Debian release differences for the postgres role (private: not settings)."""
+
+VERSION = {"bookworm": "15", "trixie": "17"}
+
+
+def paths(version: str) -> dict[str, str]:
+    """Debian's layout for the 'main' cluster of a PostgreSQL major version."""
+    return {
+        "etc": f"/etc/postgresql/{version}/main",
+        "data": f"/var/lib/postgresql/{version}/main",
+        "bin": f"/usr/lib/postgresql/{version}/bin",
+        "service": f"postgresql@{version}-main",
+    }

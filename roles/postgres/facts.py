@@ -1,0 +1,96 @@
+"""Facts the postgres role reads from servers (all run as root, psql as postgres)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from pyinfra.api import FactBase
+
+from roles.postgres._release import paths
+
+
+class PgCluster(FactBase):
+    """State of the Debian 'main' cluster of one PostgreSQL version.
+
+    ``None`` when no cluster exists, else a dict: ``running`` (bool),
+    ``in_recovery`` (bool, None when stopped), ``standby_signal`` (bool),
+    ``system_id`` (str), ``timeline`` (int), ``state`` (pg_controldata's
+    "Database cluster state"), ``user_databases`` (int, None when stopped).
+    """
+
+    def command(self, version: str) -> str:
+        p = paths(version)
+        sql = (
+            "select pg_is_in_recovery(), "
+            "case when pg_is_in_recovery() then (select timeline_id from pg_control_checkpoint()) "
+            "else ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int end, "
+            "(select count(*) from pg_database where datname not in ('postgres', 'template0', 'template1'))"
+        )
+        return (
+            f"D={p['data']}; test -f $D/PG_VERSION || exit 0; "
+            f"LC_ALL=C {p['bin']}/pg_controldata $D | "
+            "sed -n 's/^Database system identifier: *\\(.*\\)/system_id=\\1/p; "
+            "s/^Database cluster state: *\\(.*\\)/state=\\1/p; "
+            "s/^Latest checkpoint.s TimeLineID: *\\(.*\\)/checkpoint_tli=\\1/p'; "
+            "test -f $D/standby.signal && echo standby_signal=1; "
+            f"if systemctl is-active -q {p['service']}; then echo running=1; "
+            f"runuser -u postgres -- psql -XAtF= -c \"{sql}\" 2>/dev/null | sed 's/^/live=/'; fi"
+        )
+
+    def process(self, output: Sequence[str]) -> dict[str, Any] | None:
+        raw: dict[str, str] = {}
+        for line in output:
+            key, _, value = line.partition("=")
+            raw[key] = value
+        if "system_id" not in raw:
+            return None
+        live = raw.get("live", "").split("=") if raw.get("live") else None
+        info: dict[str, Any] = {
+            "system_id": raw["system_id"],
+            "state": raw.get("state", ""),
+            "standby_signal": "standby_signal" in raw,
+            "running": "running" in raw,
+            "in_recovery": None,
+            "timeline": int(raw.get("checkpoint_tli") or 0),
+            "user_databases": None,
+        }
+        if live and len(live) == 3:
+            info["in_recovery"] = live[0] == "t"
+            info["timeline"] = max(info["timeline"], int(live[1]))
+            info["user_databases"] = int(live[2])
+        return info
+
+
+class PgRoleVerifiers(FactBase):
+    """Login roles and their stored password verifiers (``SCRAM-SHA-256$...``)."""
+
+    default = dict
+
+    def command(self) -> str:
+        return (
+            "runuser -u postgres -- psql -XAtF' ' -c "
+            "\"select rolname, coalesce(rolpassword, '-') from pg_authid where rolcanlogin\" 2>/dev/null || true"
+        )
+
+    def process(self, output: Sequence[str]) -> dict[str, str]:
+        out = {}
+        for line in output:
+            name, _, verifier = line.partition(" ")
+            out[name] = verifier
+        return out
+
+
+class PgReplicationSlots(FactBase):
+    """Names of the physical replication slots on a running server."""
+
+    default = list
+
+    def command(self) -> str:
+        return (
+            "runuser -u postgres -- psql -XAt -c "
+            "\"select slot_name from pg_replication_slots where slot_type = 'physical'\" 2>/dev/null || true"
+        )
+
+    def process(self, output: Sequence[str]) -> list[str]:
+        return [line.strip() for line in output if line.strip()]

@@ -1,0 +1,53 @@
+"""Settings of the postgres role (keys ``postgres__<field>``)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from webstack.settings import required, setting
+
+NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+@dataclass(frozen=True)
+class Database:
+    """A database, its owner and extensions."""
+
+    name: str = required("database name")
+    owner: str = required("owning login role (listed in postgres__users)")
+    extensions: tuple[str, ...] = setting((), "extensions created in it (e.g. pg_trgm)")
+
+
+@dataclass(frozen=True)
+class PostgresSettings:
+    """A PostgreSQL cluster member: the primary or a streaming replica."""
+
+    cluster: str = setting("main", "replication cluster this host belongs to (hosts sharing it stream from one primary)")
+    primary: str = setting("", "host name of the cluster's primary; every other member is a streaming replica")
+    synchronous: bool = setting(False, "commit waits until a replica has applied it (synchronous_commit = remote_apply)")
+    users: tuple[str, ...] = setting((), "login roles; each password comes from secret postgres_password_<user>")
+    databases: tuple[Database, ...] = setting((), "databases with owner and extensions")
+    clients: tuple[str, ...] = setting(("app", "worker"), "groups or roles whose hosts may connect (hostssl, scram-sha-256)")
+    max_connections: int = setting(100, "max_connections")
+    shared_buffers_mb: int = setting(0, "shared_buffers in MiB; 0 = a quarter of the host's memory (at most 8 GiB)")
+    effective_cache_size_mb: int = setting(0, "effective_cache_size in MiB; 0 = three quarters of the host's memory")
+    work_mem_mb: int = setting(4, "work_mem in MiB")
+    archive_command: str = setting("", "archive_command (set by the backup role when backups are on)")
+
+    def check(self) -> tuple[str, str] | None:
+        """Field-level consistency; returns (key, message) on a problem."""
+        for user in self.users:
+            if not NAME.match(user) or user in ("postgres", "replicator"):
+                return "users", f"not a usable role name: {user!r}"
+        names = [d.name for d in self.databases]
+        if len(set(names)) != len(names):
+            return "databases", "a database is listed twice"
+        for i, db in enumerate(self.databases):
+            if not NAME.match(db.name):
+                return f"databases[{i}].name", f"not a usable database name: {db.name!r}"
+            if db.owner not in self.users:
+                return f"databases[{i}].owner", f"{db.owner!r} is not in postgres__users"
+        if self.shared_buffers_mb < 0 or self.effective_cache_size_mb < 0:
+            return "shared_buffers_mb", "must be 0 (automatic) or positive"
+        return None
