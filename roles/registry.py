@@ -141,7 +141,7 @@ def _check_postgres_clusters(configs: Sequence[HostConfig], where: str) -> None:
         if "postgres" in cfg.roles:
             clusters.setdefault(cfg.role("postgres").cluster, []).append(cfg)
     for name, members in clusters.items():
-        primaries = {}
+        primaries: dict[str, list[str]] = {}
         for cfg in members:
             primaries.setdefault(cfg.role("postgres").primary, []).append(cfg.name)
         if len(primaries) > 1:

@@ -9,7 +9,11 @@ import pytest
 import yaml
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl test@unit"
-SECRETS = {"password_hash_ops": "$6$salt$hash"}
+SECRETS = {
+    "password_hash_ops": "$6$salt$hash",
+    "postgres_password_replicator": "repl-pw",
+    "postgres_password_app": "app-pw",
+}
 
 
 def write_inventory(root: Path, hosts: dict[str, Any] | None = None, groups: dict[str, Any] | None = None,

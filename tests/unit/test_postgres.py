@@ -1,0 +1,92 @@
+"""The postgres role's settings, cross-host rules, pg_hba and SCRAM verifiers (no hosts)."""
+
+from __future__ import annotations
+
+import pytest
+
+from roles.postgres import config_context, hba_rules, scram
+from tests.unit.conftest import SECRETS
+from webstack.errors import ConfigError
+from webstack.inventory import load
+
+DB_HOSTS = {
+    "app1": {"address": "10.1.0.21", "groups": ["app"]},
+    "db1": {"address": "10.1.0.31", "roles": ["postgres"], "groups": ["db"], "release": "trixie"},
+    "db2": {"address": "10.1.0.32", "roles": ["postgres"], "groups": ["db"], "release": "trixie"},
+    "other": {"address": "10.1.0.99", "groups": ["misc"]},
+}
+DB_GROUP = {"postgres__primary": "db1", "postgres__users": ["app"],
+            "postgres__databases": [{"name": "app", "owner": "app"}]}
+
+
+def error_of(inv) -> str:
+    with pytest.raises(ConfigError) as info:
+        load(inv, secrets=SECRETS)
+    return str(info.value)
+
+
+def test_cluster_loads(make_inventory):
+    cfgs = {c.name: c for c in load(make_inventory(hosts=DB_HOSTS, groups={"db": DB_GROUP}), secrets=SECRETS)}
+    ctx = config_context(cfgs["db2"], memory_mb=4096)
+    assert not ctx["is_primary"] and ctx["primary_address"] == "10.1.0.31" and ctx["slot"] == "db2"
+    assert ctx["shared_buffers_mb"] == 1024 and ctx["effective_cache_size_mb"] == 3072
+    assert config_context(cfgs["db1"], memory_mb=4096)["is_primary"]
+
+
+def test_two_primaries(make_inventory):
+    inv = make_inventory(hosts=DB_HOSTS, groups={"db": DB_GROUP}, host_data={"db2": {"postgres__primary": "db2"}})
+    assert error_of(inv) == (
+        f"{inv}/hosts.yml: cluster main: postgres__primary: two primaries named: db1 say 'db1'; db2 say 'db2'"
+    )
+
+
+def test_primary_must_be_a_member(make_inventory):
+    inv = make_inventory(hosts=DB_HOSTS, groups={"db": {**DB_GROUP, "postgres__primary": "app1"}})
+    assert error_of(inv) == (
+        f"{inv}/hosts.yml: cluster main: postgres__primary: 'app1' is not a postgres host of this cluster "
+        "(members: db1, db2)"
+    )
+
+
+def test_replica_without_primary(make_inventory):
+    inv = make_inventory(hosts=DB_HOSTS, groups={"db": {k: v for k, v in DB_GROUP.items() if k != "postgres__primary"}})
+    assert error_of(inv) == f"{inv}/hosts.yml: cluster main: postgres__primary: no primary named"
+
+
+def test_one_release_per_cluster(make_inventory):
+    hosts = {**DB_HOSTS, "db2": {**DB_HOSTS["db2"], "release": "bookworm"}}
+    inv = make_inventory(hosts=hosts, groups={"db": DB_GROUP})
+    assert error_of(inv).startswith(f"{inv}/hosts.yml: cluster main: release: members run different Debian releases")
+
+
+def test_owner_must_be_a_user(make_inventory):
+    inv = make_inventory(hosts=DB_HOSTS, groups={"db": {**DB_GROUP, "postgres__users": ["web"]}})
+    assert error_of(inv) == f"{inv}/group_data/db.yml: postgres__databases[0].owner: 'app' is not in postgres__users"
+
+
+def test_password_secret_required(make_inventory):
+    inv = make_inventory(hosts=DB_HOSTS, groups={"db": {**DB_GROUP, "postgres__users": ["app", "report"]}})
+    assert error_of(inv).startswith(f"{inv}/secrets.age: postgres_password_report: missing secret")
+
+
+def test_hba_and_firewall_follow_the_inventory(make_inventory):
+    from roles.base import firewall_rules
+
+    cfgs = {c.name: c for c in load(make_inventory(hosts=DB_HOSTS, groups={"db": DB_GROUP}), secrets=SECRETS)}
+    rules = {(r["database"], r["user"], r["address"]) for r in hba_rules(cfgs["db1"])}
+    assert rules == {("app", "app", "10.1.0.21/32"), ("replication", "replicator", "10.1.0.32/32"),
+                     ("postgres", "replicator", "10.1.0.32/32")}
+    sets, fw = firewall_rules(cfgs["db1"])
+    sources = {s["name"]: s["elements"] for s in sets}
+    assert sources["postgres0_v4"] == ["10.1.0.21"] and sources["postgres1_v4"] == ["10.1.0.32"]
+    assert all("10.1.0.99" not in elements for elements in sources.values())
+    assert not any("5432" in rule for rule in firewall_rules(cfgs["app1"])[1])
+
+
+def test_scram_verifier_round_trip():
+    stored = scram.verifier("correct horse")
+    assert stored.startswith("SCRAM-SHA-256$4096:")
+    assert scram.matches("correct horse", stored)
+    assert not scram.matches("wrong", stored)
+    assert not scram.matches("correct horse", "md5abcdef")
+    assert not scram.matches("correct horse", None)
