@@ -68,6 +68,7 @@ class HostConfig:
     settings: Mapping[str, Any]
     peers: tuple[Peer, ...]
     secrets: Mapping[str, Any] = field(repr=False)
+    inventory_dir: str = ""
 
     def role(self, name: str) -> Any:
         """The typed settings of one role (``base`` included)."""
@@ -256,6 +257,7 @@ def load(inv_dir: str | Path, *, secrets: Mapping[str, str] | None = None) -> li
             settings=all_settings[name],
             peers=peers,
             secrets={},
+            inventory_dir=str(inv),
         )
         for name, entry in hosts.items()
     ]

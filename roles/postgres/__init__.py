@@ -122,6 +122,12 @@ def guard(cfg: HostConfig, version: str) -> dict[str, Any]:
         )
     for name, raw in states.items():
         st = _live(raw)
+        if (name != pg.primary and st and named and st["system_id"] == named["system_id"]
+                and not st["standby_signal"] and not st["running"]):
+            raise OperationError(
+                f"{name} is a former primary of cluster {pg.cluster} (stopped, not a standby); "
+                f"make it a replica of {pg.primary} with deploys/rejoin.py"
+            )
         if name == pg.primary or not st or not st["running"] or st["in_recovery"] is not False:
             continue
         if st["system_id"] != (named or {}).get("system_id", st["system_id"]) or (named is None and not st["user_databases"]):
@@ -310,6 +316,16 @@ def apply() -> None:
                        password=cfg.secret("postgres_password_replicator").unmask()),
         user="postgres", group="postgres", mode="600",
     )
+    members = registry.cluster_members(cfg)
+    fence = template_file(
+        "postgres/usr/local/lib/webstack/pg-fence.j2", "/usr/local/lib/webstack/pg-fence", mode="755",
+        validate="sh -n {}", peers=[x.address for x in cfg.peers if x.name in members and x.name != cfg.name],
+    )
+    dropin = template_file(
+        "postgres/etc/systemd/system/postgresql@.service.d/webstack-fence.conf.j2",
+        "/etc/systemd/system/postgresql@.service.d/webstack-fence.conf", owes="daemon-reload",
+    )
+    owed_action("daemon-reload", "systemctl daemon-reload", [dropin, fence])
     systemd.service(name=f"{p['service']} enabled", service=p["service"], enabled=True, running=True)
 
     # The primary's work comes first in this file, so on a first run its

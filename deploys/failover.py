@@ -1,0 +1,8 @@
+"""PostgreSQL failover: see roles/postgres/orchestrate.py and README "Database operations".
+
+    pyinfra inventories/<env>.py deploys/failover.py --limit <cluster group> [--data ...] [--dry]
+"""
+
+from roles.postgres import orchestrate
+
+orchestrate.failover()

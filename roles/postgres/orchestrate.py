@@ -1,0 +1,293 @@
+"""Switchover, failover and rejoin of a PostgreSQL cluster, as pyinfra deploys.
+
+Each is run against the cluster's hosts (``--limit``) and ends by naming the
+inventory change to commit (``postgres__primary``); ``--data write_inventory=yes``
+writes it. Steps that must happen on one host before another are separated
+by ``barrier`` operations that every member runs; steps that need values only
+known while running (the old primary's last WAL position) are ``python.call``
+callbacks on the control machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from pyinfra import host, inventory, logger
+from pyinfra.api import OperationError, StringCommand
+from pyinfra.operations import python, server
+
+from roles import registry
+from roles._lib import config, owed_action, template_file
+from roles.base import codename
+from roles.postgres import (
+    PGPASS,
+    UNREACHABLE,
+    MemTotalMb,
+    _cluster_state,
+    _live,
+    barrier,
+    clone_command,
+    config_context,
+    reload_command,
+    run_sql,
+    slot_name,
+)
+from roles.postgres._release import VERSION, paths
+from roles.postgres.facts import PgReplicationSlots
+from webstack.inventory import HostConfig
+
+# Values handed from one step's callback to a later one (control machine memory).
+_shared: dict[str, Any] = {}
+
+
+def _sh(target: Any, command: str, timeout: int = 120) -> str:
+    """Run a command as root on ``target`` (a pyinfra Host) from a callback; return stdout."""
+    sudo = target.data.get("ssh_user", "root") != "root"
+    ok, out = target.run_shell_command(StringCommand(command), _sudo=sudo, _timeout=timeout)
+    if not ok:
+        raise OperationError(f"{target.name}: `{command}` failed: {out.stderr.strip()}")
+    return out.stdout.strip()
+
+
+def _psql(target: Any, sql: str) -> str:
+    return _sh(target, f"runuser -u postgres -- psql -XAt -c \"{sql}\"")
+
+
+def _lsn(value: str) -> int:
+    hi, lo = value.split("/")
+    return (int(hi, 16) << 32) + int(lo, 16)
+
+
+def with_primary(cfg: HostConfig, primary: str) -> HostConfig:
+    """The host's configuration as it will be once ``primary`` is the cluster's primary."""
+    pg = dataclasses.replace(cfg.role("postgres"), primary=primary)
+    return dataclasses.replace(cfg, settings={**cfg.settings, "postgres": pg})
+
+
+def _configure(cfg: HostConfig, version: str):
+    """Render conf.d/webstack.conf for ``cfg`` (which may name a new primary)."""
+    p = paths(version)
+    return template_file(
+        "postgres/etc/postgresql/main/conf.d/webstack.conf.j2", f"{p['etc']}/conf.d/webstack.conf",
+        owes="reload-postgres", user="postgres", group="postgres",
+        **config_context(cfg, host.get_fact(MemTotalMb)),
+    )
+
+
+def _inventory_change(cfg: HostConfig, old: str, new: str) -> None:
+    """Tell the operator the inventory line to change; write it with --data write_inventory=yes."""
+    inv = Path(cfg.inventory_dir)
+    candidates = [inv / "group_data" / "all.yml"]
+    candidates += [inv / "group_data" / f"{g}.yml" for g in (*cfg.roles, *cfg.groups)]
+    candidates.append(inv / "host_data" / f"{cfg.name}.yml")
+    pattern = re.compile(rf"^(postgres__primary:\s*)['\"]?{re.escape(old)}['\"]?(\s*(#.*)?)$", re.M)
+    files = [f for f in candidates if f.exists() and pattern.search(f.read_text())]
+    where = ", ".join(str(f) for f in files) or f"{inv}/group_data (postgres__primary)"
+    if str(host.data.get("write_inventory", "")).lower() in ("1", "yes", "true"):
+        for f in files:
+            f.write_text(pattern.sub(rf"\g<1>{new}\g<2>", f.read_text()))
+        logger.warning(f"webstack: inventory updated: {where}: postgres__primary: {old} -> {new}; commit it")
+    else:
+        logger.warning(
+            f"webstack: commit this inventory change: {where}: postgres__primary: {old} -> {new} "
+            "(or rerun with --data write_inventory=yes)"
+        )
+
+
+def _setup() -> tuple[HostConfig, str, dict[str, Any]] | None:
+    cfg = config()
+    if "postgres" not in cfg.roles:
+        host.noop("not a PostgreSQL host")
+        return None
+    version = VERSION[codename()]
+    return cfg, version, _cluster_state(version)
+
+
+def switchover() -> None:
+    """Planned switchover with no data loss: both servers alive.
+
+    The old primary is shut down cleanly (its walsender ships every committed
+    transaction and waits for the standby's flush before exiting); the target
+    replays up to the old primary's shutdown checkpoint, is promoted, and the
+    old primary restarts as its standby on the new timeline.
+    """
+    setup = _setup()
+    if setup is None:
+        return
+    cfg, version, states = setup
+    pg = cfg.role("postgres")
+    old = pg.primary
+    others = [m for m in registry.cluster_members(cfg) if m != old]
+    target = host.data.get("to") or (others[0] if len(others) == 1 else None)
+    if target not in others:
+        raise OperationError(f"switchover: name the new primary with --data to=HOST (one of {', '.join(others)})")
+    old_st, new_st = _live(states.get(old)), _live(states.get(target))
+    if not (old_st and old_st["running"] and old_st["in_recovery"] is False):
+        raise OperationError(f"switchover: {old} is not a running primary (use failover.py if it is dead)")
+    if not (new_st and new_st["running"] and new_st["in_recovery"] and new_st["system_id"] == old_st["system_id"]):
+        raise OperationError(f"switchover: {target} is not a running standby of {old}")
+    if host.name not in (old, target):
+        host.noop("switchover does not concern this host")
+        return
+    p = paths(version)
+    old_host, new_host = inventory.get_host(old), inventory.get_host(target)
+
+    def stop_old_primary() -> None:
+        _sh(old_host, f"systemctl stop {p['service']}", timeout=600)
+        control = _sh(old_host, f"LC_ALL=C {p['bin']}/pg_controldata {p['data']}")
+        found = re.search(r"Latest checkpoint location:\s+(\S+)", control)
+        if not found:
+            raise OperationError(f"{old}: no checkpoint location in pg_controldata output")
+        _shared["checkpoint"] = found.group(1)
+        logger.info(f"    [{old}] stopped cleanly at {_shared['checkpoint']}")
+
+    def promote_target() -> None:
+        want = _lsn(_shared["checkpoint"])
+        deadline = time.monotonic() + 120
+        while _lsn(_psql(new_host, "select pg_last_wal_replay_lsn()")) < want:
+            if time.monotonic() > deadline:
+                raise OperationError(f"{target} did not replay up to {_shared['checkpoint']} in 120 s; {old} stays stopped")
+            time.sleep(0.2)
+        _psql(new_host, "select pg_promote(true, 60)")
+        if _psql(new_host, "select pg_is_in_recovery()") != "f":
+            raise OperationError(f"{target} did not leave recovery")
+        logger.info(f"    [{target}] promoted after replaying {_shared['checkpoint']}")
+
+    if host.name == old:
+        python.call(name=f"Stop writes: clean shutdown of {old}", function=stop_old_primary)
+    barrier(name="Old primary stopped", label=f"switchover {old} -> {target}")
+    if host.name == target:
+        python.call(name=f"Promote {target} once it has replayed everything", function=promote_target)
+    barrier(name="New primary promoted", label=f"switchover {old} -> {target}")
+
+    future = with_primary(cfg, target)
+    conf = _configure(future, version)
+    if host.name == target:
+        owed_action("reload-postgres", reload_command(version), [conf])
+        if slot_name(old) not in host.get_fact(PgReplicationSlots):
+            run_sql(name=f"Replication slot for {old}", sql=f"SELECT pg_create_physical_replication_slot('{slot_name(old)}')")
+    barrier(name="New primary ready", label=f"switchover {old} -> {target}")
+    if host.name == old:
+        _start_as_standby(version, conf)
+        python.call(name="Inventory change", function=_inventory_change, cfg=cfg, old=old, new=target)
+
+
+def _start_as_standby(version: str, conf: Any) -> None:
+    """Start this (stopped) server as a standby and wait until it streams."""
+    p = paths(version)
+    server.shell(
+        name="Start as a standby and wait for streaming",
+        commands=[
+            f"runuser -u postgres -- touch {p['data']}/standby.signal && timeout 300 systemctl start {p['service']} && "
+            "for i in $(seq 120); do s=$(runuser -u postgres -- psql -XAtc "
+            "'select status from pg_stat_wal_receiver'); [ \"$s\" = streaming ] && exit 0; sleep 0.5; done; "
+            "echo 'not streaming after 60 s' >&2; exit 1"
+        ],
+    )
+    owed_action("reload-postgres", reload_command(version), [conf])
+
+
+def failover() -> None:
+    """Emergency failover: the primary is dead; promote this replica.
+
+    Run with ``--limit NEW_PRIMARY`` (plus any other live replica, to repoint
+    it). Refuses if the old primary answers as a running primary. The old
+    primary is fenced: every member's postgresql unit runs pg-fence before
+    starting, which refuses to start a primary while a peer is one.
+    """
+    setup = _setup()
+    if setup is None:
+        return
+    cfg, version, states = setup
+    pg = cfg.role("postgres")
+    old = pg.primary
+    if host.name == old:
+        raise OperationError(f"failover: {old} is the primary being replaced; leave it out of --limit")
+    target = host.data.get("to")
+    candidates = [m for m, st in states.items() if m != old and (_live(st) or {}).get("in_recovery")]
+    if not target:
+        if len(candidates) != 1:
+            raise OperationError(f"failover: name the replica to promote with --data to=HOST ({', '.join(candidates)})")
+        target = candidates[0]
+    old_st = _live(states.get(old))
+    if old_st and old_st["running"] and old_st["in_recovery"] is False:
+        raise OperationError(f"failover: {old} is alive and primary; use deploys/switchover.py")
+    if target not in candidates:
+        raise OperationError(f"failover: {target} is not a running standby")
+    new_host = inventory.get_host(target)
+
+    def promote() -> None:
+        _psql(new_host, "select pg_promote(true, 60)")
+        if _psql(new_host, "select pg_is_in_recovery()") != "f":
+            raise OperationError(f"{target} did not leave recovery")
+        logger.info(f"    [{target}] promoted; {old} is fenced by pg-fence if it comes back")
+
+    if host.name == target:
+        python.call(name=f"Promote {target} ({old} is {'unreachable' if states.get(old) == UNREACHABLE else 'down'})",
+                    function=promote)
+    barrier(name="New primary promoted", label=f"failover {old} -> {target}")
+    conf = _configure(with_primary(cfg, target), version)
+    owed_action("reload-postgres", reload_command(version), [conf])
+    if host.name == target:
+        slots = host.get_fact(PgReplicationSlots)
+        for member in registry.cluster_members(cfg):
+            if member != target and slot_name(member) not in slots:
+                run_sql(name=f"Replication slot for {member}",
+                        sql=f"SELECT pg_create_physical_replication_slot('{slot_name(member)}')")
+        python.call(name="Inventory change", function=_inventory_change, cfg=cfg, old=old, new=target)
+
+
+def rejoin() -> None:
+    """Make a former primary a replica of the current one, with pg_rewind (no full re-clone).
+
+    Run with ``--limit OLD --limit NEW`` after the inventory names NEW as
+    primary. ``--data reclone=yes`` replaces pg_rewind by a fresh base backup.
+    """
+    setup = _setup()
+    if setup is None:
+        return
+    cfg, version, states = setup
+    pg = cfg.role("postgres")
+    primary_st = _live(states.get(pg.primary))
+    if not (primary_st and primary_st["running"] and primary_st["in_recovery"] is False):
+        raise OperationError(
+            f"rejoin: the inventory names {pg.primary} primary, but it is not a running primary; "
+            "commit the inventory change from failover/switchover first"
+        )
+    p = paths(version)
+    if host.name == pg.primary:
+        slots = host.get_fact(PgReplicationSlots)
+        for member in registry.cluster_members(cfg):
+            if member != pg.primary and slot_name(member) not in slots:
+                run_sql(name=f"Replication slot for {member}",
+                        sql=f"SELECT pg_create_physical_replication_slot('{slot_name(member)}')")
+    barrier(name="Primary has slots", label=f"rejoin to {pg.primary}")
+    if host.name == pg.primary:
+        return
+    mine = _live(states.get(host.name))
+    if mine and mine["running"] and mine["in_recovery"]:
+        host.noop(f"{host.name} is already a standby")
+        return
+    primary_address = next(x.address for x in cfg.peers if x.name == pg.primary)
+    if str(host.data.get("reclone", "")).lower() in ("1", "yes", "true") or not mine:
+        server.shell(name=f"Re-clone from {pg.primary}",
+                     commands=[clone_command(version, primary_address, slot_name(host.name))])
+        conf = _configure(cfg, version)
+        owed_action("reload-postgres", reload_command(version), [conf])
+        return
+    server.shell(
+        name=f"pg_rewind against {pg.primary}",
+        commands=[
+            f"systemctl stop {p['service']}; "
+            f"runuser -u postgres -- env PGPASSFILE={PGPASS} {p['bin']}/pg_rewind -D {p['data']} "
+            f"--config-file={p['etc']}/postgresql.conf "
+            f"--source-server='host={primary_address} user=replicator dbname=postgres sslmode=require' "
+            "|| { echo 'pg_rewind failed: rerun with --data reclone=yes' >&2; exit 1; }"
+        ],
+    )
+    conf = _configure(cfg, version)
+    _start_as_standby(version, conf)
