@@ -1,0 +1,220 @@
+"""The database tier on both Debian releases: replication, access rules, switchover, failover, rejoin.
+
+Clients connect from app1 (a host of the `app` group, which pg_hba and the
+firewall admit) with psql over TLS, as the application does.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.integration.conftest import BIN, MACHINES, ROOT, host_for, lab, run
+from webstack.inventory import load
+
+pytestmark = pytest.mark.lab
+
+PGPASS = "/root/.webstack-test-pgpass"
+
+
+def clusters() -> list[tuple[str, str, str]]:
+    """(cluster, primary, replica) per the lab fleet and the lab's group data, one per Debian release.
+
+    Read from lab/fleet.yml and inventories/lab/group_data (not hosts.yml, which
+    only exists once the lab is up), so the test matrix is known at collection.
+    """
+    out = {}
+    data_dir = ROOT / "inventories" / "lab" / "group_data"
+    for machine in MACHINES.values():
+        if "postgres" not in machine["roles"]:
+            continue
+        settings: dict = {}
+        for group in ["all", *machine["roles"], *machine["groups"]]:
+            path = data_dir / f"{group}.yml"
+            if path.exists():
+                settings.update(yaml.safe_load(path.read_text()) or {})
+        cluster, primary = settings.get("postgres__cluster", "main"), settings["postgres__primary"]
+        if machine["name"] != primary:
+            out[cluster] = (cluster, primary, machine["name"])
+    return sorted(out.values())
+
+
+CLUSTERS = clusters()
+ADDRESS = {name: m["address"] for name, m in MACHINES.items()}
+
+
+def conninfo(*hosts: str, **extra: str) -> str:
+    parts = {"host": ",".join(ADDRESS[h] for h in hosts), "dbname": "app", "user": "app",
+             "sslmode": "require", "connect_timeout": "3", **extra}
+    return " ".join(f"{k}={v}" for k, v in parts.items())
+
+
+@pytest.fixture(scope="module")
+def client(converged):
+    """app1 with a psql client and the app's password in a private pgpass file."""
+    app1 = host_for("app1")
+    app1.run("DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql-client >/dev/null")
+    db = next(c for c in load(ROOT / "inventories" / "lab") if "postgres" in c.roles)
+    password = db.secret("postgres_password_app").unmask()
+    app1.run(f"umask 077; echo '*:5432:app:app:{password}' > {PGPASS}")
+    for _cluster, primary, _replica in CLUSTERS:
+        sql(app1, primary, "create table if not exists marks (id bigint primary key, at timestamptz default now())")
+    return app1
+
+
+def sql(app1, host: str, statement: str, check: bool = True, **extra: str):
+    cmd = app1.run(f"PGPASSFILE={PGPASS} psql \"{conninfo(host, **extra)}\" -XAtqc \"{statement}\"")
+    if check:
+        assert cmd.rc == 0, cmd.stderr
+        return cmd.stdout.strip()
+    return cmd
+
+
+@pytest.mark.parametrize("cluster,primary,replica", CLUSTERS)
+def test_row_readable_on_replica_within_a_second(client, cluster, primary, replica):
+    mark = int(time.time() * 1000)
+    sql(client, primary, f"insert into marks (id) values ({mark})")
+    start = time.monotonic()
+    while sql(client, replica, f"select count(*) from marks where id = {mark}") != "1":
+        assert time.monotonic() - start < 1.0, f"{replica} did not show the row within 1 s"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("cluster,primary,replica", CLUSTERS)
+def test_replica_refuses_writes(client, cluster, primary, replica):
+    result = sql(client, replica, "insert into marks (id) values (1)", check=False)
+    assert result.rc != 0 and "read-only transaction" in result.stderr
+
+
+@pytest.mark.parametrize("cluster,primary,replica", CLUSTERS)
+def test_access_rules(client, cluster, primary, replica):
+    # Wrong password: refused by scram-sha-256.
+    bad = client.run(f"PGPASSWORD=wrong psql \"{conninfo(primary)}\" -XAtqc 'select 1'")
+    assert bad.rc != 0 and "password authentication failed" in bad.stderr
+    # No TLS: refused by pg_hba (hostssl only).
+    plain = client.run(f"PGPASSFILE={PGPASS} psql \"{conninfo(primary, sslmode='disable')}\" -XAtqc 'select 1'")
+    assert plain.rc != 0 and "no encryption" in plain.stderr
+    # A cluster peer gets through the firewall (for replication) but pg_hba refuses it the app database.
+    peer = host_for(replica).run(
+        f"PGPASSWORD=x psql 'host={ADDRESS[primary]} dbname=app user=app sslmode=require' -XAtqc 'select 1'")
+    assert peer.rc != 0 and "no pg_hba.conf entry" in peer.stderr
+    # A host in no client group never reaches the port (firewall drops it).
+    probe = host_for("spare1").run(
+        "python3 -c \"import socket; s=socket.socket(); s.settimeout(2); "
+        f"print(s.connect_ex(('{ADDRESS[primary]}', 5432)))\"")
+    assert probe.stdout.strip() not in ("0", "111")  # neither open nor refused: dropped
+
+
+def inventory_copy(tmp_path: Path) -> Path:
+    """A copy of the lab inventory the operational deploys may rewrite (--data write_inventory=yes)."""
+    inv = tmp_path / "inventories"
+    inv.mkdir()
+    shutil.copytree(ROOT / "inventories" / "lab", inv / "lab")
+    shutil.copy(ROOT / "inventories" / "lab.py", inv / "lab.py")
+    return inv / "lab.py"
+
+
+def deploy(inventory: Path, name: str, *args: str, check: bool = True):
+    return run(str(BIN / "pyinfra"), "-y", str(inventory), f"deploys/{name}.py", *args, check=check)
+
+
+class Writer:
+    """A steady client on app1 inserting ids 1, 2, 3... through a multi-host, read-write-only
+    connection string; every id whose INSERT was acknowledged is appended to a file."""
+
+    def __init__(self, app1, hosts: tuple[str, str], tag: str):
+        self.app1, self.tag = app1, tag
+        self.acked = f"/root/acked-{tag}"
+        info = conninfo(*hosts, target_session_attrs="read-write", connect_timeout="1")
+        script = f"""rm -f {self.acked} /root/stop-{tag}
+i=0
+while [ ! -f /root/stop-{tag} ]; do
+    i=$((i+1))
+    if PGPASSFILE={PGPASS} psql "{info}" -XAtqc "insert into writes_{tag} (id) values ($i)" 2>/dev/null; then
+        echo $i >> {self.acked}
+    fi
+    sleep 0.02
+done
+"""
+        sql(app1, hosts[0], f"drop table if exists writes_{tag}; create table writes_{tag} (id bigint primary key)")
+        app1.run(f"cat > /root/writer-{tag}.sh <<'EOF'\n{script}EOF")
+        assert app1.run(f"systemd-run --unit=writer-{tag} --collect sh /root/writer-{tag}.sh").rc == 0
+
+    def acked_count(self) -> int:
+        return int(self.app1.check_output(f"cat {self.acked} 2>/dev/null | wc -l"))
+
+    def stop(self) -> set[int]:
+        self.app1.run(f"touch /root/stop-{self.tag}; sleep 1; systemctl stop writer-{self.tag} 2>/dev/null")
+        return {int(x) for x in self.app1.check_output(f"cat {self.acked}").split()}
+
+    def stored(self, primary: str) -> set[int]:
+        return {int(x) for x in sql(self.app1, primary, f"select id from writes_{self.tag}").split()}
+
+
+def wait_for(predicate, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("cluster,primary,replica", CLUSTERS)
+def test_switchover_under_load_loses_nothing(client, tmp_path, cluster, primary, replica):
+    inv = inventory_copy(tmp_path)
+    writer = Writer(client, (primary, replica), f"sw_{cluster}")
+    wait_for(lambda: writer.acked_count() > 20, 30, "writer never got going")
+    deploy(inv, "switchover", "--limit", f"pg_{cluster}", "--data", "write_inventory=yes")
+    group_file = inv.parent / "lab" / "group_data" / f"pg_{cluster}.yml"
+    assert f"postgres__primary: {replica}" in group_file.read_text()
+    before = writer.acked_count()
+    wait_for(lambda: writer.acked_count() > before + 20, 30, "no writes acknowledged by the new primary")
+    acked = writer.stop()
+    stored = writer.stored(replica)
+    assert acked - stored == set(), f"committed but lost: {sorted(acked - stored)[:10]}"
+    # The old primary streams from the new one; a site run with the new inventory changes nothing.
+    assert sql(client, primary, f"select count(*) from writes_sw_{cluster}") == str(len(stored))
+    assert deploy(inv, "site", "--limit", f"pg_{cluster}").totals()["changed"] == "-"
+    # Switch back so the lab matches the committed inventory again.
+    deploy(inv, "switchover", "--limit", f"pg_{cluster}", "--data", "write_inventory=yes")
+    assert f"postgres__primary: {primary}" in group_file.read_text()
+
+
+@pytest.mark.parametrize("cluster,primary,replica", CLUSTERS)
+def test_failover_fence_and_rejoin(client, tmp_path, cluster, primary, replica):
+    inv = inventory_copy(tmp_path)
+    mark = int(time.time() * 1000)
+    sql(client, primary, f"insert into marks (id) values ({mark})")
+    wait_for(lambda: sql(client, replica, f"select count(*) from marks where id = {mark}") == "1", 5, "not replicated")
+    lab("poweroff", primary)
+    try:
+        # The committed inventory still names the dead primary: the failover deploy is one command.
+        deploy(inv, "failover", "--limit", replica, "--data", "write_inventory=yes")
+        sql(client, replica, f"insert into marks (id) values ({mark + 1})")
+        assert f"postgres__primary: {replica}" in (inv.parent / "lab/group_data" / f"pg_{cluster}.yml").read_text()
+    finally:
+        lab("start", primary)
+    old = host_for(primary)
+    version = old.check_output("ls /etc/postgresql")
+    # Fenced: the old primary refused to start as a second primary.
+    wait_for(lambda: "webstack fence" in old.check_output(
+        f"journalctl -u postgresql@{version}-main --no-pager | tail -20"), 30, "pg-fence did not act")
+    assert not old.service(f"postgresql@{version}-main").is_running
+    # A routine site run with the new inventory refuses to touch the former primary.
+    stale = deploy(inv, "site", "--limit", f"pg_{cluster}", check=False)
+    assert stale.returncode != 0 and f"{primary} is a former primary" in stale.output
+    rejoin = deploy(inv, "rejoin", "--limit", f"pg_{cluster}")
+    assert "pg_rewind against" in rejoin.output
+    assert old.check_output("runuser -u postgres -- psql -XAtc 'select status from pg_stat_wal_receiver'") == "streaming"
+    assert sql(client, primary, f"select count(*) from marks where id in ({mark}, {mark + 1})") == "2"
+    # Back to the committed inventory's primary.
+    deploy(inv, "switchover", "--limit", f"pg_{cluster}", "--data", f"to={primary}", "--data", "write_inventory=yes")
+    assert f"postgres__primary: {primary}" in (inv.parent / "lab/group_data" / f"pg_{cluster}.yml").read_text()
+
+
+def test_committed_inventory_matches_the_lab_again(converged):
+    """After every switch, the committed inventory converges with zero changes."""
+    assert run(str(BIN / "pyinfra"), "-y", "inventories/lab.py", "deploys/site.py").totals()["changed"] == "-"
