@@ -62,9 +62,11 @@ def _lsn(value: str) -> int:
     return (int(hi, 16) << 32) + int(lo, 16)
 
 
-def with_primary(cfg: HostConfig, primary: str) -> HostConfig:
+def with_primary(cfg: HostConfig, primary: str, synchronous: bool | None = None) -> HostConfig:
     """The host's configuration as it will be once ``primary`` is the cluster's primary."""
     pg = dataclasses.replace(cfg.role("postgres"), primary=primary)
+    if synchronous is not None:
+        pg = dataclasses.replace(pg, synchronous=synchronous)
     return dataclasses.replace(cfg, settings={**cfg.settings, "postgres": pg})
 
 
@@ -230,9 +232,16 @@ def failover() -> None:
         python.call(name=f"Promote {target} ({old} is {'unreachable' if states.get(old) == UNREACHABLE else 'down'})",
                     function=promote)
     barrier(name="New primary promoted", label=f"failover {old} -> {target}")
-    conf = _configure(with_primary(cfg, target), version)
+    # With synchronous replication and no other standby alive, the new primary
+    # would wait forever for an acknowledgement: it runs asynchronously until
+    # the old primary has rejoined and a site run restores the inventory's mode.
+    live_standbys = [m for m in candidates if m != target]
+    degrade = pg.synchronous and not live_standbys
+    conf = _configure(with_primary(cfg, target, synchronous=False if degrade else None), version)
     owed_action("reload-postgres", reload_command(version), [conf])
     if host.name == target:
+        if degrade:
+            logger.warning(f"webstack: {target} runs asynchronously until a replica rejoins; then run deploys/site.py")
         slots = host.get_fact(PgReplicationSlots)
         for member in registry.cluster_members(cfg):
             if member != target and slot_name(member) not in slots:

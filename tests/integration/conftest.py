@@ -12,24 +12,18 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import paramiko
 import pytest
-import testinfra
-import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+from lab import probe
+from lab.probe import KEY, KNOWN_HOSTS, MACHINES, ROOT
+
 BIN = Path(sys.executable).parent
-STATE = Path("/var/lib/webstack-lab")
-KEY = STATE / "ssh" / "id_ed25519"
-KNOWN_HOSTS = STATE / "ssh" / "known_hosts"
-FLEET = yaml.safe_load((ROOT / "lab" / "fleet.yml").read_text())
-MACHINES = {m["name"]: m for m in FLEET["machines"]}
-RELEASES = sorted({m["release"] for m in FLEET["machines"]})
+RELEASES = sorted({m["release"] for m in MACHINES.values()})
 
 
 @dataclass
@@ -99,17 +93,7 @@ def converged() -> dict[str, object]:
     return {"up": up, "fresh": fresh, "onboard": onboard, "first": first, "second": second}
 
 
-_SSH_CONFIG = Path(tempfile.mkdtemp(prefix="webstack-it-")) / "ssh_config"
-_SSH_CONFIG.write_text(
-    f"Host 10.77.0.*\n  IdentityFile {KEY}\n  IdentitiesOnly yes\n  UserKnownHostsFile {KNOWN_HOSTS}\n"
-    "  GlobalKnownHostsFile /dev/null\n  StrictHostKeyChecking yes\n  BatchMode yes\n  ConnectTimeout 5\n"
-)
-
-
-def host_for(name: str):
-    """A testinfra host: OpenSSH as the admin user with strict host keys, commands under sudo."""
-    address = MACHINES[name]["address"]
-    return testinfra.get_host(f"ssh://ops@{address}", ssh_config=str(_SSH_CONFIG), sudo=True)
+host_for = probe.host
 
 
 @pytest.fixture(params=sorted(MACHINES), scope="session")

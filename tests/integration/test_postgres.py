@@ -13,13 +13,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lab.probe import ADDRESS, PGPASS, Writer, conninfo, sql
 from tests.integration.conftest import BIN, MACHINES, ROOT, host_for, lab, run
 from webstack.inventory import load
 
 pytestmark = pytest.mark.lab
-
-PGPASS = "/root/.webstack-test-pgpass"
-
 
 def clusters() -> list[tuple[str, str, str]]:
     """(cluster, primary, replica) per the lab fleet and the lab's group data, one per Debian release.
@@ -44,13 +42,6 @@ def clusters() -> list[tuple[str, str, str]]:
 
 
 CLUSTERS = clusters()
-ADDRESS = {name: m["address"] for name, m in MACHINES.items()}
-
-
-def conninfo(*hosts: str, **extra: str) -> str:
-    parts = {"host": ",".join(ADDRESS[h] for h in hosts), "dbname": "app", "user": "app",
-             "sslmode": "require", "connect_timeout": "3", **extra}
-    return " ".join(f"{k}={v}" for k, v in parts.items())
 
 
 @pytest.fixture(scope="module")
@@ -64,14 +55,6 @@ def client(converged):
     for _cluster, primary, _replica in CLUSTERS:
         sql(app1, primary, "create table if not exists marks (id bigint primary key, at timestamptz default now())")
     return app1
-
-
-def sql(app1, host: str, statement: str, check: bool = True, **extra: str):
-    cmd = app1.run(f"PGPASSFILE={PGPASS} psql \"{conninfo(host, **extra)}\" -XAtqc \"{statement}\"")
-    if check:
-        assert cmd.rc == 0, cmd.stderr
-        return cmd.stdout.strip()
-    return cmd
 
 
 @pytest.mark.parametrize("cluster,primary,replica", CLUSTERS)
@@ -120,39 +103,6 @@ def inventory_copy(tmp_path: Path) -> Path:
 
 def deploy(inventory: Path, name: str, *args: str, check: bool = True):
     return run(str(BIN / "pyinfra"), "-y", str(inventory), f"deploys/{name}.py", *args, check=check)
-
-
-class Writer:
-    """A steady client on app1 inserting ids 1, 2, 3... through a multi-host, read-write-only
-    connection string; every id whose INSERT was acknowledged is appended to a file."""
-
-    def __init__(self, app1, hosts: tuple[str, str], tag: str):
-        self.app1, self.tag = app1, tag
-        self.acked = f"/root/acked-{tag}"
-        info = conninfo(*hosts, target_session_attrs="read-write", connect_timeout="1")
-        script = f"""rm -f {self.acked} /root/stop-{tag}
-i=0
-while [ ! -f /root/stop-{tag} ]; do
-    i=$((i+1))
-    if PGPASSFILE={PGPASS} psql "{info}" -XAtqc "insert into writes_{tag} (id) values ($i)" 2>/dev/null; then
-        echo $i >> {self.acked}
-    fi
-    sleep 0.02
-done
-"""
-        sql(app1, hosts[0], f"drop table if exists writes_{tag}; create table writes_{tag} (id bigint primary key)")
-        app1.run(f"cat > /root/writer-{tag}.sh <<'EOF'\n{script}EOF")
-        assert app1.run(f"systemd-run --unit=writer-{tag} --collect sh /root/writer-{tag}.sh").rc == 0
-
-    def acked_count(self) -> int:
-        return int(self.app1.check_output(f"cat {self.acked} 2>/dev/null | wc -l"))
-
-    def stop(self) -> set[int]:
-        self.app1.run(f"touch /root/stop-{self.tag}; sleep 1; systemctl stop writer-{self.tag} 2>/dev/null")
-        return {int(x) for x in self.app1.check_output(f"cat {self.acked}").split()}
-
-    def stored(self, primary: str) -> set[int]:
-        return {int(x) for x in sql(self.app1, primary, f"select id from writes_{self.tag}").split()}
 
 
 def wait_for(predicate, seconds: float, what: str) -> None:

@@ -1,0 +1,86 @@
+"""Clients for lab machines, shared by the integration tests and the benchmarks.
+
+``host(name)`` is a testinfra host reached as the admin user over OpenSSH
+with the lab key and strict host keys (commands run under sudo); the
+PostgreSQL helpers speak to the lab's clusters with psql from a client host,
+over TLS, as the application does.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import testinfra
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+STATE = Path("/var/lib/webstack-lab")
+KEY = STATE / "ssh" / "id_ed25519"
+KNOWN_HOSTS = STATE / "ssh" / "known_hosts"
+FLEET = yaml.safe_load((ROOT / "lab" / "fleet.yml").read_text())
+MACHINES = {m["name"]: m for m in FLEET["machines"]}
+ADDRESS = {name: m["address"] for name, m in MACHINES.items()}
+PGPASS = "/root/.webstack-test-pgpass"
+
+_SSH_CONFIG = Path(tempfile.mkdtemp(prefix="webstack-probe-")) / "ssh_config"
+_SSH_CONFIG.write_text(
+    f"Host 10.77.0.*\n  IdentityFile {KEY}\n  IdentitiesOnly yes\n  UserKnownHostsFile {KNOWN_HOSTS}\n"
+    "  GlobalKnownHostsFile /dev/null\n  StrictHostKeyChecking yes\n  BatchMode yes\n  ConnectTimeout 5\n"
+)
+
+
+def host(name: str):
+    """A testinfra host: OpenSSH as the admin user with strict host keys, commands under sudo."""
+    return testinfra.get_host(f"ssh://ops@{ADDRESS[name]}", ssh_config=str(_SSH_CONFIG), sudo=True)
+
+
+def conninfo(*hosts: str, **extra: str) -> str:
+    parts = {"host": ",".join(ADDRESS[h] for h in hosts), "dbname": "app", "user": "app",
+             "sslmode": "require", "connect_timeout": "3", **extra}
+    return " ".join(f"{k}={v}" for k, v in parts.items())
+
+
+def sql(app1, target: str, statement: str, check: bool = True, **extra: str):
+    cmd = app1.run(f"PGPASSFILE={PGPASS} psql \"{conninfo(target, **extra)}\" -XAtqc \"{statement}\"")
+    if check:
+        if cmd.rc != 0:
+            raise RuntimeError(f"psql on {target}: {cmd.stderr.strip()}")
+        return cmd.stdout.strip()
+    return cmd
+
+
+class Writer:
+    """A steady client on app1 inserting ids 1, 2, 3... through a multi-host, read-write-only
+    connection string; every id whose INSERT was acknowledged is appended to a file."""
+
+    def __init__(self, app1, hosts: tuple[str, str], tag: str):
+        self.app1, self.tag = app1, tag
+        self.acked = f"/root/acked-{tag}"
+        info = conninfo(*hosts, target_session_attrs="read-write", connect_timeout="1")
+        script = f"""rm -f {self.acked} /root/stop-{tag}
+i=0
+while [ ! -f /root/stop-{tag} ]; do
+    i=$((i+1))
+    if PGPASSFILE={PGPASS} psql "{info}" -XAtqc "insert into writes_{tag} (id) values ($i)" 2>/dev/null; then
+        echo $i >> {self.acked}
+    fi
+    sleep 0.02
+done
+"""
+        sql(app1, hosts[0], f"drop table if exists writes_{tag}; create table writes_{tag} (id bigint primary key)")
+        app1.run(f"cat > /root/writer-{tag}.sh <<'EOF'\n{script}EOF")
+        if app1.run(f"systemd-run --unit=writer-{tag} --collect sh /root/writer-{tag}.sh").rc != 0:
+            raise RuntimeError("cannot start the writer")
+
+    def acked_count(self) -> int:
+        return int(self.app1.check_output(f"cat {self.acked} 2>/dev/null | wc -l"))
+
+    def stop(self) -> set[int]:
+        self.app1.run(f"touch /root/stop-{self.tag}; sleep 1; systemctl stop writer-{self.tag} 2>/dev/null")
+        return {int(x) for x in self.app1.check_output(f"cat {self.acked}").split()}
+
+    def stored(self, primary: str) -> set[int]:
+        return {int(x) for x in sql(self.app1, primary, f"select id from writes_{self.tag}").split()}
+
+
