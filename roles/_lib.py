@@ -77,6 +77,8 @@ def validated_file(
     user: str = "root",
     group: str = "root",
     owes: str | None = None,
+    in_place: bool = False,
+    force: bool = False,
 ):
     """Install ``content`` at ``dest`` only if ``validate`` accepts it.
 
@@ -85,6 +87,10 @@ def validated_file(
     + validate: shell command with ``{}`` for the staged file path, e.g. ``sshd -t -f {}``
     + mode/user/group: wanted permissions and owner (applied before the swap)
     + owes: name of the action this swap makes owed (e.g. ``reload-ssh``)
+    + in_place: for validators that read the live path (``nginx -t``): swap, validate, and
+      put the previous file back if validation fails
+    + force: write even if the file looked up to date when the run was prepared (for
+      files that an earlier operation of the same run changes)
 
     ``validated_file(dest="/etc/ssh/sshd_config", content=text, validate="sshd -t -f {}")``
     """
@@ -95,7 +101,7 @@ def validated_file(
     same_meta = isinstance(info, dict) and (
         str(info['mode']) == mode.lstrip("0") and info["user"] == user and info["group"] == group
     )
-    if same_content and same_meta:
+    if same_content and same_meta and not force:
         host.noop(f"{dest} is up to date")
         return
     staged = f"{dest}.webstack-new"
@@ -107,9 +113,18 @@ def validated_file(
         StringCommand("chown", f"{user}:{group}", QuoteString(staged)),
         StringCommand("chmod", mode, QuoteString(staged)),
     ]
-    if validate:
-        steps.append(StringCommand(*validate.replace("{}", staged).split()))
-    steps.append(StringCommand("mv", "-f", QuoteString(staged), QuoteString(dest)))
+    if validate and in_place:
+        old = f"{dest}.webstack-old"
+        steps.append(StringCommand("{", "cp", "-p", QuoteString(dest), QuoteString(old), "2>/dev/null", "||", "true", ";", "}"))
+        steps.append(StringCommand("mv", "-f", QuoteString(staged), QuoteString(dest)))
+        steps.append(StringCommand(
+            "{", *validate.split(), "||", "{", "mv", "-f", QuoteString(old), QuoteString(dest), "2>/dev/null", "||",
+            "rm", "-f", QuoteString(dest), ";", "false", ";", "}", ";", "}"))
+        steps.append(StringCommand("rm", "-f", QuoteString(old)))
+    else:
+        if validate:
+            steps.append(StringCommand(*validate.replace("{}", staged).split()))
+        steps.append(StringCommand("mv", "-f", QuoteString(staged), QuoteString(dest)))
     if owes:
         steps += [StringCommand("mkdir", "-p", PENDING_DIR), StringCommand("touch", f"{PENDING_DIR}/{owes}")]
     chained = StringCommand(*_join(steps, "&&"))
@@ -147,7 +162,8 @@ def owed_action(name: str, command: str, swaps: Sequence[OperationMeta]) -> Oper
 
 
 def template_file(template: str, dest: str, *, validate: str | None = None, owes: str | None = None,
-                  mode: str = "644", user: str = "root", group: str = "root", **context: Any) -> OperationMeta:
+                  mode: str = "644", user: str = "root", group: str = "root", in_place: bool = False,
+                  force: bool = False, **context: Any) -> OperationMeta:
     """``render`` + ``validated_file`` in one call, named after the target."""
     return validated_file(
         name=f"Configure {dest}",
@@ -158,4 +174,6 @@ def template_file(template: str, dest: str, *, validate: str | None = None, owes
         user=user,
         group=group,
         owes=owes,
+        in_place=in_place,
+        force=force,
     )

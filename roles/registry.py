@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from roles.app.settings import AppSettings
 from roles.base.settings import BaseSettings
+from roles.lb.settings import LbSettings
 from roles.postgres.settings import PostgresSettings
 from webstack.errors import ConfigError
 
@@ -71,10 +73,48 @@ def _postgres_openings(cfg: HostConfig) -> list[Derived]:
     return out
 
 
+def _vip_peers(cfg: HostConfig) -> list[str]:
+    vip = cfg.role("lb").vip
+    return sorted(p.address for p in cfg.peers if "lb" in p.roles and p.name != cfg.name and p.role("lb").vip == vip)
+
+
+def _lb_openings(cfg: HostConfig) -> list[Derived]:
+    out = [Derived(80, "tcp", ("0.0.0.0/0", "::/0"), "http (redirects to https)"),
+           Derived(443, "tcp", ("0.0.0.0/0", "::/0"), "https")]
+    if cfg.role("lb").vip and _vip_peers(cfg):
+        out.append(Derived(0, "vrrp", tuple(_vip_peers(cfg)), "vrrp from the load-balancer peer"))
+    return out
+
+
+def app_database_owner(cfg: HostConfig) -> str | None:
+    """Owner of the database the application uses (None when no postgres host has it)."""
+    wanted = cfg.role("app").database
+    for peer in cfg.peers:
+        if "postgres" in peer.roles:
+            for db in peer.role("postgres").databases:
+                if db.name == wanted:
+                    return db.owner
+    return None
+
+
+def _app_secrets(cfg: HostConfig) -> list[str]:
+    owner = app_database_owner(cfg)
+    return ["app_secret_key", *([f"postgres_password_{owner}"] if owner else [])]
+
+
+def _app_openings(cfg: HostConfig) -> list[Derived]:
+    lbs = tuple(sorted(p.address for p in cfg.peers if "lb" in p.roles))
+    return [Derived(cfg.role("app").port, "tcp", lbs, "application from the load balancers")] if lbs else []
+
+
 ROLES: dict[str, Role] = {
     "base": Role("base", "every host: users, SSH, firewall, updates, time, journal", BaseSettings, secrets=_base_secrets),
     "postgres": Role("postgres", "PostgreSQL primary or streaming replica", PostgresSettings,
                      secrets=_postgres_secrets, openings=_postgres_openings),
+    "app": Role("app", "WSGI application servers (gunicorn), rolling releases", AppSettings, after=("postgres",),
+                secrets=_app_secrets, openings=_app_openings),
+    "lb": Role("lb", "nginx TLS terminator, keepalived pair with a floating IP", LbSettings, after=("app",),
+               secrets=lambda cfg: ["tls_cert", "tls_key"], openings=_lb_openings),
 }
 
 
@@ -132,6 +172,37 @@ def check_fleet(configs: Sequence[HostConfig], where: str) -> None:
         for net in base.admin_networks:
             ipaddress.ip_network(net, strict=False)
     _check_postgres_clusters(configs, where)
+    _check_lb_pairs(configs, where)
+    for cfg in configs:
+        if "app" in cfg.roles and app_database_owner(cfg) is None:
+            raise ConfigError(where, f"hosts.{cfg.name}: app__database",
+                              f"no postgres host has database {cfg.role('app').database!r}")
+
+
+def _check_lb_pairs(configs: Sequence[HostConfig], where: str) -> None:
+    """Each VIP: one VRRP id, inside every member's subnet, no host's address; VRRP ids unique per network."""
+    pairs: dict[str, list[HostConfig]] = {}
+    for cfg in configs:
+        if "lb" in cfg.roles and cfg.role("lb").vip:
+            pairs.setdefault(cfg.role("lb").vip, []).append(cfg)
+    addresses = {cfg.address: cfg.name for cfg in configs}
+    ids: dict[int, str] = {}
+    for vip, members in pairs.items():
+        names = ", ".join(c.name for c in members)
+        if vip in addresses:
+            raise ConfigError(where, f"lb pair {names}: lb__vip", f"{vip} is the address of host {addresses[vip]}")
+        vrrp_ids = {c.role("lb").vrrp_id for c in members}
+        if len(vrrp_ids) > 1:
+            raise ConfigError(where, f"lb pair {names}: lb__vrrp_id", f"members disagree: {sorted(vrrp_ids)}")
+        vrrp_id = vrrp_ids.pop()
+        if vrrp_id in ids:
+            raise ConfigError(where, f"lb pair {names}: lb__vrrp_id",
+                              f"duplicate VRRP id {vrrp_id}: also used by the pair with VIP {ids[vrrp_id]}")
+        ids[vrrp_id] = vip
+        for cfg in members:
+            net = ipaddress.ip_interface(f"{cfg.address}/{cfg.role('lb').vip_prefix}").network
+            if ipaddress.ip_address(vip) not in net:
+                raise ConfigError(where, f"hosts.{cfg.name}: lb__vip", f"{vip} is outside {cfg.name}'s subnet {net}")
 
 
 def _check_postgres_clusters(configs: Sequence[HostConfig], where: str) -> None:

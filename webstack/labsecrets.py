@@ -14,7 +14,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from webstack import secrets
+import yaml
+
+from webstack import secrets, tls
 from webstack.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,6 +48,17 @@ def main(inv: Path) -> int:
         (inv / "secrets.age").unlink(missing_ok=True)
     data = secrets.decrypt(inv) if (inv / "secrets.age").exists() else {}
     added = []
+    if "lab_ca_key" not in data:
+        data["lab_ca_key"], data["lab_ca_cert"] = tls.make_ca()
+        added += ["lab_ca_key", "lab_ca_cert"]
+        data.pop("tls_cert", None)
+    if "tls_cert" not in data:
+        lb = yaml.safe_load((inv / "group_data" / "lb.yml").read_text()) if (inv / "group_data" / "lb.yml").exists() else {}
+        names = lb.get("lb__server_names", ["www.webstack.test"])
+        ips = [lb["lb__vip"]] if lb.get("lb__vip") else []
+        data["tls_key"], data["tls_cert"] = tls.issue(data["lab_ca_key"], data["lab_ca_cert"], names, ips)
+        added += ["tls_key", "tls_cert"]
+    (inv / "ca.crt").write_text(data["lab_ca_cert"])
     while True:
         try:
             load(inv, secrets=data)

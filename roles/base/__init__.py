@@ -57,7 +57,8 @@ def firewall_rules(cfg: HostConfig) -> tuple[list[dict], list[str]]:
                 continue
             set_name = f"{name}_{family}"
             sets.append({"name": set_name, "type": nft_type, "elements": nets})
-            rules.append(f'{match} @{set_name} {proto} dport {port} accept comment "{comment}"')
+            what = "meta l4proto vrrp" if proto == "vrrp" else f"{proto} dport {port}"
+            rules.append(f'{match} @{set_name} {what} accept comment "{comment}"')
 
     add("ssh", base.ssh_port, "tcp", list(base.admin_networks), "ssh from admin networks")
     for i, opening in enumerate(base.firewall_openings):

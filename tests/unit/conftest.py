@@ -13,6 +13,9 @@ SECRETS = {
     "password_hash_ops": "$6$salt$hash",
     "postgres_password_replicator": "repl-pw",
     "postgres_password_app": "app-pw",
+    "tls_cert": "CERT",
+    "tls_key": "KEY",
+    "app_secret_key": "k3y",
 }
 
 

@@ -1,0 +1,96 @@
+"""webstack demo application: a small WSGI app, no framework.
+
+Pages say which application server answered; /signup writes to PostgreSQL;
+a session cookie counts visits per browser; /healthz checks the database.
+Configuration comes from the environment (the app role writes it from the
+inventory and secrets): DATABASE_URL (a libpq connection string), SECRET_KEY.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import html
+import os
+import secrets
+import socket
+from http.cookies import SimpleCookie
+from urllib.parse import parse_qs
+
+import psycopg2
+
+HOST = socket.gethostname()
+RELEASE = os.environ.get("APP_RELEASE", "dev")
+SECRET = os.environ.get("SECRET_KEY", "dev-only").encode()
+
+
+def db():
+    """A new connection (libpq picks the read-write member of the cluster)."""
+    return psycopg2.connect(os.environ["DATABASE_URL"], connect_timeout=3)
+
+
+def ensure_schema() -> None:
+    with db() as conn, conn.cursor() as cur:
+        cur.execute("create table if not exists signups (id serial primary key, email text not null, "
+                    "served_by text not null, at timestamptz not null default now())")
+
+
+def sign(value: str) -> str:
+    return value + "." + hmac.new(SECRET, value.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def unsign(token: str) -> str | None:
+    value, _, mac = token.rpartition(".")
+    return value if value and hmac.compare_digest(sign(value), token) else None
+
+
+def page(title: str, body: str) -> bytes:
+    return (f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title></head>"
+            f"<body><h1>{html.escape(title)}</h1>{body}<hr><p>served by <b id=server>{HOST}</b>, "
+            f"release {html.escape(RELEASE)}</p></body></html>").encode()
+
+
+def application(environ, start_response):
+    path = environ.get("PATH_INFO", "/")
+    method = environ.get("REQUEST_METHOD", "GET")
+    headers = [("Content-Type", "text/html; charset=utf-8"), ("X-Served-By", HOST), ("X-Release", RELEASE)]
+    if path == "/healthz":
+        try:
+            with db() as conn, conn.cursor() as cur:
+                cur.execute("select 1")
+            start_response("200 OK", [("Content-Type", "text/plain"), ("X-Served-By", HOST), ("X-Release", RELEASE)])
+            return [b"ok\n"]
+        except psycopg2.Error as exc:
+            start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
+            return [f"database: {exc.__class__.__name__}\n".encode()]
+    cookie = SimpleCookie(environ.get("HTTP_COOKIE", ""))
+    session = unsign(cookie["session"].value) if "session" in cookie else None
+    visits = int(session.split(":")[1]) + 1 if session else 1
+    sid = session.split(":")[0] if session else secrets.token_hex(8)
+    # Plain cookie on purpose: the load balancer adds Secure, HttpOnly and SameSite.
+    headers.append(("Set-Cookie", f"session={sign(f'{sid}:{visits}')}; Path=/"))
+    if path == "/signup" and method == "POST":
+        size = int(environ.get("CONTENT_LENGTH") or 0)
+        form = parse_qs(environ["wsgi.input"].read(size).decode())
+        email = (form.get("email") or [""])[0].strip()
+        if "@" not in email:
+            start_response("400 Bad Request", headers)
+            return [page("Sign up", "<p>That is not an e-mail address.</p>")]
+        with db() as conn, conn.cursor() as cur:
+            cur.execute("insert into signups (email, served_by) values (%s, %s) returning id", (email, HOST))
+            new_id = cur.fetchone()[0]
+        start_response("201 Created", headers)
+        return [page("Thanks", f"<p>Signed up as #{new_id}.</p>")]
+    if path in ("/app", "/signup"):
+        start_response("200 OK", headers)
+        form = ('<form method=post action=/signup><input name=email type=email required>'
+                '<button>Sign up</button></form>')
+        return [page("webstack demo", f"<p>Visit {visits} in this session.</p>{form}")]
+    start_response("404 Not Found", headers)
+    return [page("Not found", "")]
+
+
+try:
+    ensure_schema()
+except (psycopg2.Error, KeyError):
+    pass  # /healthz reports the database; the schema is made on the next start

@@ -1,0 +1,150 @@
+"""Rolling changes of application servers, one at a time, drained from every load balancer.
+
+``converge()`` runs on every application server and load balancer of the run
+(site.py calls it after the roles). All of them compute the same plan from
+cross-host facts: which servers need a new release, a restart (environment or
+unit changed, or a restart owed by a failed run) or a start. For each such
+server in turn: the load balancers render nginx with it marked ``down`` and
+reload (graceful), the server switches and reloads or restarts, waits until
+its health check answers with the new release, and the load balancers put it
+back. ``barrier`` operations keep the steps in order across hosts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from pyinfra import host, inventory, state
+from pyinfra.api import OperationError
+from pyinfra.facts.files import Sha1File
+from pyinfra.operations import server
+
+from roles._lib import PendingActions, config, owed_action, validated_file
+from roles.app import AppState, build_release, env_content, install_release, unit_content
+from roles.base import codename
+from roles.postgres import barrier
+from webstack.inventory import HostConfig
+
+
+@dataclass(frozen=True)
+class Step:
+    """One application server's change: what it needs and why."""
+
+    host: str
+    release: str
+    reasons: tuple[str, ...]
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+def _wanted_release(cfg: HostConfig, current: dict) -> str:
+    """The release a server should run: --data release=ID, its previous one (rollback), or the build."""
+    requested = str(host.data.get("release") or "")  # --data release=ID|previous (same for all hosts)
+    if requested == "previous":
+        releases = current["releases"]
+        if current["current"] not in releases or releases.index(current["current"]) == 0:
+            raise OperationError(f"{cfg.name}: no release before {current['current']} to roll back to")
+        return releases[releases.index(current["current"]) - 1]
+    if requested:
+        return requested
+    app = cfg.role("app")
+    return build_release(app.source, app.git_ref)[0]
+
+
+def plan() -> list[Step]:
+    """Every application server of the run that needs a change, in inventory order."""
+    steps = []
+    me = config()
+    for peer in me.peers:
+        if "app" not in peer.roles:
+            continue
+        other = inventory.get_host(peer.name, default=None)
+        if other is None or other not in state.active_hosts:
+            continue
+        cfg: HostConfig = other.data.webstack
+        name = cfg.role("app").name
+        current = other.get_fact(AppState, app=name)
+        release = _wanted_release(cfg, current)
+        reasons = []
+        if current["current"] != release:
+            reasons.append("release")
+        env = other.get_fact(Sha1File, path=f"/etc/webstack/{name}.env")
+        unit = other.get_fact(Sha1File, path=f"/etc/systemd/system/{name}.service")
+        if env != _sha(env_content(cfg, release)) or unit != _sha(unit_content(cfg)):
+            reasons.append("configuration")
+        if "restart-app" in other.get_fact(PendingActions):
+            reasons.append("owed restart")
+        if not current["active"]:
+            reasons.append("not running")
+        if reasons:
+            steps.append(Step(peer.name, release, tuple(reasons)))
+    return steps
+
+
+def _switch(cfg: HostConfig, step: Step) -> None:
+    """On the server being changed: files, release, reload or restart, health, pruning."""
+    app = cfg.role("app")
+    name = app.name
+    current = host.get_fact(AppState, app=name)
+    env = validated_file(name="Environment file (secrets)", dest=f"/etc/webstack/{name}.env",
+                         content=env_content(cfg, step.release), mode="640", group=name, owes="restart-app")
+    unit = validated_file(name=f"Unit {name}.service", dest=f"/etc/systemd/system/{name}.service",
+                          content=unit_content(cfg), validate="systemd-analyze verify {}", owes="restart-app")
+    owed_action("daemon-reload", "systemctl daemon-reload", [unit])
+    if step.release not in current["releases"]:
+        if host.data.get("release"):
+            raise OperationError(f"{cfg.name}: release {step.release} is not on this server")
+        install_release(name=f"Release {step.release}", app=name, release=step.release,
+                        tarball=build_release(app.source, app.git_ref)[1])
+    if current["current"] != step.release:
+        server.shell(name=f"Switch current -> {step.release}", commands=[
+            f"ln -sfn releases/{step.release} /srv/{name}/current.new && mv -T /srv/{name}/current.new /srv/{name}/current"
+        ])
+    if "configuration" in step.reasons or "owed restart" in step.reasons or not current["active"]:
+        owed_action("restart-app", f"systemctl enable -q {name} && systemctl restart {name}", [env, unit])
+    else:
+        server.shell(name=f"Graceful reload of {name} (gunicorn HUP)", commands=[f"systemctl reload {name}"])
+    server.shell(name=f"Wait until {name} serves release {step.release}", commands=[
+        "for i in $(seq 120); do python3 -c \"import sys, urllib.request as u; "
+        f"r = u.urlopen('http://127.0.0.1:{app.port}{app.health_path}', timeout=2); "
+        f"sys.exit(0 if r.headers.get('X-Release') == '{step.release}' else 1)\" 2>/dev/null && exit 0; "
+        "sleep 0.5; done; echo 'not healthy after 60 s' >&2; exit 1"
+    ])
+    keep = [r for r in current["releases"] if r != step.release] + [step.release]
+    for old in keep[:-app.keep_releases]:
+        server.shell(name=f"Prune release {old}", commands=[f"rm -rf /srv/{name}/releases/{old}"])
+
+
+def converge() -> None:
+    """Apply the plan, one application server at a time (no-op when nothing changes)."""
+    cfg = config()
+    if not {"app", "lb"} & set(cfg.roles):
+        return
+    steps = plan()
+    if not steps:
+        host.noop("application servers are up to date")
+        return
+    app_servers = [p.name for p in cfg.peers if "app" in p.roles]
+    release = codename() if "lb" in cfg.roles else ""
+    for step in host.loop(steps):
+        # With a single application server there is nothing to drain to.
+        drain = len(app_servers) > 1
+        if "lb" in cfg.roles and drain:
+            from roles.lb import nginx_site
+
+            site = nginx_site(cfg, release, [*cfg.role("lb").drained, step.host], force=True,
+                              name=f"Drain {step.host} ({', '.join(step.reasons)})")
+            owed_action("reload-nginx", "nginx -t -q && systemctl reload nginx", [site])
+        barrier(name=f"{step.host} drained", label=step.host)
+        if cfg.name == step.host:
+            _switch(cfg, step)
+        barrier(name=f"{step.host} switched", label=step.host)
+        if "lb" in cfg.roles and drain:
+            from roles.lb import nginx_site
+
+            site = nginx_site(cfg, release, cfg.role("lb").drained, force=True, name=f"Put {step.host} back")
+            owed_action("reload-nginx", "nginx -t -q && systemctl reload nginx", [site])
+        barrier(name=f"{step.host} back in rotation", label=step.host)

@@ -1,0 +1,43 @@
+"""Settings of the lb role: nginx TLS terminator + keepalived pair (keys ``lb__<field>``)."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from webstack.settings import setting
+
+
+@dataclass(frozen=True)
+class LbSettings:
+    """A TLS-terminating load balancer; two of them share a floating IP."""
+
+    server_names: tuple[str, ...] = setting(("www.example.com", "example.com"), "names served (first = canonical)")
+    vip: str = setting("", "floating IP the pair shares (keepalived VRRP); empty = single load balancer")
+    vip_prefix: int = setting(24, "prefix length of the VIP's subnet (the load balancers' own subnet)")
+    vrrp_id: int = setting(51, "VRRP virtual router id, unique per pair on a network (1-255)")
+    priority: int = setting(100, "VRRP priority; the highest healthy one holds the VIP")
+    nopreempt: bool = setting(False, "a recovered higher-priority node does not take the VIP back")
+    upstream_group: str = setting("app", "group or role whose hosts serve the application")
+    upstream_port: int = setting(8000, "port of the application servers")
+    drained: tuple[str, ...] = setting((), "application hosts taken out of rotation")
+    hsts_preload: bool = setting(False, "add 'preload' to HSTS (only once you mean to submit the domain)")
+    ocsp_stapling: bool = setting(False, "staple OCSP responses (needs a CA with an OCSP responder)")
+    marketing_root: str = setting("examples/marketing", "static marketing site (path in this repository)")
+    marketing_paths: tuple[str, ...] = setting(("/", "/pricing"), "paths served from the marketing site, not the app")
+    cert_warning_days: int = setting(21, "deploys/check.py fails when the certificate expires sooner")
+
+    def check(self) -> tuple[str, str] | None:
+        """Field-level consistency; returns (key, message) on a problem."""
+        if self.vip:
+            try:
+                ipaddress.ip_address(self.vip)
+            except ValueError:
+                return "vip", f"not an IP address: {self.vip!r}"
+        if not 1 <= self.vrrp_id <= 255:
+            return "vrrp_id", f"must be 1-255, got {self.vrrp_id}"
+        if not 1 <= self.priority <= 254:
+            return "priority", f"must be 1-254, got {self.priority}"
+        if not self.server_names:
+            return "server_names", "at least one name"
+        return None

@@ -1,0 +1,110 @@
+"""The web tier's settings, cross-host rules, rendering and release packing (no hosts)."""
+
+from __future__ import annotations
+
+import pytest
+
+from roles._lib import render
+from roles.app import build_release, database_url, env_content
+from roles.lb import keepalived_peers, site_context
+from tests.unit.conftest import SECRETS
+from webstack.errors import ConfigError
+from webstack.inventory import load
+
+HOSTS = {
+    "lb1": {"address": "10.1.0.11", "roles": ["lb"], "release": "trixie"},
+    "lb2": {"address": "10.1.0.12", "roles": ["lb"], "release": "bookworm"},
+    "app1": {"address": "10.1.0.21", "roles": ["app"]},
+    "app2": {"address": "10.1.0.22", "roles": ["app"]},
+    "db1": {"address": "10.1.0.31", "roles": ["postgres"], "groups": ["db"]},
+}
+GROUPS = {
+    "lb": {"lb__vip": "10.1.0.100", "lb__vrrp_id": 7},
+    "db": {"postgres__primary": "db1", "postgres__users": ["app"],
+           "postgres__databases": [{"name": "app", "owner": "app"}]},
+}
+WEB_SECRETS = SECRETS
+
+
+def configs(make_inventory, **kwargs):
+    inv = make_inventory(hosts=kwargs.pop("hosts", HOSTS), groups=kwargs.pop("groups", GROUPS), **kwargs)
+    return inv, {c.name: c for c in load(inv, secrets=WEB_SECRETS)}
+
+
+def error_of(make_inventory, **kwargs) -> tuple:
+    inv = make_inventory(hosts=kwargs.pop("hosts", HOSTS), groups=kwargs.pop("groups", GROUPS), **kwargs)
+    with pytest.raises(ConfigError) as info:
+        load(inv, secrets=WEB_SECRETS)
+    return inv, str(info.value)
+
+
+def test_duplicate_vrrp_id(make_inventory):
+    hosts = {**HOSTS, "lb3": {"address": "10.1.0.13", "roles": ["lb"]}, "lb4": {"address": "10.1.0.14", "roles": ["lb"]}}
+    inv, message = error_of(make_inventory, hosts=hosts,
+                            host_data={"lb3": {"lb__vip": "10.1.0.101"}, "lb4": {"lb__vip": "10.1.0.101"}})
+    assert message == (f"{inv}/hosts.yml: lb pair lb3, lb4: lb__vrrp_id: "
+                       "duplicate VRRP id 7: also used by the pair with VIP 10.1.0.100")
+
+
+def test_vip_outside_subnet(make_inventory):
+    inv, message = error_of(make_inventory, groups={**GROUPS, "lb": {"lb__vip": "10.2.0.100"}})
+    assert message == f"{inv}/hosts.yml: hosts.lb1: lb__vip: 10.2.0.100 is outside lb1's subnet 10.1.0.0/24"
+
+
+def test_vip_is_a_host_address(make_inventory):
+    inv, message = error_of(make_inventory, groups={**GROUPS, "lb": {"lb__vip": "10.1.0.21"}})
+    assert message == f"{inv}/hosts.yml: lb pair lb1, lb2: lb__vip: 10.1.0.21 is the address of host app1"
+
+
+def test_bad_vrrp_id(make_inventory):
+    inv, message = error_of(make_inventory, groups={**GROUPS, "lb": {"lb__vip": "10.1.0.100", "lb__vrrp_id": 300}})
+    assert message == f"{inv}/group_data/lb.yml: lb__vrrp_id: must be 1-255, got 300"
+
+
+def test_app_needs_its_database(make_inventory):
+    inv, message = error_of(make_inventory, groups={**GROUPS, "app": {"app__database": "shop"}})
+    assert message == f"{inv}/hosts.yml: hosts.app1: app__database: no postgres host has database 'shop'"
+
+
+def test_tls_secrets_required(make_inventory):
+    inv = make_inventory(hosts=HOSTS, groups=GROUPS)
+    with pytest.raises(ConfigError) as info:
+        load(inv, secrets={k: v for k, v in WEB_SECRETS.items() if k != "tls_key"})
+    assert str(info.value).startswith(f"{inv}/secrets.age: tls_key: missing secret (needed by host lb1)")
+
+
+def test_nginx_site(make_inventory):
+    _inv, cfgs = configs(make_inventory)
+    text = render("lb/etc/nginx/sites-available/webstack.conf.j2", **site_context(cfgs["lb1"], "trixie", ["app2"]))
+    assert "server 10.1.0.21:8000 max_fails=1 fail_timeout=5s;  # app1" in text
+    assert "server 10.1.0.22:8000 max_fails=1 fail_timeout=5s down;  # app2" in text
+    assert "ssl_protocols TLSv1.2 TLSv1.3;" in text and "http2 on;" in text
+    assert 'Strict-Transport-Security "max-age=63072000; includeSubDomains"' in text
+    assert "return 301 https://$host$request_uri;" in text
+    assert "proxy_cookie_flags ~ secure httponly samesite=lax;" in text
+    old = render("lb/etc/nginx/sites-available/webstack.conf.j2", **site_context(cfgs["lb2"], "bookworm", []))
+    assert "listen 443 ssl http2 default_server;" in old and "http2 on;" not in old
+
+
+def test_keepalived_unicast_peers(make_inventory):
+    _inv, cfgs = configs(make_inventory)
+    assert keepalived_peers(cfgs["lb1"]) == ["10.1.0.12"]
+    text = render("lb/etc/keepalived/keepalived.conf.j2", name="lb1", interface="eth0", vrrp_id=7, priority=150,
+                  nopreempt=False, address="10.1.0.11", peers=["10.1.0.12"], vip="10.1.0.100", vip_prefix=24)
+    assert "unicast_peer {\n        10.1.0.12\n    }" in text and "10.1.0.100/24 dev eth0" in text
+
+
+def test_database_url_and_env_file(make_inventory):
+    _inv, cfgs = configs(make_inventory)
+    url = database_url(cfgs["app1"])
+    assert url == ("host=10.1.0.31 dbname=app user=app password='app-pw' sslmode=require "
+                   "target_session_attrs=read-write connect_timeout=3")
+    env = env_content(cfgs["app1"], "abc123")
+    assert f'DATABASE_URL="{url}"' in env and 'SECRET_KEY="k3y"' in env and "APP_RELEASE=abc123" in env
+
+
+def test_release_is_reproducible():
+    first, tar1 = build_release("examples/demoapp")
+    second, tar2 = build_release.__wrapped__("examples/demoapp")
+    assert first == second and len(first) == 12
+    assert tar1 == tar2
