@@ -118,12 +118,12 @@ def validated_file(
         steps.append(StringCommand("{", "cp", "-p", QuoteString(dest), QuoteString(old), "2>/dev/null", "||", "true", ";", "}"))
         steps.append(StringCommand("mv", "-f", QuoteString(staged), QuoteString(dest)))
         steps.append(StringCommand(
-            "{", *validate.split(), "||", "{", "mv", "-f", QuoteString(old), QuoteString(dest), "2>/dev/null", "||",
-            "rm", "-f", QuoteString(dest), ";", "false", ";", "}", ";", "}"))
+            "{", "sh", "-c", QuoteString(validate), "||", "{", "mv", "-f", QuoteString(old), QuoteString(dest),
+            "2>/dev/null", "||", "rm", "-f", QuoteString(dest), ";", "false", ";", "}", ";", "}"))
         steps.append(StringCommand("rm", "-f", QuoteString(old)))
     else:
         if validate:
-            steps.append(StringCommand(*validate.replace("{}", staged).split()))
+            steps.append(StringCommand("sh", "-c", QuoteString(validate.replace("{}", staged))))
         steps.append(StringCommand("mv", "-f", QuoteString(staged), QuoteString(dest)))
     if owes:
         steps += [StringCommand("mkdir", "-p", PENDING_DIR), StringCommand("touch", f"{PENDING_DIR}/{owes}")]

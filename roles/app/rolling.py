@@ -92,7 +92,9 @@ def _switch(cfg: HostConfig, step: Step) -> None:
     env = validated_file(name="Environment file (secrets)", dest=f"/etc/webstack/{name}.env",
                          content=env_content(cfg, step.release), mode="640", group=name, owes="restart-app")
     unit = validated_file(name=f"Unit {name}.service", dest=f"/etc/systemd/system/{name}.service",
-                          content=unit_content(cfg), validate="systemd-analyze verify {}", owes="restart-app")
+                          content=unit_content(cfg), owes="restart-app",
+                          validate=f"d=$(mktemp -d) && cp {{}} $d/{name}.service && "
+                                   f"systemd-analyze verify $d/{name}.service; r=$?; rm -rf $d; exit $r")
     owed_action("daemon-reload", "systemctl daemon-reload", [unit])
     if step.release not in current["releases"]:
         if host.data.get("release"):

@@ -104,7 +104,7 @@ def apply() -> None:
         validated_file(name=f"Marketing page {page.name}", dest=f"/var/www/webstack-marketing/{page.name}",
                        content=page.read_text())
     files.directory(name="ACME challenge directory", path="/var/www/acme/.well-known/acme-challenge", mode="755")
-    files.file(name="No default nginx site", path="/etc/nginx/sites-enabled/default", present=False)
+    files.link(name="No default nginx site", path="/etc/nginx/sites-enabled/default", present=False)
     site = nginx_site(cfg, release, lb.drained)
     link = files.link(name="Enable the webstack site", path="/etc/nginx/sites-enabled/webstack.conf", target=SITE)
     systemd.service(name="nginx running", service="nginx", enabled=True, running=True)
