@@ -20,7 +20,8 @@ from urllib.parse import parse_qs
 import psycopg2
 
 HOST = socket.gethostname()
-RELEASE = os.environ.get("APP_RELEASE", "dev")
+# The release id is the name of the directory this release was unpacked into.
+RELEASE = os.path.basename(os.path.dirname(os.path.realpath(__file__)))
 SECRET = os.environ.get("SECRET_KEY", "dev-only").encode()
 
 

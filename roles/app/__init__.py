@@ -59,21 +59,25 @@ def build_release(source: str, git_ref: str = "") -> tuple[str, bytes]:
 
 
 class AppState(FactBase):
-    """The deployed release (target of ``current``), releases on disk (oldest first), service state."""
+    """The deployed release (target of ``current``), releases on disk (oldest first), the
+    switch history (oldest first), and whether the service is active."""
 
     def command(self, app: str) -> str:
         return (f"echo current=$(basename \"$(readlink /srv/{app}/current 2>/dev/null)\"); "
                 f"ls -1tr /srv/{app}/releases 2>/dev/null | sed 's/^/release=/'; "
+                f"tail -n 50 /srv/{app}/history 2>/dev/null | sed 's/^/history=/'; "
                 f"echo active=$(systemctl is-active {app} 2>/dev/null)")
 
     def process(self, output: Sequence[str]) -> dict:
-        out: dict = {"current": None, "releases": [], "active": False}
+        out: dict = {"current": None, "releases": [], "history": [], "active": False}
         for line in output:
             key, _, value = line.partition("=")
             if key == "current":
                 out["current"] = value or None
             elif key == "release" and value:
                 out["releases"].append(value)
+            elif key == "history" and value:
+                out["history"].append(value)
             elif key == "active":
                 out["active"] = value == "active"
         return out
@@ -95,13 +99,13 @@ def database_url(cfg: HostConfig) -> str:
     raise OperationError(f"app__database {app.database!r}: no postgres host has this database")
 
 
-def env_content(cfg: HostConfig, release: str) -> str:
-    """The service's environment file (secrets inside: 0640 root:<app>)."""
+def env_content(cfg: HostConfig) -> str:
+    """The service's environment file (secrets inside: 0640 root:<app>); the same for every release."""
     def quote(value: str) -> str:
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
     return render("app/etc/webstack/app.env.j2", database_url=quote(database_url(cfg)),
-                  secret_key=quote(cfg.secret("app_secret_key").unmask()), release=release)
+                  secret_key=quote(cfg.secret("app_secret_key").unmask()))
 
 
 def unit_content(cfg: HostConfig) -> str:

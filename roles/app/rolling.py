@@ -40,21 +40,20 @@ def _sha(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()
 
 
-def _wanted_release(cfg: HostConfig, current: dict) -> str:
-    """The release a server should run: --data release=ID, its previous one (rollback), or the build."""
-    requested = str(host.data.get("release") or "")  # --data release=ID|previous (same for all hosts)
+def _wanted_release(cfg: HostConfig, current: dict, requested: str) -> str:
+    """The release a server should run: ``requested`` (an id or "previous"), else the build."""
     if requested == "previous":
-        releases = current["releases"]
-        if current["current"] not in releases or releases.index(current["current"]) == 0:
-            raise OperationError(f"{cfg.name}: no release before {current['current']} to roll back to")
-        return releases[releases.index(current["current"]) - 1]
+        earlier = [r for r in current["history"] if r != current["current"] and r in current["releases"]]
+        if not earlier:
+            raise OperationError(f"{cfg.name}: no earlier release on disk to roll back to")
+        return earlier[-1]
     if requested:
         return requested
     app = cfg.role("app")
     return build_release(app.source, app.git_ref)[0]
 
 
-def plan() -> list[Step]:
+def plan(requested: str = "") -> list[Step]:
     """Every application server of the run that needs a change, in inventory order."""
     steps = []
     me = config()
@@ -67,13 +66,13 @@ def plan() -> list[Step]:
         cfg: HostConfig = other.data.webstack
         name = cfg.role("app").name
         current = other.get_fact(AppState, app=name)
-        release = _wanted_release(cfg, current)
+        release = _wanted_release(cfg, current, requested)
         reasons = []
         if current["current"] != release:
             reasons.append("release")
         env = other.get_fact(Sha1File, path=f"/etc/webstack/{name}.env")
         unit = other.get_fact(Sha1File, path=f"/etc/systemd/system/{name}.service")
-        if env != _sha(env_content(cfg, release)) or unit != _sha(unit_content(cfg)):
+        if env != _sha(env_content(cfg)) or unit != _sha(unit_content(cfg)):
             reasons.append("configuration")
         if "restart-app" in other.get_fact(PendingActions):
             reasons.append("owed restart")
@@ -90,20 +89,21 @@ def _switch(cfg: HostConfig, step: Step) -> None:
     name = app.name
     current = host.get_fact(AppState, app=name)
     env = validated_file(name="Environment file (secrets)", dest=f"/etc/webstack/{name}.env",
-                         content=env_content(cfg, step.release), mode="640", group=name, owes="restart-app")
+                         content=env_content(cfg), mode="640", group=name, owes="restart-app")
     unit = validated_file(name=f"Unit {name}.service", dest=f"/etc/systemd/system/{name}.service",
                           content=unit_content(cfg), owes="restart-app",
                           validate=f"d=$(mktemp -d) && cp {{}} $d/{name}.service && "
                                    f"systemd-analyze verify $d/{name}.service; r=$?; rm -rf $d; exit $r")
     owed_action("daemon-reload", "systemctl daemon-reload", [unit])
     if step.release not in current["releases"]:
-        if host.data.get("release"):
+        if step.release != build_release(app.source, app.git_ref)[0]:
             raise OperationError(f"{cfg.name}: release {step.release} is not on this server")
         install_release(name=f"Release {step.release}", app=name, release=step.release,
                         tarball=build_release(app.source, app.git_ref)[1])
     if current["current"] != step.release:
         server.shell(name=f"Switch current -> {step.release}", commands=[
             f"ln -sfn releases/{step.release} /srv/{name}/current.new && mv -T /srv/{name}/current.new /srv/{name}/current"
+            f" && echo {step.release} >> /srv/{name}/history"
         ])
     if "configuration" in step.reasons or "owed restart" in step.reasons or not current["active"]:
         owed_action("restart-app", f"systemctl enable -q {name} && systemctl restart {name}", [env, unit])
@@ -115,29 +115,39 @@ def _switch(cfg: HostConfig, step: Step) -> None:
         f"sys.exit(0 if r.headers.get('X-Release') == '{step.release}' else 1)\" 2>/dev/null && exit 0; "
         "sleep 0.5; done; echo 'not healthy after 60 s' >&2; exit 1"
     ])
-    keep = [r for r in current["releases"] if r != step.release] + [step.release]
-    for old in keep[:-app.keep_releases]:
+    # Keep the newest releases by last use (history), the new one included.
+    # Most recently used first; releases never recorded in the history count by age.
+    order = dict.fromkeys([*reversed(current["history"]), *reversed(current["releases"])])
+    recent = [r for r in order if r in current["releases"] and r != step.release]
+    keep = {step.release, *recent[:app.keep_releases - 1]}
+    for old in current["releases"]:
+        if old in keep:
+            continue
         server.shell(name=f"Prune release {old}", commands=[f"rm -rf /srv/{name}/releases/{old}"])
 
 
-def converge() -> None:
-    """Apply the plan, one application server at a time (no-op when nothing changes)."""
+def converge(release: str = "") -> None:
+    """Apply the plan, one application server at a time (no-op when nothing changes).
+
+    ``release``: a release id or "previous" instead of the one built from the
+    working tree (``--data release=...`` overrides it).
+    """
     cfg = config()
     if not {"app", "lb"} & set(cfg.roles):
         return
-    steps = plan()
+    steps = plan(str(host.data.get("release") or release))
     if not steps:
         host.noop("application servers are up to date")
         return
     app_servers = [p.name for p in cfg.peers if "app" in p.roles]
-    release = codename() if "lb" in cfg.roles else ""
+    distro = codename() if "lb" in cfg.roles else ""
     for step in host.loop(steps):
         # With a single application server there is nothing to drain to.
         drain = len(app_servers) > 1
         if "lb" in cfg.roles and drain:
             from roles.lb import nginx_site
 
-            site = nginx_site(cfg, release, [*cfg.role("lb").drained, step.host], force=True,
+            site = nginx_site(cfg, distro, [*cfg.role("lb").drained, step.host], force=True,
                               name=f"Drain {step.host} ({', '.join(step.reasons)})")
             owed_action("reload-nginx", "nginx -t -q && systemctl reload nginx", [site])
         barrier(name=f"{step.host} drained", label=step.host)
@@ -147,6 +157,6 @@ def converge() -> None:
         if "lb" in cfg.roles and drain:
             from roles.lb import nginx_site
 
-            site = nginx_site(cfg, release, cfg.role("lb").drained, force=True, name=f"Put {step.host} back")
+            site = nginx_site(cfg, distro, cfg.role("lb").drained, force=True, name=f"Put {step.host} back")
             owed_action("reload-nginx", "nginx -t -q && systemctl reload nginx", [site])
         barrier(name=f"{step.host} back in rotation", label=step.host)

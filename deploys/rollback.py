@@ -1,0 +1,12 @@
+"""Roll every application server back to the release before its current one (or --data release=ID).
+
+    pyinfra inventories/<env>.py deploys/rollback.py --limit web
+
+One server at a time, drained from the load balancers. The next site or
+rollout run deploys the working tree (or app__git_ref) again: pin a release
+with app__git_ref to keep the rollback.
+"""
+
+from roles.app import rolling
+
+rolling.converge(release="previous")

@@ -1,0 +1,10 @@
+"""Roll the application out to its servers one at a time (drained from the load balancers).
+
+    pyinfra inventories/<env>.py deploys/rollout.py --limit web [--data release=ID]
+
+The same rolling step deploys/site.py ends with, without the rest of site.
+"""
+
+from roles.app import rolling
+
+rolling.converge()
