@@ -84,3 +84,100 @@ done
         return {int(x) for x in sql(self.app1, primary, f"select id from writes_{self.tag}").split()}
 
 
+
+
+# --- HTTPS through the load balancers' floating IP -------------------------------------------
+
+import http.client  # noqa: E402
+import ssl  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+
+CA_FILE = ROOT / "inventories" / "lab" / "ca.crt"
+SERVER_NAME = "www.webstack.test"
+
+
+def vip() -> str:
+    """The load balancers' floating IP from the lab inventory."""
+    data = yaml.safe_load((ROOT / "inventories" / "lab" / "group_data" / "lb.yml").read_text())
+    return data["lb__vip"]
+
+
+def https(path: str, method: str = "GET", body: str | None = None, timeout: float = 2.0,
+          address: str | None = None) -> tuple[int, dict[str, str], bytes]:
+    """One request on a new TLS connection, verified against the lab CA; (status, headers, body)."""
+    context = ssl.create_default_context(cafile=str(CA_FILE))
+    conn = http.client.HTTPSConnection(address or vip(), 443, context=context, timeout=timeout)
+    try:
+        headers = {"Host": SERVER_NAME}
+        if body is not None:
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
+        conn.request(method, path, body=body, headers=headers)
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        conn.close()
+
+
+class SteadyClient:
+    """A client thread sending one request every ``interval`` seconds until stopped.
+
+    Records (monotonic time, ok, detail) for each request; a request is ok when
+    the answer is 2xx. Bounded: it stops by itself after ``limit`` seconds.
+    """
+
+    def __init__(self, path: str = "/app", interval: float = 0.05, limit: float = 300, timeout: float = 2.0):
+        self.path, self.interval, self.limit, self.timeout = path, interval, limit, timeout
+        self.results: list[tuple[float, bool, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> SteadyClient:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        end = time.monotonic() + self.limit
+        while not self._stop.is_set() and time.monotonic() < end:
+            start = time.monotonic()
+            try:
+                status, headers, _ = https(self.path, timeout=self.timeout)
+                self.results.append((start, 200 <= status < 300, f"{status} {headers.get('x-served-by', '')}"))
+            except (OSError, http.client.HTTPException) as exc:
+                self.results.append((start, False, type(exc).__name__))
+            self._stop.wait(max(0.0, self.interval - (time.monotonic() - start)))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def failures(self) -> list[tuple[float, bool, str]]:
+        return [r for r in self.results if not r[1]]
+
+    def longest_outage(self) -> float:
+        """Longest time between two successful requests that had failures in between (seconds)."""
+        worst, last_ok, failed_since = 0.0, None, False
+        for t, ok, _ in self.results:
+            if ok:
+                if failed_since and last_ok is not None:
+                    worst = max(worst, t - last_ok)
+                last_ok, failed_since = t, False
+            else:
+                failed_since = True
+        return worst
+
+    def served_by(self) -> set[str]:
+        return {detail.split(" ", 1)[1] for _, ok, detail in self.results if ok and " " in detail}
+
+
+def vip_holder(names: list[str]) -> str | None:
+    """Which of the given load balancers currently has the VIP on an interface."""
+    address = vip()
+    for name in names:
+        result = host(name).run(f"ip -4 -o addr show | grep -q ' {address}/'")
+        if result.rc == 0:
+            return name
+    return None

@@ -64,6 +64,9 @@ def application(environ, start_response):
         except psycopg2.Error as exc:
             start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
             return [f"database: {exc.__class__.__name__}\n".encode()]
+    if path == "/ping":  # a small page with no database work, for benchmarks
+        start_response("200 OK", [("Content-Type", "text/plain"), ("X-Served-By", HOST)])
+        return [b"pong\n"]
     cookie = SimpleCookie(environ.get("HTTP_COOKIE", ""))
     session = unsign(cookie["session"].value) if "session" in cookie else None
     visits = int(session.split(":")[1]) + 1 if session else 1

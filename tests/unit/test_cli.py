@@ -26,7 +26,8 @@ def prod(tmp_path, monkeypatch):
     shutil.copytree(ROOT / "inventories" / "example-production", inv)
     shutil.copy(ROOT / "inventories" / "example-production.py", tmp_path / "prod.py")
     (inv / "secrets.recipients").write_text(f"{ident.to_public()}\n")
-    secrets.encrypt(inv, {"password_hash_ops": "$6$x$y", "postgres_password_replicator": "r", "postgres_password_app": "a", "tls_cert": "c", "tls_key": "k", "app_secret_key": "s"})
+    secrets.encrypt(inv, {"password_hash_ops": "$6$x$y", "postgres_password_replicator": "r",
+                          "postgres_password_app": "a", "tls_cert": "c", "tls_key": "k", "app_secret_key": "s"})
     return inv
 
 

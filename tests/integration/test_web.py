@@ -1,0 +1,195 @@
+"""The web tier from outside: a real HTTPS client through the floating IP, trusting the lab CA."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import ssl
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from lab.probe import CA_FILE, SteadyClient, host, https, vip, vip_holder
+from tests.integration.conftest import BIN, MACHINES, ROOT, lab, run
+
+pytestmark = pytest.mark.lab
+LBS = sorted(n for n, m in MACHINES.items() if "lb" in m["roles"])
+APPS = sorted(n for n, m in MACHINES.items() if "app" in m["roles"])
+
+
+def test_http_redirects_to_https_except_acme(converged):
+    conn = socket.create_connection((vip(), 80), timeout=3)
+    conn.sendall(b"GET /pricing?x=1 HTTP/1.1\r\nHost: www.webstack.test\r\nConnection: close\r\n\r\n")
+    answer = conn.recv(4096).decode()
+    conn.close()
+    assert answer.startswith("HTTP/1.1 301")
+    assert "Location: https://www.webstack.test/pricing?x=1" in answer
+    conn = socket.create_connection((vip(), 80), timeout=3)
+    conn.sendall(b"GET /.well-known/acme-challenge/probe HTTP/1.1\r\nHost: www.webstack.test\r\nConnection: close\r\n\r\n")
+    assert conn.recv(4096).decode().startswith("HTTP/1.1 404")  # served from the webroot, not redirected
+    conn.close()
+
+
+def test_https_headers_and_cookie_flags(converged):
+    status, headers, body = https("/app")
+    assert status == 200 and b"served by" in body
+    assert headers["strict-transport-security"] == "max-age=63072000; includeSubDomains"
+    assert headers["x-content-type-options"] == "nosniff" and headers["x-frame-options"] == "DENY"
+    cookie = headers["set-cookie"]
+    assert cookie.startswith("session=") and "; Secure" in cookie and "; HttpOnly" in cookie and "SameSite=Lax" in cookie
+    assert headers["x-served-by"] in APPS
+
+
+def test_marketing_site_from_the_load_balancers(converged):
+    for path, title in (("/", b"Example Co."), ("/pricing", b"Pricing")):
+        status, headers, body = https(path)
+        assert status == 200 and title in body and "x-served-by" not in headers
+        assert "strict-transport-security" in headers
+
+
+def _handshake(version: ssl.TLSVersion, address: str, port: int = 443) -> str:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(str(CA_FILE))
+    context.check_hostname = False
+    context.minimum_version = context.maximum_version = version
+    context.set_ciphers("ALL:@SECLEVEL=0")
+    with socket.create_connection((address, port), timeout=3) as raw:
+        with context.wrap_socket(raw, server_hostname="www.webstack.test") as tls:
+            return tls.version() or ""
+
+
+def test_tls_versions(converged, tmp_path):
+    # The client can speak TLS 1.0 and 1.1: proven against a local openssl server that allows them.
+    key, cert = tmp_path / "k.pem", tmp_path / "c.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-subj", "/CN=www.webstack.test", "-days", "1"], check=True, capture_output=True)
+    server = subprocess.Popen(["openssl", "s_server", "-accept", "127.0.0.1:44330", "-key", str(key), "-cert", str(cert),
+                               "-cipher", "ALL:@SECLEVEL=0", "-tls1", "-naccept", "1", "-quiet"],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1
+        ctx.set_ciphers("ALL:@SECLEVEL=0")
+        with socket.create_connection(("127.0.0.1", 44330), timeout=3) as raw, ctx.wrap_socket(raw) as tls:
+            assert tls.version() == "TLSv1"
+    finally:
+        server.kill()
+    # The load balancers refuse them, and accept 1.2 and 1.3.
+    for old in (ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1):
+        with pytest.raises(ssl.SSLError):
+            _handshake(old, vip())
+    assert _handshake(ssl.TLSVersion.TLSv1_2, vip()) == "TLSv1.2"
+    assert _handshake(ssl.TLSVersion.TLSv1_3, vip()) == "TLSv1.3"
+
+
+def test_http2_offered(converged):
+    context = ssl.create_default_context(cafile=str(CA_FILE))
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    with socket.create_connection((vip(), 443), timeout=3) as raw:
+        with context.wrap_socket(raw, server_hostname="www.webstack.test") as tls:
+            assert tls.selected_alpn_protocol() == "h2"
+
+
+def test_both_app_servers_answer_and_signup_writes(converged):
+    with SteadyClient(interval=0.02, limit=10) as client:
+        time.sleep(2)
+    assert not client.failures()
+    assert client.served_by() == set(APPS)
+    email = f"t{int(time.time())}@example.com"
+    status, headers, body = https("/signup", method="POST", body=f"email={email}")
+    assert status == 201 and b"Signed up as #" in body
+    primary = host("db1")
+    assert primary.check_output(f"runuser -u postgres -- psql -XAt -d app -c \"select served_by from signups "
+                                f"where email = '{email}'\"") == headers["x-served-by"]
+
+
+def test_killing_an_app_server_fails_no_request(converged):
+    victim = host(APPS[0])
+    with SteadyClient(interval=0.02, limit=60) as client:
+        time.sleep(1)
+        victim.run("systemctl kill -s KILL webapp")
+        time.sleep(3)
+        victim.run("systemctl start webapp")
+        time.sleep(2)
+    assert len(client.results) > 100
+    assert client.failures() == []
+
+
+def inventory_copy(tmp_path: Path, extra: str = "") -> Path:
+    inv = tmp_path / "inventories"
+    inv.mkdir()
+    shutil.copytree(ROOT / "inventories" / "lab", inv / "lab")
+    shutil.copy(ROOT / "inventories" / "lab.py", inv / "lab.py")
+    if extra:
+        with open(inv / "lab" / "group_data" / "app.yml", "a") as f:
+            f.write(extra)
+    return inv / "lab.py"
+
+
+def test_rollout_and_rollback_under_load(converged, tmp_path):
+    v2 = tmp_path / "demoapp-v2"
+    shutil.copytree(ROOT / "examples" / "demoapp", v2)
+    with open(v2 / "app.py", "a") as f:
+        f.write("\n# version 2 of the demo app\n")
+    inv = inventory_copy(tmp_path, f"app__source: {v2}\n")
+    before = https("/healthz")[1]["x-release"]
+    with SteadyClient(interval=0.02, limit=240) as client:
+        out = run(str(BIN / "pyinfra"), "-y", str(inv), "deploys/rollout.py", "--limit", "web").output
+        new = https("/healthz")[1]["x-release"]
+        back = run(str(BIN / "pyinfra"), "-y", str(inv), "deploys/rollback.py", "--limit", "web").output
+    assert f"Drain {APPS[0]} (release)" in out and "Graceful reload" in out
+    assert new != before
+    assert f"Switch current -> {before}" in back
+    assert https("/healthz")[1]["x-release"] == before
+    assert len(client.results) > 100
+    assert client.failures() == []
+
+
+def test_power_off_active_lb_moves_the_vip(converged):
+    holder = vip_holder(LBS)
+    assert holder == "lb1"  # the higher priority
+    with SteadyClient(interval=0.05, limit=120, timeout=1.0) as client:
+        time.sleep(1)
+        lab("poweroff", holder)
+        time.sleep(6)
+        lab("start", holder)
+        time.sleep(8)
+    assert vip_holder(LBS) == "lb1"  # preempts back once healthy
+    outage = client.longest_outage()
+    assert 0 < outage < 5, f"outage {outage:.2f}s"
+    assert client.results[-1][1]
+
+
+def test_clean_stop_costs_at_most_a_second(converged):
+    holder = vip_holder(LBS)
+    try:
+        with SteadyClient(interval=0.02, limit=60, timeout=0.3) as client:
+            time.sleep(1)
+            host(holder).run("systemctl stop keepalived")
+            time.sleep(3)
+        assert vip_holder(LBS) not in (holder, None)
+        assert client.longest_outage() <= 1.0, f"outage {client.longest_outage():.2f}s"
+        assert client.results[-1][1]
+    finally:
+        host(holder).run("systemctl start keepalived")
+    deadline = time.monotonic() + 15
+    while vip_holder(LBS) != holder:  # preempts back once its check passes
+        assert time.monotonic() < deadline, "the VIP did not come back to the preferred load balancer"
+        time.sleep(0.5)
+
+
+def test_check_deploy_flags_an_expiring_certificate(converged, tmp_path):
+    assert run(str(BIN / "pyinfra"), "-y", "inventories/lab.py", "deploys/check.py", "--limit", "lb").returncode == 0
+    inv = inventory_copy(tmp_path)
+    with open(inv.parent / "lab" / "group_data" / "lb.yml", "a") as f:
+        f.write("lb__cert_warning_days: 1000\n")
+    result = run(str(BIN / "pyinfra"), "-y", str(inv), "deploys/check.py", "--limit", "lb", check=False)
+    assert result.returncode != 0 and "certificate expires in" in result.output
+
+
+def test_site_still_changes_nothing(converged):
+    assert run(str(BIN / "pyinfra"), "-y", "inventories/lab.py", "deploys/site.py").totals()["changed"] == "-"
