@@ -1,0 +1,130 @@
+"""Web-tier benchmark: HTTPS vs plain HTTP throughput, and VIP outage on failover.
+
+    .venv/bin/python bench/web.py [--seconds 15] [--connections 16] [--trials 10]
+
+Needs a converged lab (`make demo`) and `wrk` on the control machine
+(installed from Debian if missing).
+
+1. Requests/s through the VIP on the same small proxied page (/ping, no
+   database) with keepalive: HTTPS on 443 versus plain HTTP. Plain HTTP only
+   exists for this measurement: a temporary nginx server on port 8080 of the
+   VIP holder proxies to the same upstream, opened in its firewall for the
+   control machine, and both are removed afterwards.
+2. VIP outage, TRIALS times each: power-off of the active load balancer, and
+   a clean `systemctl stop keepalived` on it. A client requests /ping every
+   20 ms (0.3 s timeout); the outage is the time between the last answer
+   before the event and the first answer after it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from lab.probe import CA_FILE, MACHINES, SteadyClient, host, vip, vip_holder  # noqa: E402
+
+BIN = Path(sys.executable).parent
+LBS = sorted(n for n, m in MACHINES.items() if "lb" in m["roles"])
+PLAIN = """server {
+    listen 8080;
+    location / {
+        proxy_pass http://app;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+    }
+}
+"""
+
+
+def wrk(url: str, seconds: int, connections: int) -> float:
+    out = subprocess.run(["wrk", "-t", "2", "-c", str(connections), "-d", f"{seconds}s", "-H",
+                          "Host: www.webstack.test", url], capture_output=True, text=True, check=True).stdout
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if errors:
+        sys.exit(f"wrk saw {errors.group(1)} failed responses:\n{out}")
+    return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+
+
+def throughput(seconds: int, connections: int) -> dict[str, float]:
+    if not shutil.which("wrk"):
+        subprocess.run(["apt-get", "install", "-y", "-q", "wrk"], check=True, capture_output=True)
+    holder = vip_holder(LBS)
+    lb = host(holder)
+    lb.run(f"cat > /etc/nginx/conf.d/zz-bench-plain.conf <<'EOF'\n{PLAIN}EOF\nnginx -t -q && systemctl reload nginx")
+    lb.run("nft insert rule inet webstack input ip saddr 10.77.0.1 tcp dport 8080 accept comment bench-temporary")
+    try:
+        time.sleep(1)
+        wrk(f"https://{vip()}/ping", 3, connections)  # warm up (TLS session cache, upstream keepalive)
+        https_rps = wrk(f"https://{vip()}/ping", seconds, connections)
+        http_rps = wrk(f"http://{vip()}:8080/ping", seconds, connections)
+    finally:
+        lb.run("rm -f /etc/nginx/conf.d/zz-bench-plain.conf && nginx -t -q && systemctl reload nginx")
+        lb.run("nft -f /etc/nftables.conf")  # the managed ruleset, without the temporary rule
+    return {"https_rps": https_rps, "http_rps": http_rps, "ratio": https_rps / http_rps}
+
+
+def outage(event: str) -> float:
+    holder = vip_holder(LBS)
+    with SteadyClient(path="/ping", interval=0.02, limit=60, timeout=0.3) as client:
+        time.sleep(1)
+        if event == "poweroff":
+            subprocess.run([str(BIN / "python"), "-m", "lab", "poweroff", holder], cwd=ROOT, check=True,
+                           capture_output=True)
+        else:
+            host(holder).run("systemctl stop keepalived")
+        time.sleep(5)
+    if event == "poweroff":
+        subprocess.run([str(BIN / "python"), "-m", "lab", "start", holder], cwd=ROOT, check=True, capture_output=True)
+    else:
+        host(holder).run("systemctl start keepalived")
+    deadline = time.monotonic() + 60
+    while vip_holder(LBS) != holder:
+        if time.monotonic() > deadline:
+            sys.exit(f"the VIP did not return to {holder}")
+        time.sleep(0.5)
+    time.sleep(3)
+    if not client.results[-1][1]:
+        sys.exit(f"{event}: the client did not recover")
+    return client.longest_outage()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=int, default=15)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--trials", type=int, default=10)
+    args = parser.parse_args()
+    if not CA_FILE.exists():
+        sys.exit("no lab CA: run `make demo` first")
+    rps = throughput(args.seconds, args.connections)
+    print(f"/ping through the VIP, {args.connections} keepalive connections, {args.seconds} s: "
+          f"HTTPS {rps['https_rps']:.0f} req/s, plain HTTP {rps['http_rps']:.0f} req/s, "
+          f"ratio {rps['ratio']:.2f}", flush=True)
+    outages: dict[str, list[float]] = {"poweroff": [], "clean_stop": []}
+    for event in outages:
+        for n in range(args.trials):
+            outages[event].append(outage(event))
+            print(f"  {event} trial {n + 1}: {outages[event][-1]:.2f} s", flush=True)
+    print(f"\n{'event':<12}{'trials':>7}{'median s':>10}{'max s':>8}")
+    for event, values in outages.items():
+        print(f"{event:<12}{len(values):>7}{statistics.median(values):>10.2f}{max(values):>8.2f}")
+    out = ROOT / "bench" / "results"
+    out.mkdir(exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    (out / f"web-{stamp}.json").write_text(json.dumps({**rps, **outages}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
