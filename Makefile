@@ -48,11 +48,11 @@ site: lab-up
 
 demo: site
 	@echo
-	@echo "The lab is deployed: $$(grep -c address: $(LAB_INV)/hosts.yml) Debian servers on 10.77.0.0/24."
-	@echo "  log in:        $(PY) -m lab ssh spare1        (root, lab key)"
-	@echo "                 ssh -i /var/lib/webstack-lab/ssh/id_ed25519 -o UserKnownHostsFile=/var/lib/webstack-lab/ssh/known_hosts ops@10.77.0.11"
-	@echo "  converge:      $(PYINFRA) inventories/lab.py deploys/site.py"
-	@echo "  URL:           none yet: the web tier (load balancers, app) is not built in this release; see README 'Status'."
+	@echo "The stack is up: $$(grep -c address: $(LAB_INV)/hosts.yml) Debian servers on 10.77.0.0/24."
+	@echo "  URL:       https://www.webstack.test/app  (VIP 10.77.0.100; trust inventories/lab/ca.crt)"
+	@echo "             curl --cacert $(LAB_INV)/ca.crt --resolve www.webstack.test:443:10.77.0.100 https://www.webstack.test/app"
+	@echo "  log in:    $(PY) -m lab ssh db1          (as ops, commands under sudo)"
+	@echo "  converge:  $(PYINFRA) inventories/lab.py deploys/site.py"
 
 lint: setup
 	$(VENV)/bin/ruff check webstack roles lab deploys inventories tests bench
@@ -67,8 +67,10 @@ integration: setup
 
 test: lint unit integration
 
-bench: lab-up
+bench: site
 	$(PY) bench/run.py
+	$(PY) bench/database.py
+	$(PY) bench/web.py
 
 docs: setup
 	$(PY) -m webstack.cli docs
