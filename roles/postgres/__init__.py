@@ -258,6 +258,15 @@ def database(db: str, owner: str, extensions: Sequence[str] = ()):
         host.noop(f"database {db} is as wanted")
 
 
+def ensure_slots(cfg: HostConfig) -> None:
+    """On the host being primary: a physical replication slot for every other cluster member."""
+    slots = host.get_fact(PgReplicationSlots)
+    for member in registry.cluster_members(cfg):
+        if member != cfg.name and slot_name(member) not in slots:
+            run_sql(name=f"Replication slot for {member}",
+                    sql=f"SELECT pg_create_physical_replication_slot('{slot_name(member)}')")
+
+
 def reload_command(version: str) -> str:
     """Reload; restart only if pending_restart says so; fail on config errors."""
     p = paths(version)
@@ -345,11 +354,7 @@ def apply() -> None:
             login_role(name=f"Role {user}", role=user, password=cfg.secret(f"postgres_password_{user}"))
         for db in pg.databases:
             database(name=f"Database {db.name}", db=db.name, owner=db.owner, extensions=db.extensions)
-        slots = host.get_fact(PgReplicationSlots)
-        for member in registry.cluster_members(cfg):
-            if member != cfg.name and slot_name(member) not in slots:
-                run_sql(name=f"Replication slot for {member}",
-                        sql=f"SELECT pg_create_physical_replication_slot('{slot_name(member)}')")
+        ensure_slots(cfg)
     # Every member runs this same operation: it orders the replicas' work
     # after all of the primary's (pyinfra orders operations per host).
     barrier(name="Primary ready for replicas", label=f"cluster {pg.cluster}")

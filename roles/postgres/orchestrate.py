@@ -32,12 +32,11 @@ from roles.postgres import (
     barrier,
     clone_command,
     config_context,
+    ensure_slots,
     reload_command,
-    run_sql,
     slot_name,
 )
 from roles.postgres._release import VERSION, paths
-from roles.postgres.facts import PgReplicationSlots
 from webstack.inventory import HostConfig
 
 # Values handed from one step's callback to a later one (control machine memory).
@@ -170,8 +169,7 @@ def switchover() -> None:
     conf = _configure(future, version)
     if host.name == target:
         owed_action("reload-postgres", reload_command(version), [conf])
-        if slot_name(old) not in host.get_fact(PgReplicationSlots):
-            run_sql(name=f"Replication slot for {old}", sql=f"SELECT pg_create_physical_replication_slot('{slot_name(old)}')")
+        ensure_slots(cfg)
     barrier(name="New primary ready", label=f"switchover {old} -> {target}")
     if host.name == old:
         _start_as_standby(version, conf)
@@ -242,11 +240,7 @@ def failover() -> None:
     if host.name == target:
         if degrade:
             logger.warning(f"webstack: {target} runs asynchronously until a replica rejoins; then run deploys/site.py")
-        slots = host.get_fact(PgReplicationSlots)
-        for member in registry.cluster_members(cfg):
-            if member != target and slot_name(member) not in slots:
-                run_sql(name=f"Replication slot for {member}",
-                        sql=f"SELECT pg_create_physical_replication_slot('{slot_name(member)}')")
+        ensure_slots(cfg)
         python.call(name="Inventory change", function=_inventory_change, cfg=cfg, old=old, new=target)
 
 
@@ -269,11 +263,7 @@ def rejoin() -> None:
         )
     p = paths(version)
     if host.name == pg.primary:
-        slots = host.get_fact(PgReplicationSlots)
-        for member in registry.cluster_members(cfg):
-            if member != pg.primary and slot_name(member) not in slots:
-                run_sql(name=f"Replication slot for {member}",
-                        sql=f"SELECT pg_create_physical_replication_slot('{slot_name(member)}')")
+        ensure_slots(cfg)
     barrier(name="Primary has slots", label=f"rejoin to {pg.primary}")
     if host.name == pg.primary:
         return
