@@ -134,6 +134,8 @@ def switchover() -> None:
     if host.name not in (old, target):
         host.noop("switchover does not concern this host")
         return
+    if host.name == target:  # printed while preparing, so --dry shows the plan too
+        logger.warning(f"webstack: plan: switchover {old} -> {target}; then postgres__primary: {old} -> {target}")
     p = paths(version)
     old_host, new_host = inventory.get_host(old), inventory.get_host(target)
 
@@ -219,6 +221,8 @@ def failover() -> None:
     if target not in candidates:
         raise OperationError(f"failover: {target} is not a running standby")
     new_host = inventory.get_host(target)
+    if host.name == target:  # printed while preparing, so --dry shows the plan too
+        logger.warning(f"webstack: plan: promote {target} ({old} is down); then postgres__primary: {old} -> {target}")
 
     def promote() -> None:
         _psql(new_host, "select pg_promote(true, 60)")
