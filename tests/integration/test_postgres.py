@@ -168,3 +168,15 @@ def test_failover_fence_and_rejoin(client, tmp_path, cluster, primary, replica):
 def test_committed_inventory_matches_the_lab_again(converged):
     """After every switch, the committed inventory converges with zero changes."""
     assert run(str(BIN / "pyinfra"), "-y", "inventories/lab.py", "deploys/site.py").totals()["changed"] == "-"
+
+
+@pytest.mark.parametrize("cluster,primary,replica", CLUSTERS)
+def test_dry_runs_and_refusals_change_nothing(client, tmp_path, cluster, primary, replica):
+    inv = inventory_copy(tmp_path)
+    dry = deploy(inv, "switchover", "--limit", f"pg_{cluster}", "--dry")
+    assert f"plan: switchover {primary} -> {replica}" in dry.output
+    refused = deploy(inv, "failover", "--limit", replica, check=False)
+    assert refused.returncode != 0 and f"{primary} is alive and primary; use deploys/switchover.py" in refused.output
+    assert sql(client, primary, "select pg_is_in_recovery()") == "f"
+    assert sql(client, replica, "select pg_is_in_recovery()") == "t"
+    assert f"postgres__primary: {primary}" in (inv.parent / "lab/group_data" / f"pg_{cluster}.yml").read_text()
