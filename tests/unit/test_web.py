@@ -108,3 +108,18 @@ def test_release_is_reproducible():
     second, tar2 = build_release.__wrapped__("examples/demoapp")
     assert first == second and len(first) == 12
     assert tar1 == tar2
+
+
+def test_release_from_a_git_ref_matches_the_committed_tree():
+    import subprocess
+
+    from roles.app import ROOT
+
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "examples/demoapp"],
+                           capture_output=True, text=True, check=True).stdout
+    release, _ = build_release("examples/demoapp", "HEAD")
+    assert len(release) == 12
+    if not dirty:  # same content, same id, whichever way it was packed
+        assert release == build_release("examples/demoapp")[0]
+    with pytest.raises(Exception, match="no-such-ref"):
+        build_release("examples/demoapp", "no-such-ref")
