@@ -94,7 +94,7 @@ def apply() -> None:
                        content=cfg.secret("tls_key").unmask(), mode="600", owes="reload-nginx"),
     ]
     tls.append(validated_file(name="DH group ffdhe2048 (RFC 7919)", dest="/etc/nginx/tls/ffdhe2048.pem",
-                              content=(TEMPLATES / "lb/etc/nginx/tls/ffdhe2048.pem").read_text(),
+                              content=(TEMPLATES / "lb/etc/nginx/tls/ffdhe2048.dhparams").read_text(),
                               owes="reload-nginx"))
     site_root = ROOT / lb.marketing_root
     if not site_root.is_dir():

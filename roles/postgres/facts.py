@@ -94,3 +94,18 @@ class PgReplicationSlots(FactBase):
 
     def process(self, output: Sequence[str]) -> list[str]:
         return [line.strip() for line in output if line.strip()]
+
+
+class PrimaryAt(FactBase):
+    """How the PostgreSQL server at an address answers, asked from this host as the replicator:
+    True = a primary, False = a standby, None = no answer (down or unreachable)."""
+
+    def command(self, address: str) -> str:
+        return (
+            "runuser -u postgres -- env PGPASSFILE=/var/lib/postgresql/.pgpass PGCONNECT_TIMEOUT=3 "
+            f"psql 'host={address} user=replicator dbname=postgres sslmode=require' "
+            "-XAtc 'select pg_is_in_recovery()' 2>/dev/null || true"
+        )
+
+    def process(self, output: Sequence[str]) -> bool | None:
+        return {"f": True, "t": False}.get("".join(output).strip())

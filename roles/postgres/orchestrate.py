@@ -37,6 +37,7 @@ from roles.postgres import (
     slot_name,
 )
 from roles.postgres._release import VERSION, paths
+from roles.postgres.facts import PrimaryAt
 from webstack.inventory import HostConfig
 
 # Values handed from one step's callback to a later one (control machine memory).
@@ -216,7 +217,9 @@ def failover() -> None:
             raise OperationError(f"failover: name the replica to promote with --data to=HOST ({', '.join(candidates)})")
         target = candidates[0]
     old_st = _live(states.get(old))
-    if old_st and old_st["running"] and old_st["in_recovery"] is False:
+    # The old primary is usually outside --limit: ask it over the network too.
+    old_address = next(x.address for x in cfg.peers if x.name == old)
+    if (old_st and old_st["running"] and old_st["in_recovery"] is False) or host.get_fact(PrimaryAt, address=old_address):
         raise OperationError(f"failover: {old} is alive and primary; use deploys/switchover.py")
     if target not in candidates:
         raise OperationError(f"failover: {target} is not a running standby")
