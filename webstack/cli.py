@@ -37,14 +37,7 @@ def cmd_init(inv: Path) -> int:
         print(f"{inv / 'secrets.age'} exists already; use `edit` or `rotate`", file=sys.stderr)
         return 2
     inv.mkdir(parents=True, exist_ok=True)
-    path, public = secrets.new_identity(inv.name) if not secrets.key_file(inv.name).exists() else (
-        secrets.key_file(inv.name), None)
-    if public is None:
-        import pyrage
-
-        text = path.read_text().splitlines()
-        ident = pyrage.x25519.Identity.from_str([t for t in text if t.startswith("AGE-")][0])
-        public = str(ident.to_public())
+    path, public = secrets.ensure_identity(inv.name)
     _write_recipients(inv, public)
     secrets.encrypt(inv, {})
     print(f"key: {path} (keep it safe, outside git)\nrecipients: {inv / 'secrets.recipients'}\nsecrets: {inv / 'secrets.age'}")

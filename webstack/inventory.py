@@ -265,9 +265,9 @@ def load(inv_dir: str | Path, *, secrets: Mapping[str, str] | None = None) -> li
 
     # Secrets last: a settings mistake is reported even without the key.
     if secrets is None:
-        from webstack.secrets import load_for_inventory
+        from webstack.secrets import decrypt
 
-        secrets = load_for_inventory(inv)
+        secrets = decrypt(inv)
     secrets_path = str(inv / "secrets.age")
     configs = []
     for draft in drafts:

@@ -35,15 +35,8 @@ def generate(key: str) -> str:
 def main(inv: Path) -> int:
     from webstack.inventory import load
 
-    keyfile = secrets.key_file(inv.name)
-    if not keyfile.exists() or not (inv / "secrets.recipients").exists():
-        if not keyfile.exists():
-            _, public = secrets.new_identity(inv.name)
-        else:
-            import pyrage
-
-            line = [x for x in keyfile.read_text().splitlines() if x.startswith("AGE-")][0]
-            public = str(pyrage.x25519.Identity.from_str(line).to_public())
+    if not secrets.key_file(inv.name).exists() or not (inv / "secrets.recipients").exists():
+        keyfile, public = secrets.ensure_identity(inv.name)
         (inv / "secrets.recipients").write_text(f"# the lab's own key ({keyfile})\n{public}\n")
         (inv / "secrets.age").unlink(missing_ok=True)
     data = secrets.decrypt(inv) if (inv / "secrets.age").exists() else {}

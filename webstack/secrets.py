@@ -114,11 +114,6 @@ def encrypt(inv: Path, data: dict[str, str]) -> None:
     os.replace(tmp, target)
 
 
-def load_for_inventory(inv: Path) -> dict[str, str]:
-    """The secrets of an inventory directory (used by ``webstack.inventory.load``)."""
-    return decrypt(inv)
-
-
 def new_identity(env: str, path: Path | None = None) -> tuple[Path, str]:
     """Generate an identity, store it 0600 outside the repo; return (path, public key)."""
     ident = pyrage.x25519.Identity.generate()
@@ -130,3 +125,14 @@ def new_identity(env: str, path: Path | None = None) -> tuple[Path, str]:
         f.write(f"# webstack age identity for {env}; public key: {ident.to_public()}\n{ident}\n")
     os.replace(tmp, path)
     return path, str(ident.to_public())
+
+
+def ensure_identity(env: str) -> tuple[Path, str]:
+    """The environment's key file and public key, generating the key if there is none."""
+    path = key_file(env)
+    if not path.exists():
+        return new_identity(env, path)
+    lines = [x for x in path.read_text().splitlines() if x.startswith("AGE-SECRET-KEY-")]
+    if not lines:
+        raise ConfigError(str(path), None, "not an age identity (AGE-SECRET-KEY-...)")
+    return path, str(pyrage.x25519.Identity.from_str(lines[0]).to_public())
