@@ -256,6 +256,7 @@ def nspawn_argv(m: Machine) -> list[str]:
         f"--network-namespace-path=/run/netns/{m.name}",
         "--private-network",
         f"--capability={CAPABILITIES}",
+        "--bind=/dev/fuse",  # sshfs: bookworm's pgBackRest 2.45 reaches the backup host through it
         "--resolv-conf=off",
         "--link-journal=no",
         "--console=read-only",
@@ -266,6 +267,10 @@ def nspawn_argv(m: Machine) -> list[str]:
 def boot(fleet: Fleet, m: Machine) -> int:
     """Start the detached supervisor (which starts nspawn). Return the supervisor pid."""
     d = mdir(m.name)
+    # Machines get the control machine's /dev/fuse (sshfs). Debian's udev makes
+    # it 0666; this control machine has no udev, so set what udev would.
+    if os.path.exists("/dev/fuse") and os.stat("/dev/fuse").st_mode & 0o777 != 0o666:
+        os.chmod("/dev/fuse", 0o666)
     (d / "powered-off").unlink(missing_ok=True)
     (d / "last-exit").unlink(missing_ok=True)
     (d / "nspawn.pid").unlink(missing_ok=True)

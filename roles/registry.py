@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from roles.app.settings import AppSettings
+from roles.backup.settings import BackupSettings
 from roles.base.settings import BaseSettings
 from roles.lb.settings import LbSettings
 from roles.postgres.settings import PostgresSettings
@@ -56,8 +57,42 @@ def cluster_members(cfg: HostConfig) -> list[str]:
     return [p.name for p in cfg.peers if "postgres" in p.roles and p.role("postgres").cluster == cluster]
 
 
+def backup_secrets(cluster: str, s3: bool) -> list[str]:
+    """Secrets of a cluster's pgBackRest repository: the cipher passphrase and the transport's key."""
+    transport = [f"pgbackrest_s3_key_{cluster}", f"pgbackrest_s3_key_secret_{cluster}"] if s3 \
+        else [f"pgbackrest_sftp_key_{cluster}"]
+    return [f"pgbackrest_cipher_pass_{cluster}", *transport]
+
+
 def _postgres_secrets(cfg: HostConfig) -> list[str]:
-    return ["postgres_password_replicator", *(f"postgres_password_{u}" for u in cfg.role("postgres").users)]
+    pg = cfg.role("postgres")
+    out = ["postgres_password_replicator", *(f"postgres_password_{u}" for u in pg.users)]
+    if pg.backup_host or pg.backup_s3_bucket:
+        out += backup_secrets(pg.cluster, bool(pg.backup_s3_bucket))
+    return out
+
+
+def backup_clients(cfg: HostConfig) -> dict[str, list[str]]:
+    """On a backup host: cluster -> addresses allowed to use its repository
+    (the cluster's members, then the restore-drill hosts)."""
+    out: dict[str, list[str]] = {}
+    for peer in cfg.peers:
+        if "postgres" in peer.roles and peer.role("postgres").backup_host == cfg.name:
+            out.setdefault(peer.role("postgres").cluster, []).append(peer.address)
+    drills = sorted({p.address for g in cfg.role("backup").restore_groups for p in cfg.members(g)})
+    return {c: sorted(a) + [d for d in drills if d not in a] for c, a in sorted(out.items())}
+
+
+def _backup_secrets(cfg: HostConfig) -> list[str]:
+    # Only the SSH keys, from which the control machine derives the public
+    # halves; the cipher passphrase never reaches a backup host's context.
+    return [f"pgbackrest_sftp_key_{cluster}" for cluster in backup_clients(cfg)]
+
+
+def _backup_openings(cfg: HostConfig) -> list[Derived]:
+    sources = sorted({a for addrs in backup_clients(cfg).values() for a in addrs})
+    port = cfg.role("base").ssh_port
+    return [Derived(port, "tcp", tuple(sources), "sftp from database hosts (pgBackRest)")] if sources else []
 
 
 def _postgres_openings(cfg: HostConfig) -> list[Derived]:
@@ -109,7 +144,9 @@ def _app_openings(cfg: HostConfig) -> list[Derived]:
 
 ROLES: dict[str, Role] = {
     "base": Role("base", "every host: users, SSH, firewall, updates, time, journal", BaseSettings, secrets=_base_secrets),
-    "postgres": Role("postgres", "PostgreSQL primary or streaming replica", PostgresSettings,
+    "backup": Role("backup", "off-site pgBackRest repository host (chrooted SFTP, ciphertext only)", BackupSettings,
+                   secrets=_backup_secrets, openings=_backup_openings),
+    "postgres": Role("postgres", "PostgreSQL primary or streaming replica", PostgresSettings, after=("backup",),
                      secrets=_postgres_secrets, openings=_postgres_openings),
     "app": Role("app", "WSGI application servers (gunicorn), rolling releases", AppSettings, after=("postgres",),
                 secrets=_app_secrets, openings=_app_openings),
@@ -230,5 +267,18 @@ def _check_postgres_clusters(configs: Sequence[HostConfig], where: str) -> None:
             raise ConfigError(where, f"cluster {name}: release",
                               f"members run different Debian releases ({', '.join(sorted(releases))}): "
                               "streaming replication needs one PostgreSQL major version")
+        for key in ("backup_host", "backup_s3_bucket", "backup_retention_full", "backup_retention_diff"):
+            values = {str(getattr(cfg.role("postgres"), key)) for cfg in members}
+            if len(values) > 1:
+                raise ConfigError(where, f"cluster {name}: postgres__{key}", f"members disagree: {sorted(values)}")
+        backup_host = members[0].role("postgres").backup_host
+        if backup_host:
+            target = next((c for c in configs if c.name == backup_host), None)
+            if target is None or "backup" not in target.roles:
+                raise ConfigError(where, f"cluster {name}: postgres__backup_host",
+                                  f"{backup_host!r} is not a host with role backup")
+            if backup_host in names:
+                raise ConfigError(where, f"cluster {name}: postgres__backup_host",
+                                  "the backup host must not be a member of the cluster it backs up (off-site)")
         if members[0].role("postgres").synchronous and len(members) < 2:
             raise ConfigError(where, f"cluster {name}: postgres__synchronous", "needs at least one replica")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from webstack import secrets, tls
+from webstack import secrets, sshkeys, tls
 from webstack.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,6 +29,10 @@ def generate(key: str) -> str:
         return subprocess.run(
             ["openssl", "passwd", "-6", "-stdin"], input=password, capture_output=True, text=True, check=True
         ).stdout.strip()
+    if key.startswith("pgbackrest_sftp_key_"):
+        return sshkeys.new_private_key()
+    if key.startswith("pgbackrest_cipher_pass_"):
+        return pysecrets.token_urlsafe(48)  # pgBackRest suggests 48+ random bytes; 64 characters here
     return pysecrets.token_urlsafe(24)
 
 

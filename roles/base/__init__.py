@@ -78,6 +78,8 @@ def firewall_rules(cfg: HostConfig) -> tuple[list[dict], list[str]]:
 
 def sshd_context(cfg: HostConfig, release: str, host_keys: list[str]) -> dict:
     """Template variables of sshd_config for a host on a Debian release."""
+    from roles.backup import sftp_match_blocks
+
     base = cfg.role("base")
     return {
         "port": base.ssh_port,
@@ -88,6 +90,7 @@ def sshd_context(cfg: HostConfig, release: str, host_keys: list[str]) -> dict:
         "host_key_algorithms": _release.SSH_HOST_KEY_ALGORITHMS,
         "permit_root_login": "prohibit-password" if base.ssh_permit_root_login else "no",
         "tcp_forwarding": "yes" if base.ssh_tcp_forwarding else "no",
+        "sftp_accounts": sftp_match_blocks(cfg),
     }
 
 

@@ -19,7 +19,7 @@ from pyinfra.operations import apt, server, systemd
 from roles import registry
 from roles._lib import config, owed_action, render, template_file, validated_file
 from roles.base import codename
-from roles.postgres import scram
+from roles.postgres import backup, scram
 from roles.postgres._release import VERSION, paths
 from roles.postgres.facts import PgCluster, PgReplicationSlots, PgRoleVerifiers
 from webstack.inventory import HostConfig
@@ -167,7 +167,8 @@ def config_context(cfg: HostConfig, memory_mb: int) -> dict[str, Any]:
         "effective_cache_size_mb": pg.effective_cache_size_mb or memory_mb * 3 // 4,
         "work_mem_mb": pg.work_mem_mb,
         "maintenance_work_mem_mb": max(64, min(shared // 4, 2048)),
-        "archive_command": pg.archive_command,
+        "archive_command": backup.archive_command(pg),
+        "restore_command": backup.restore_command(pg),
     }
 
 
@@ -300,11 +301,16 @@ def clone_command(version: str, primary_address: str, slot: str) -> str:
 
 
 @deploy("PostgreSQL")
-def apply() -> None:
-    """Install, configure and converge this cluster member (primary or replica)."""
+def apply(restoring: bool = False) -> None:
+    """Install, configure and converge this cluster member (primary or replica).
+
+    ``restoring``: deploys/restore.py is about to replace the data directory,
+    so the repository is set up but no stanza or first backup is made.
+    """
     cfg = config()
     pg = cfg.role("postgres")
-    version = VERSION[codename()]
+    release = codename()
+    version = VERSION[release]
     p = paths(version)
     states = guard(cfg, version)
     is_primary = pg.primary == cfg.name
@@ -358,6 +364,7 @@ def apply() -> None:
     # Every member runs this same operation: it orders the replicas' work
     # after all of the primary's (pyinfra orders operations per host).
     barrier(name="Primary ready for replicas", label=f"cluster {pg.cluster}")
+    backup.apply(cfg, release, version, is_primary, restoring=restoring)
     if is_primary:
         return
 

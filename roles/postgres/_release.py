@@ -11,3 +11,8 @@ def paths(version: str) -> dict[str, str]:
         "bin": f"/usr/lib/postgresql/{version}/bin",
         "service": f"postgresql@{version}-main",
     }
+
+# pgBackRest: Debian 13 ships 2.55 with the SFTP repository type (2.46+);
+# Debian 12 ships 2.45 without it, so there the same SFTP account is mounted
+# with sshfs and used as a posix repository.
+PGBACKREST_SFTP = {"bookworm": False, "trixie": True}

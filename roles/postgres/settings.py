@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Literal
 
 from webstack.settings import required, setting
 
@@ -33,7 +34,19 @@ class PostgresSettings:
     shared_buffers_mb: int = setting(0, "shared_buffers in MiB; 0 = a quarter of the host's memory (at most 8 GiB)")
     effective_cache_size_mb: int = setting(0, "effective_cache_size in MiB; 0 = three quarters of the host's memory")
     work_mem_mb: int = setting(4, "work_mem in MiB")
-    archive_command: str = setting("", "archive_command (set by the backup role when backups are on)")
+    archive_command: str = setting("", "archive_command when backups are off (with backups it is pgBackRest's archive-push)")
+    backup_host: str = setting("", "host (role backup) holding this cluster's pgBackRest repository over SFTP; empty = none")
+    backup_s3_bucket: str = setting("", "S3 bucket for the repository instead of a backup host (keys in secrets)")
+    backup_s3_endpoint: str = setting("s3.amazonaws.com", "S3 endpoint host")
+    backup_s3_region: str = setting("us-east-1", "S3 region")
+    backup_s3_uri_style: Literal["host", "path"] = setting("host", "S3 addressing: bucket in the host name or the path")
+    backup_retention_full: int = setting(5, "full backups kept (weekly: about 4 weeks back, WAL from the oldest)")
+    backup_retention_diff: int = setting(7, "full+differential backups kept (daily points for 7 days)")
+    backup_queue_max: str = setting("4GiB", "WAL waiting for the repository beyond this is dropped (a gap, not a full disk)")
+    backup_check_max_wal_lag_s: int = setting(300, "backup check fails when the oldest unarchived WAL is older (s)")
+    backup_check_max_age_h: int = setting(2, "backup check fails when the newest backup of any type is older (h)")
+    backup_check_max_diff_age_h: int = setting(26, "... when the newest differential or full is older (h)")
+    backup_check_max_full_age_h: int = setting(192, "... when the newest full is older (h)")
 
     def check(self) -> tuple[str, str] | None:
         """Field-level consistency; returns (key, message) on a problem."""
@@ -48,6 +61,12 @@ class PostgresSettings:
                 return f"databases[{i}].name", f"not a usable database name: {db.name!r}"
             if db.owner not in self.users:
                 return f"databases[{i}].owner", f"{db.owner!r} is not in postgres__users"
+        if self.backup_host and self.backup_s3_bucket:
+            return "backup_s3_bucket", "choose one repository: backup_host (SFTP) or backup_s3_bucket"
+        if self.backup_retention_full < 1 or self.backup_retention_diff < 1:
+            return "backup_retention_full", "retention counts must be at least 1"
+        if not re.match(r"^[0-9]+(KiB|MiB|GiB|TiB)$", self.backup_queue_max):
+            return "backup_queue_max", f"not a size like 4GiB: {self.backup_queue_max!r}"
         if self.shared_buffers_mb < 0 or self.effective_cache_size_mb < 0:
             return "shared_buffers_mb", "must be 0 (automatic) or positive"
         return None
