@@ -177,3 +177,10 @@ def template_file(template: str, dest: str, *, validate: str | None = None, owes
         in_place=in_place,
         force=force,
     )
+
+
+def root_shell(target: Any, command: str | StringCommand, timeout: int = 120) -> tuple[bool, Any]:
+    """Run a command as root on ``target`` (a pyinfra Host) from a callback: (ok, CommandOutput)."""
+    sudo = target.data.get("ssh_user", "root") != "root"
+    cmd = command if isinstance(command, StringCommand) else StringCommand(command)
+    return target.run_shell_command(cmd, _sudo=sudo, _timeout=timeout)

@@ -45,6 +45,7 @@ class Peer:
     roles: tuple[str, ...]
     groups: tuple[str, ...]
     settings: Mapping[str, Any] = field(repr=False, compare=False, default_factory=dict)
+    release: str = ""
 
     def role(self, name: str) -> Any:
         """The peer's typed settings of one role (``base`` and its own roles only)."""
@@ -243,7 +244,8 @@ def load(inv_dir: str | Path, *, secrets: Mapping[str, str] | None = None) -> li
         all_settings[name] = settings
 
     peers = tuple(
-        Peer(name, str(e["address"]), tuple(e.get("roles", [])), tuple(e.get("groups", [])), all_settings[name])
+        Peer(name, str(e["address"]), tuple(e.get("roles", [])), tuple(e.get("groups", [])), all_settings[name],
+             str(e.get("release") or ""))
         for name, e in hosts.items()
     )
     drafts = [

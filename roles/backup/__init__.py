@@ -14,8 +14,8 @@ from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.operations import files, server
 
-from roles._lib import config, validated_file
 from roles import registry
+from roles._lib import config, validated_file
 from webstack.sshkeys import public_key
 
 KEYS_DIR = "/etc/ssh/webstack-sftp"

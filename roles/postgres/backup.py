@@ -16,9 +16,9 @@ from typing import Any
 from pyinfra import host, inventory, state
 from pyinfra.api import FactBase, OperationError, operation
 from pyinfra.facts.files import File
-from pyinfra.operations import apt, files, server, systemd
+from pyinfra.operations import apt, files, systemd
 
-from roles._lib import owed_action, render, template_file, validated_file
+from roles._lib import owed_action, render, root_shell, template_file, validated_file
 from roles.postgres._release import PGBACKREST_SFTP, paths
 from webstack.inventory import HostConfig, Peer
 
@@ -76,10 +76,15 @@ def repo_context(pg: Any, release: str, version: str, backup_peer: Peer | None) 
         "retention_diff": pg.backup_retention_diff,
         "queue_max": pg.backup_queue_max,
         "data": paths(version)["data"],
-        "check_args": (f"--max-wal-lag-s {pg.backup_check_max_wal_lag_s} --max-age-h {pg.backup_check_max_age_h} "
-                       f"--max-diff-age-h {pg.backup_check_max_diff_age_h} "
-                       f"--max-full-age-h {pg.backup_check_max_full_age_h}"),
+        "check_args": " ".join(check_args(pg)),
     }
+
+
+def check_args(pg: Any) -> list[str]:
+    """The inventory's thresholds as arguments of ``webstack-backup check``."""
+    return ["--max-wal-lag-s", str(pg.backup_check_max_wal_lag_s), "--max-age-h", str(pg.backup_check_max_age_h),
+            "--max-diff-age-h", str(pg.backup_check_max_diff_age_h),
+            "--max-full-age-h", str(pg.backup_check_max_full_age_h)]
 
 
 def secrets_context(cfg: HostConfig, cluster: str, s3: bool) -> dict[str, str]:
@@ -157,7 +162,7 @@ def first_backup(stanza: str):
 
 
 def install_client(cfg: HostConfig, release: str, version: str, pg: Any, conf_dir: str = CONF_DIR,
-                   secrets_cfg: HostConfig | None = None) -> tuple[Any, list]:
+                   secrets_cfg: Any = None) -> tuple[Any, list]:
     """Packages, keys and configuration for cluster ``pg.cluster``'s repository; returns (context, swaps)."""
     peers = {p.name: p for p in cfg.peers}
     backup_peer = peers.get(pg.backup_host) if pg.backup_host else None
@@ -229,3 +234,26 @@ def apply(cfg: HostConfig, release: str, version: str, is_primary: bool, restori
     if is_primary and not restoring:
         stanza_create(name=f"Stanza {pg.cluster} in the repository", stanza=pg.cluster)
         first_backup(name=f"First full backup of {pg.cluster}", stanza=pg.cluster)
+
+
+def check() -> None:
+    """On each cluster's named primary: ``webstack-backup check`` with the inventory's thresholds."""
+    from pyinfra.api import StringCommand
+    from pyinfra.operations import python
+
+    from roles._lib import config
+
+    cfg = config()
+    pg = cfg.role("postgres") if "postgres" in cfg.roles else None
+    if pg is None or not enabled(pg) or pg.primary != cfg.name:
+        host.noop("not the primary of a cluster with backups")
+        return
+
+    def report() -> None:
+        ok, out = root_shell(host, StringCommand(
+            "runuser", "-u", "postgres", "--", SCRIPT, "check", "--stanza", pg.cluster, *check_args(pg)), 600)
+        print(f"[{cfg.name}] {out.stdout}{out.stderr}")
+        if not ok:
+            raise OperationError(f"{cfg.name}: backups of cluster {pg.cluster} fail the check: {out.stdout}")
+
+    python.call(name=f"Backups and WAL archive of {pg.cluster} within thresholds", function=report)

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from pyinfra import host, inventory, logger
-from pyinfra.api import OperationError, StringCommand
+from pyinfra.api import OperationError
 from pyinfra.operations import python, server
 
 from roles import registry
-from roles._lib import config, owed_action, template_file
+from roles._lib import config, owed_action, root_shell, template_file
 from roles.base import codename
 from roles.postgres import (
     PGPASS,
@@ -46,8 +46,7 @@ _shared: dict[str, Any] = {}
 
 def _sh(target: Any, command: str, timeout: int = 120) -> str:
     """Run a command as root on ``target`` (a pyinfra Host) from a callback; return stdout."""
-    sudo = target.data.get("ssh_user", "root") != "root"
-    ok, out = target.run_shell_command(StringCommand(command), _sudo=sudo, _timeout=timeout)
+    ok, out = root_shell(target, command, timeout)
     if not ok:
         raise OperationError(f"{target.name}: `{command}` failed: {out.stderr.strip()}")
     return out.stdout.strip()

@@ -1,0 +1,30 @@
+"""Restore a PostgreSQL cluster from its encrypted pgBackRest repository.
+
+    pyinfra inventories/<env>.py deploys/restore.py --limit TARGET --limit BACKUP_HOST [--data ...]
+
+    --data from=CLUSTER     restore another cluster's backups (TARGET is a drill host)
+    --data time='2026-11-27 10:41:07+00'   point in time (default: the end of the archive)
+    --data confirm=TARGET   TARGET already holds a data directory: replace it
+    --data check_sql='select count(*) from orders' [--data check_db=app]   printed afterwards
+
+Include the backup host in --limit: its SSH host key is read from it, and new
+machines are admitted to the repository account first.
+See roles/postgres/restore.py and README "Backups".
+"""
+
+from pyinfra import host
+
+from roles import backup
+from roles._lib import config
+from roles.postgres import apply as postgres_apply
+from roles.postgres import restore
+
+cfg = config()
+if "backup" in cfg.roles:
+    backup.apply()
+elif "postgres" in cfg.roles:
+    request = restore.plan(host.data)
+    postgres_apply(restoring=not request["drill"])
+    restore.restore(request)
+else:
+    host.noop("neither a backup host nor a postgres host")

@@ -1,0 +1,119 @@
+"""Restores from a cluster's pgBackRest repository (deploys/restore.py).
+
+Two kinds of target, both PostgreSQL hosts of the inventory:
+
+- **the cluster's own named primary** (``--data from`` omitted or equal to its
+  cluster): a disaster restore onto a new machine, or in place. The restored
+  server keeps archiving into the same stanza on a new timeline; the other
+  members are then re-cloned by site.py (new machines) or rejoin.py.
+- **a drill host**, the primary of a standalone cluster without backups of its
+  own (``--data from=main``): a rehearsal, or a copy to fetch a dropped table
+  from. The copy never archives (``--archive-mode=off``).
+
+A target that already holds a data directory is only overwritten with
+``--data confirm=<target>``; the check is made before anything is changed.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Any
+
+from pyinfra import host
+from pyinfra.api import HiddenValue, OperationError, StringCommand
+from pyinfra.facts.files import File
+from pyinfra.operations import python, server
+
+from roles._lib import config, root_shell
+from roles.base import codename
+from roles.postgres import backup
+from roles.postgres._release import VERSION, paths
+
+
+class _SourceSecrets:
+    """The source cluster's secrets for a drill host (read from the inventory's secrets.age)."""
+
+    def __init__(self, inv_dir: str, cluster: str, s3: bool) -> None:
+        from roles.registry import backup_secrets
+        from webstack.secrets import decrypt
+
+        everything = decrypt(Path(inv_dir))
+        wanted = backup_secrets(cluster, s3)
+        missing = [k for k in wanted if k not in everything]
+        if missing:
+            raise OperationError(f"secret {missing[0]} is missing from {inv_dir}/secrets.age")
+        self._values = {k: HiddenValue(everything[k]) for k in wanted}
+
+    def secret(self, key: str) -> Any:
+        return self._values[key]
+
+
+def plan(data: Any) -> dict[str, Any]:
+    """Check the request against the inventory and the target; raise before anything changes."""
+    cfg = config()
+    own = cfg.role("postgres")
+    source_cluster = str(data.get("from") or own.cluster)
+    members = [p for p in cfg.peers if "postgres" in p.roles and p.role("postgres").cluster == source_cluster]
+    if not members:
+        raise OperationError(f"no postgres host of the inventory is in cluster {source_cluster!r}")
+    source = members[0].role("postgres")
+    if not backup.enabled(source):
+        raise OperationError(f"cluster {source_cluster} has no backups configured (postgres__backup_host)")
+    drill = source_cluster != own.cluster
+    if own.primary != cfg.name:
+        raise OperationError(f"{cfg.name} is a replica of {own.primary}: restore onto the primary "
+                             "(replicas are cloned from it afterwards)")
+    if drill and backup.enabled(own):
+        raise OperationError(f"{cfg.name} backs up cluster {own.cluster} itself: a drill target must be a "
+                             "standalone server without backups of its own")
+    if drill and any(p.name != cfg.name and "postgres" in p.roles and p.role("postgres").cluster == own.cluster
+                     for p in cfg.peers):
+        raise OperationError(f"cluster {own.cluster} has replicas: a drill target must be standalone")
+    release = codename()
+    if release != (members[0].release or release):
+        raise OperationError(f"cluster {source_cluster} runs on {members[0].release}, {cfg.name} on {release}: "
+                             "a restore needs the same PostgreSQL major version")
+    if drill and not backup.PGBACKREST_SFTP[release] and not source.backup_s3_bucket:
+        raise OperationError(f"{cfg.name} runs Debian 12 (pgBackRest 2.45, no SFTP): a drill of an SFTP repository "
+                             "needs a Debian 13 drill host")
+    version = VERSION[release]
+    p = paths(version)
+    holds_data = bool(host.get_fact(File, path=f"{p['data']}/PG_VERSION"))
+    if holds_data and str(data.get("confirm") or "") != cfg.name:
+        raise OperationError(f"{cfg.name} already holds a PostgreSQL data directory ({p['data']}); restoring "
+                             f"replaces it: repeat with --data confirm={cfg.name}")
+    target_time = str(data.get("time") or "")
+    return {"cfg": cfg, "source": source, "source_cluster": source_cluster, "drill": drill, "release": release,
+            "version": version, "paths": p, "time": target_time, "check_sql": str(data.get("check_sql") or ""),
+            "check_db": str(data.get("check_db") or "postgres")}
+
+
+def restore(p: dict[str, Any]) -> None:
+    """Set up access to the source repository, restore, wait for promotion, then run the check query."""
+    cfg = p["cfg"]
+    if p["drill"]:
+        secrets = _SourceSecrets(cfg.inventory_dir, p["source_cluster"], bool(p["source"].backup_s3_bucket))
+        backup.install_client(cfg, p["release"], p["version"], p["source"], secrets_cfg=secrets)
+    argv = [backup.SCRIPT, "restore", "--stanza", p["source_cluster"], "--data", p["paths"]["data"],
+            "--service", p["paths"]["service"]]
+    if p["time"]:
+        argv += ["--time", p["time"]]
+    if p["drill"]:
+        argv += ["--archive-off"]
+    what = f"{p['source_cluster']} at {p['time'] or 'the latest archived WAL'}"
+    server.shell(name=f"Restore {what} into {p['paths']['data']}", commands=[shlex.join(argv)])
+    sql = p["check_sql"] or (
+        "select 'restored: ' || now() || ', databases: ' || string_agg(datname, ',') "
+        "from pg_database where not datistemplate"
+    )
+
+    def verify() -> None:
+        ok, out = root_shell(host, StringCommand("runuser", "-u", "postgres", "--", "psql", "-XAt", "-d",
+                                                 p["check_db"], "-c", shlex.quote(sql)))
+        if not ok:
+            raise OperationError(f"check query failed: {out.stderr}")
+        print(f"[{cfg.name}] check: {out.stdout}")
+
+    python.call(name="Check query on the restored server", function=verify)
+
