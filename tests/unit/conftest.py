@@ -8,6 +8,8 @@ from typing import Any
 import pytest
 import yaml
 
+from webstack.sshkeys import new_private_key
+
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl test@unit"
 SECRETS = {
     "password_hash_ops": "$6$salt$hash",
@@ -16,6 +18,9 @@ SECRETS = {
     "tls_cert": "CERT",
     "tls_key": "KEY",
     "app_secret_key": "k3y",
+    # The lab inventory's two clusters back up to backup1.
+    **{f"pgbackrest_cipher_pass_{c}": f"cipher-{c}" for c in ("main", "legacy")},
+    **{f"pgbackrest_sftp_key_{c}": new_private_key() for c in ("main", "legacy")},
 }
 
 

@@ -12,6 +12,7 @@ import pyrage
 import pytest
 
 from webstack import secrets
+from webstack.sshkeys import new_private_key
 
 ROOT = Path(__file__).resolve().parents[2]
 PYINFRA = str(Path(sys.executable).parent / "pyinfra")
@@ -27,7 +28,8 @@ def prod(tmp_path, monkeypatch):
     shutil.copy(ROOT / "inventories" / "example-production.py", tmp_path / "prod.py")
     (inv / "secrets.recipients").write_text(f"{ident.to_public()}\n")
     secrets.encrypt(inv, {"password_hash_ops": "$6$x$y", "postgres_password_replicator": "r",
-                          "postgres_password_app": "a", "tls_cert": "c", "tls_key": "k", "app_secret_key": "s"})
+                          "postgres_password_app": "a", "tls_cert": "c", "tls_key": "k", "app_secret_key": "s",
+                          "pgbackrest_cipher_pass_main": "p", "pgbackrest_sftp_key_main": new_private_key()})
     return inv
 
 

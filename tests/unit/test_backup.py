@@ -1,0 +1,244 @@
+"""The backup tier without hosts: retention policy, schedule, check thresholds, rendered configuration."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import time
+
+import pytest
+
+from roles._lib import TEMPLATES, render
+from roles.backup import sftp_match_blocks
+from roles.base import firewall_rules
+from roles.postgres import backup, config_context
+from roles.postgres.retention import Backup, add, expire
+from roles.registry import needed_secrets
+from tests.unit.conftest import SECRETS
+from webstack.errors import ConfigError
+from webstack.inventory import load
+from webstack.sshkeys import new_private_key, public_key
+
+HOUR, DAY = 3600, 86400
+
+_path = TEMPLATES / "postgres/usr/local/lib/webstack/webstack-backup"
+_loader = importlib.machinery.SourceFileLoader("webstack_backup_script", str(_path))
+_spec = importlib.util.spec_from_loader(_loader.name, _loader)
+assert _spec is not None
+script = importlib.util.module_from_spec(_spec)
+_loader.exec_module(script)
+
+HOSTS = {
+    "app1": {"address": "10.1.0.21", "groups": ["app"]},
+    "db1": {"address": "10.1.0.31", "roles": ["postgres"], "groups": ["db"], "release": "trixie"},
+    "db2": {"address": "10.1.0.32", "roles": ["postgres"], "groups": ["db"], "release": "trixie"},
+    "old1": {"address": "10.1.0.33", "roles": ["postgres"], "groups": ["legacy"], "release": "bookworm"},
+    "vault": {"address": "10.1.0.51", "roles": ["backup"], "release": "trixie"},
+    "drill": {"address": "10.1.0.71", "roles": ["postgres"], "groups": ["drills"], "release": "trixie"},
+}
+KEY_MAIN, KEY_LEGACY = new_private_key(), new_private_key()
+BACKUP_SECRETS = {**SECRETS, "pgbackrest_cipher_pass_main": "cipher-main-secret", "pgbackrest_sftp_key_main": KEY_MAIN,
+                  "pgbackrest_cipher_pass_legacy": "cipher-legacy-secret", "pgbackrest_sftp_key_legacy": KEY_LEGACY}
+GROUPS = {
+    "db": {"postgres__primary": "db1", "postgres__users": ["app"], "postgres__backup_host": "vault",
+           "postgres__databases": [{"name": "app", "owner": "app"}]},
+    "legacy": {"postgres__cluster": "legacy", "postgres__primary": "old1", "postgres__backup_host": "vault"},
+    "drills": {"postgres__cluster": "drill", "postgres__primary": "drill"},
+    "backup": {"backup__restore_groups": ["drills"]},
+}
+
+
+@pytest.fixture
+def cfgs(make_inventory):
+    return {c.name: c for c in load(make_inventory(hosts=HOSTS, groups=GROUPS), secrets=BACKUP_SECRETS)}
+
+
+def error_of(inv) -> str:
+    with pytest.raises(ConfigError) as info:
+        load(inv, secrets=BACKUP_SECRETS)
+    return str(info.value)
+
+
+# --- retention ---------------------------------------------------------------------------------------------
+
+
+def sequence(kinds: str) -> list[Backup]:
+    """Backups from a string of F/D/I, expiring after each one (as pgBackRest does), without expiry here."""
+    out: list[Backup] = []
+    for i, k in enumerate(kinds):
+        out = add(out, {"F": "full", "D": "diff", "I": "incr"}[k], f"{i:02d}{k}")
+    return out
+
+
+def test_expiry_follows_pgbackrest_documented_example():
+    # pgBackRest's help for repo-retention-diff: F1, D1, D2, F2 with diff=2 keeps F1, D2, F2.
+    backups = sequence("FDDF")
+    assert [b.label for b in expire(backups, full=9, diff=2)] == ["00F", "02D", "03F"]
+
+
+def test_expiring_a_full_or_a_diff_takes_its_dependents():
+    backups = sequence("FIIDIFDI")  # 00F 01I 02I 03D 04I 05F 06D 07I
+    assert [b.label for b in expire(backups, full=1, diff=9)] == ["05F", "06D", "07I"]
+    # diff=2: anchors newest first are 06D, 05F; 03D expires with 04I (based on it); the full and its incrs stay.
+    assert [b.label for b in expire(backups, full=9, diff=2)] == ["00F", "01I", "02I", "05F", "06D", "07I"]
+
+
+def simulate(weeks: int, full: int, diff: int) -> list[tuple[float, list[Backup]]]:
+    """The hourly timer for ``weeks`` weeks: (time, backups kept) after each run."""
+    backups: list[Backup] = []
+    history: list[tuple[float, list[Backup]]] = []
+    for hour in range(weeks * 7 * 24):
+        now = hour * HOUR
+        raw = [{"type": b.type, "timestamp": {"stop": b.stop}} for b in backups]
+        kind = script.decide(now, raw)
+        backups = expire(add(backups, kind, f"b{hour}", stop=now), full=full, diff=diff)
+        history.append((now, backups))
+    return history
+
+
+def test_policy_keeps_hourly_24h_daily_7d_weekly_4w():
+    """Six simulated weeks with the defaults (full=5, diff=7): at every hour of the last two weeks,
+    each of the last 24 hours, 7 days and 4 weeks holds a restore point."""
+    history = simulate(weeks=6, full=5, diff=7)
+    for now, kept in history[-14 * 24:]:
+        ages = [now - b.stop for b in kept]
+        for h in range(24):
+            assert any(h * HOUR <= a < (h + 1) * HOUR for a in ages), f"hour {h} missing at t={now / HOUR}h"
+        for d in range(7):
+            assert any(d * DAY <= a < (d + 1) * DAY for a in ages), f"day {d} missing at t={now / HOUR}h"
+        for w in range(4):
+            assert any(w * 7 * DAY <= a < (w + 1) * 7 * DAY for a in ages), f"week {w} missing at t={now / HOUR}h"
+    now, kept = history[-1]
+    counts = {t: sum(1 for b in kept if b.type == t) for t in ("full", "diff", "incr")}
+    assert counts["full"] == 5 and counts["diff"] == 6
+    assert 230 <= counts["incr"] <= 253
+
+
+def test_policy_defaults_are_the_documented_ones(cfgs):
+    pg = cfgs["db1"].role("postgres")
+    assert (pg.backup_retention_full, pg.backup_retention_diff) == (5, 7)
+
+
+def test_schedule_decides_full_diff_incr():
+    sunday = 1_004 * DAY  # day 1004 since the epoch (1972-10-01) is a Sunday
+    assert time.gmtime(sunday).tm_wday == 6
+
+    def b(kind, at):
+        return {"type": kind, "timestamp": {"stop": at}}
+
+    tuesday_0105 = sunday + 2 * DAY + HOUR + 300
+    assert script.decide(tuesday_0105, []) == "full"
+    assert script.decide(tuesday_0105, [b("full", sunday + 300)]) == "diff"  # first run of a new day
+    assert script.decide(tuesday_0105, [b("full", sunday + 300), b("diff", tuesday_0105 - HOUR)]) == "incr"
+    assert script.decide(sunday + 300, [b("full", sunday - 7 * DAY + 300), b("diff", sunday - DAY)]) == "full"
+    assert script.decide(sunday + HOUR, [b("full", sunday + 300)]) == "incr"
+    # A missed Sunday: the first run once the newest full is a week old takes one.
+    assert script.decide(sunday + 7 * DAY + 2 * DAY, [b("full", sunday + 300), b("diff", sunday + 8 * DAY)]) == "full"
+
+
+# --- the check -----------------------------------------------------------------------------------------------
+
+LIMITS = {"max_wal_lag_s": 300, "max_age_h": 2, "max_diff_age_h": 26, "max_full_age_h": 192}
+
+
+def stanza(*backups, code=0):
+    return {"status": {"code": code, "message": "ok"},
+            "backup": [{"label": f"b{i}", "type": t, "timestamp": {"stop": s}, "error": e}
+                       for i, (t, s, e) in enumerate(backups)]}
+
+
+def test_check_passes_fresh_backups_and_names_every_breach():
+    now = 100 * DAY
+    good = stanza(("full", now - 3 * DAY, False), ("diff", now - 5 * HOUR, False), ("incr", now - 600, False))
+    assert script.breaches(now, good, {"failing": False}, [10.0], LIMITS) == []
+    stale = stanza(("full", now - 9 * DAY, True), ("incr", now - 3 * HOUR, False), code=99)
+    problems = script.breaches(now, stale, {"failing": True, "failed_count": 4}, [400.0, 20.0], LIMITS)
+    assert [p.split(" ")[0] for p in problems] == ["repository", "newest", "newest", "newest", "backups",
+                                                    "2", "archive_command"]
+    assert "newest full backup is 216.0 h old (limit 192 h)" in problems
+    assert "2 WAL segment(s) wait for the archive, the oldest for 400 s (limit 300 s)" in problems
+    assert script.breaches(now, stanza(), {"failing": False}, [], LIMITS)[:1] == ["no any backup"]
+
+
+# --- configuration -------------------------------------------------------------------------------------------
+
+
+def test_repository_type_per_release_and_secrets_only_in_the_secrets_file(cfgs):
+    vault = next(p for p in cfgs["db1"].peers if p.name == "vault")
+    trixie = backup.repo_context(cfgs["db1"].role("postgres"), "trixie", "17", vault)
+    bookworm = backup.repo_context(cfgs["old1"].role("postgres"), "bookworm", "15", vault)
+    assert (trixie["repo_type"], trixie["repo_path"], trixie["sftp_user"]) == ("sftp", "/repo", "pgbr-main")
+    assert (bookworm["repo_type"], bookworm["repo_path"]) == ("posix", "/srv/webstack-backup/legacy")
+    conf = render("postgres/etc/pgbackrest/pgbackrest.conf.j2", **trixie)
+    assert "repo1-sftp-host=10.1.0.51" in conf and "repo1-cipher-type=aes-256-cbc" in conf
+    assert "repo1-retention-full=5" in conf and "repo1-retention-diff=7" in conf and "archive-async=y" in conf
+    assert "cipher-main-secret" not in conf and "repo1-cipher-pass" not in conf
+    unit = render("postgres/etc/systemd/system/webstack-backup-repo.service.j2", **bookworm)
+    assert "pgbr-legacy@10.1.0.51:/repo /srv/webstack-backup/legacy" in unit and "StrictHostKeyChecking=yes" in unit
+    secret = render("postgres/etc/pgbackrest/conf.d/secrets.conf.j2",
+                    **backup.secrets_context(cfgs["db1"], "main", s3=False))
+    assert "repo1-cipher-pass=cipher-main-secret" in secret
+
+
+def test_s3_repository_renders_keys_into_the_secrets_file(make_inventory):
+    groups = {**GROUPS, "db": {**GROUPS["db"], "postgres__backup_host": "", "postgres__backup_s3_bucket": "acme-pg",
+                               "postgres__backup_s3_endpoint": "s3.eu-west-1.amazonaws.com"}}
+    s3 = {**BACKUP_SECRETS, "pgbackrest_s3_key_main": "AKIAEXAMPLE", "pgbackrest_s3_key_secret_main": "s3-secret"}
+    cfgs = {c.name: c for c in load(make_inventory(hosts=HOSTS, groups=groups), secrets=s3)}
+    assert "pgbackrest_s3_key_secret_main" in needed_secrets(cfgs["db1"])
+    ctx = backup.repo_context(cfgs["db1"].role("postgres"), "bookworm", "15", None)
+    conf = render("postgres/etc/pgbackrest/pgbackrest.conf.j2", **ctx)
+    assert "repo1-type=s3" in conf and "repo1-s3-bucket=acme-pg" in conf and "repo1-path=/main" in conf
+    assert "s3-secret" not in conf and "AKIAEXAMPLE" not in conf
+    secret = render("postgres/etc/pgbackrest/conf.d/secrets.conf.j2",
+                    **backup.secrets_context(cfgs["db1"], "main", s3=True))
+    assert "repo1-s3-key=AKIAEXAMPLE" in secret and "repo1-s3-key-secret=s3-secret" in secret
+
+
+def test_postgres_archives_with_pgbackrest(cfgs):
+    ctx = config_context(cfgs["db2"], memory_mb=4096)
+    assert ctx["archive_command"] == "pgbackrest --stanza=main archive-push %p"
+    assert ctx["restore_command"] == 'pgbackrest --stanza=main archive-get %f "%p"'
+    conf = render("postgres/etc/postgresql/main/conf.d/webstack.conf.j2", **ctx)
+    assert "archive_mode = on" in conf and "archive_timeout = 60" in conf
+    assert config_context(cfgs["drill"], memory_mb=4096)["archive_command"] == ""
+
+
+def test_backup_host_gets_public_keys_never_the_passphrase(cfgs):
+    vault = cfgs["vault"]
+    assert needed_secrets(vault) == ["password_hash_ops", "pgbackrest_sftp_key_legacy", "pgbackrest_sftp_key_main"]
+    assert not any("cipher" in k for k in vault.secrets)
+    assert public_key(KEY_MAIN).startswith("ssh-ed25519 ")
+    blocks = sftp_match_blocks(vault)
+    assert [b["user"] for b in blocks] == ["pgbr-legacy", "pgbr-main"]
+    sshd = render("base/etc/ssh/sshd_config.j2", port=22, host_keys=[], kex=[], ciphers=[], macs=[],
+                  host_key_algorithms=[], permit_root_login="no", tcp_forwarding="no", sftp_accounts=blocks)
+    assert "Match User pgbr-main\n    ChrootDirectory /srv/pgbackrest/main\n    ForceCommand internal-sftp" in sshd
+    # SSH to the backup host: the admin networks, plus each cluster's members and the drill hosts.
+    sets, _rules = firewall_rules(vault)
+    opened = next(s for s in sets if s["name"] == "backup0_v4")["elements"]
+    assert opened == ["10.1.0.31", "10.1.0.32", "10.1.0.33", "10.1.0.71"]
+    assert sftp_match_blocks(cfgs["db1"]) == []
+
+
+def test_backup_host_must_have_the_role(make_inventory):
+    inv = make_inventory(hosts=HOSTS, groups={**GROUPS, "db": {**GROUPS["db"], "postgres__backup_host": "app1"}})
+    assert error_of(inv) == f"{inv}/hosts.yml: cluster main: postgres__backup_host: 'app1' is not a host with role backup"
+
+
+def test_members_agree_on_the_backup_host(make_inventory):
+    inv = make_inventory(hosts=HOSTS, groups=GROUPS, host_data={"db2": {"postgres__backup_host": ""}})
+    assert error_of(inv) == (f"{inv}/hosts.yml: cluster main: postgres__backup_host: members disagree: ['', 'vault']")
+
+
+def test_missing_cipher_passphrase_is_named(make_inventory):
+    inv = make_inventory(hosts=HOSTS, groups=GROUPS)
+    secrets = {k: v for k, v in BACKUP_SECRETS.items() if k != "pgbackrest_cipher_pass_legacy"}
+    with pytest.raises(ConfigError) as info:
+        load(inv, secrets=secrets)
+    assert str(info.value).startswith(f"{inv}/secrets.age: pgbackrest_cipher_pass_legacy: missing secret")
+
+
+def test_sftp_key_must_be_an_openssh_private_key():
+    with pytest.raises(ValueError, match="not an unencrypted OpenSSH private key"):
+        public_key("-----BEGIN NONSENSE-----")
