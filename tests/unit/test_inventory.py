@@ -59,7 +59,8 @@ def test_unknown_key_names_file_and_key(make_inventory):
 def test_unknown_role_prefix(make_inventory):
     inv = make_inventory(groups={"web": {"nginx__workers": 2}})
     assert error_of(inv) == (
-        f"{inv}/group_data/web.yml: nginx__workers: unknown key: settings are '<role>__<setting>' with role one of app, backup, base, lb, postgres"
+        f"{inv}/group_data/web.yml: nginx__workers: unknown key: "
+        "settings are '<role>__<setting>' with role one of app, backup, base, lb, postgres"
     )
 
 
