@@ -14,13 +14,16 @@ See roles/postgres/restore.py and README "Backups".
 
 from pyinfra import host
 
-from roles import backup
+from roles import backup, base
 from roles._lib import config
 from roles.postgres import apply as postgres_apply
 from roles.postgres import restore
 
 cfg = config()
 if "backup" in cfg.roles:
+    # Converge the backup host under this inventory first: a new machine's
+    # address must be in its firewall and in the account's from= list.
+    base.apply()
     backup.apply()
 elif "postgres" in cfg.roles:
     request = restore.plan(host.data)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -47,7 +48,10 @@ def run(*args: str, check: bool = True, timeout: int = 1200) -> Run:
     proc = subprocess.run(list(args), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     result = Run(list(args), proc.returncode, proc.stdout + proc.stderr, time.monotonic() - start)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} exited {proc.returncode}:\n{result.output[-6000:]}")
+        errors = [line for line in result.output.splitlines()
+                  if "rror" in line or "ERROR" in line or "refus" in line or "failed" in line][:40]
+        raise AssertionError(f"{' '.join(args)} exited {proc.returncode}:\n" + "\n".join(errors)
+                             + f"\n...\n{result.output[-3000:]}")
     return result
 
 
@@ -68,6 +72,31 @@ def ssh_login(address: str, user: str, **kwargs) -> None:
         client.connect(address, username=user, timeout=10, allow_agent=False, look_for_keys=False, **kwargs)
     finally:
         client.close()
+
+
+def inventory_copy(tmp_path: Path) -> Path:
+    """A copy of the lab inventory the operational deploys may rewrite (--data write_inventory=yes)."""
+    inv = tmp_path / "inventories"
+    inv.mkdir()
+    shutil.copytree(ROOT / "inventories" / "lab", inv / "lab")
+    shutil.copy(ROOT / "inventories" / "lab.py", inv / "lab.py")
+    return inv / "lab.py"
+
+
+def deploy(inventory: Path, name: str, *args: str, check: bool = True):
+    return run(str(BIN / "pyinfra"), "-y", str(inventory), f"deploys/{name}.py", *args, check=check)
+
+
+def wait_for(predicate, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.2)
+
+
+def pytest_collection_modifyitems(items):
+    """The backup tests run last: the final one destroys a whole cluster and restores it elsewhere."""
+    items.sort(key=lambda item: item.module.__name__.endswith("test_backup"))
 
 
 @pytest.fixture(scope="session")

@@ -6,15 +6,13 @@ firewall admit) with psql over TLS, as the application does.
 
 from __future__ import annotations
 
-import shutil
 import time
-from pathlib import Path
 
 import pytest
 import yaml
 
 from lab.probe import ADDRESS, PGPASS, Writer, conninfo, sql
-from tests.integration.conftest import BIN, MACHINES, ROOT, host_for, lab, run
+from tests.integration.conftest import BIN, MACHINES, ROOT, deploy, host_for, inventory_copy, lab, run, wait_for
 from webstack.inventory import load
 
 pytestmark = pytest.mark.lab
@@ -90,26 +88,6 @@ def test_access_rules(client, cluster, primary, replica):
         "python3 -c \"import socket; s=socket.socket(); s.settimeout(2); "
         f"print(s.connect_ex(('{ADDRESS[primary]}', 5432)))\"")
     assert probe.stdout.strip() not in ("0", "111")  # neither open nor refused: dropped
-
-
-def inventory_copy(tmp_path: Path) -> Path:
-    """A copy of the lab inventory the operational deploys may rewrite (--data write_inventory=yes)."""
-    inv = tmp_path / "inventories"
-    inv.mkdir()
-    shutil.copytree(ROOT / "inventories" / "lab", inv / "lab")
-    shutil.copy(ROOT / "inventories" / "lab.py", inv / "lab.py")
-    return inv / "lab.py"
-
-
-def deploy(inventory: Path, name: str, *args: str, check: bool = True):
-    return run(str(BIN / "pyinfra"), "-y", str(inventory), f"deploys/{name}.py", *args, check=check)
-
-
-def wait_for(predicate, seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.2)
 
 
 @pytest.mark.parametrize("cluster,primary,replica", CLUSTERS)

@@ -1,0 +1,246 @@
+"""The backup tier against the lab: encrypted off-site repository, PITR, outage, retention, disaster.
+
+Cluster main (Debian 13, pgBackRest 2.55 over SFTP) carries the accident,
+outage and retention tests; cluster legacy (Debian 12, pgBackRest 2.45 over
+sshfs) is destroyed last and restored onto two new machines. These tests run
+after every other module (conftest orders them).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import subprocess
+import time
+from datetime import UTC, datetime
+
+import pytest
+import yaml
+
+from roles.postgres.retention import Backup, add, expire
+from tests.integration.conftest import (
+    BIN,
+    ROOT,
+    deploy,
+    host_for,
+    inventory_copy,
+    lab,
+    run,
+    wait_for,
+)
+from webstack.inventory import load
+
+pytestmark = pytest.mark.lab
+
+SCRIPT = "/usr/local/lib/webstack/webstack-backup"
+LAB = ROOT / "inventories" / "lab.py"
+
+
+def psql(name: str, sql: str, db: str = "app") -> str:
+    return host_for(name).check_output("runuser -u postgres -- psql -XAtq -v ON_ERROR_STOP=1 -d %s -c %s", db, sql)
+
+
+def archive_now(primary: str, stanza: str) -> None:
+    """pgbackrest check: switch WAL and wait until that segment is in the repository."""
+    host_for(primary).check_output(f"runuser -u postgres -- pgbackrest --stanza={stanza} check")
+
+
+def restore_drill(*data: str, check: bool = True):
+    args = [a for d in data for a in ("--data", d)]
+    return deploy(LAB, "restore", "--limit", "drill1", "--limit", "backup1", "--data", "from=main",
+                  "--data", "confirm=drill1", *args, check=check)
+
+
+def stamp(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%S.%f+00")
+
+
+def info(primary: str, stanza: str) -> dict:
+    out = host_for(primary).check_output(f"runuser -u postgres -- pgbackrest --stanza={stanza} --output=json info")
+    return json.loads(out)[0]
+
+
+def ready_count(primary: str) -> int:
+    return int(host_for(primary).check_output("ls /var/lib/postgresql/*/main/pg_wal/archive_status | grep -c ready || true"))
+
+
+@pytest.fixture(scope="module")
+def canaries(converged):
+    """A random value in each cluster, inside a backup and the WAL archive."""
+    out = {}
+    for cluster, primary in (("main", "db1"), ("legacy", "db3")):
+        value = f"canary-{secrets.token_hex(12)}"
+        psql(primary, f"create table if not exists canary (v text); insert into canary values ('{value}')")
+        host_for(primary).check_output(f"runuser -u postgres -- {SCRIPT} scheduled --stanza {cluster} --type incr")
+        archive_now(primary, cluster)
+        out[cluster] = value
+    return out
+
+
+def tar_of(machine: str, paths: str) -> bytes:
+    proc = subprocess.run([str(BIN / "python"), "-m", "lab", "exec", machine, "--",
+                           f"tar -C / -cf - {paths} 2>/dev/null; true"], cwd=ROOT, capture_output=True, timeout=300)
+    assert len(proc.stdout) > 1_000_000, proc.stderr
+    return proc.stdout
+
+
+def test_first_site_run_took_a_full_backup_of_each_cluster(converged):
+    for cluster, primary in (("main", "db1"), ("legacy", "db3")):
+        st = info(primary, cluster)
+        assert st["status"]["code"] == 0 and st["cipher"] == "aes-256-cbc"
+        assert [b["type"] for b in st["backup"]][:1] == ["full"]
+
+
+def test_check_deploy_passes_on_a_healthy_cluster(converged):
+    result = run(str(BIN / "pyinfra"), "-y", "inventories/lab.py", "deploys/check.py", "--limit", "db1", check=False)
+    assert result.returncode == 0, result.output[-3000:]
+    assert '"stanza": "main"' in result.output and '"problems": []' in result.output
+
+
+def test_backup_host_holds_ciphertext_only(canaries):
+    # Positive control: the same search finds the canary in the database host's own files.
+    psql("db1", "checkpoint", db="postgres")
+    assert canaries["main"].encode() in tar_of("db1", "var/lib/postgresql")
+    everything = tar_of("backup1", "srv etc home root var")
+    lab_secrets = {c.name: c for c in load(ROOT / "inventories" / "lab")}
+    passphrases = [lab_secrets["db1"].secret("pgbackrest_cipher_pass_main").unmask(),
+                   lab_secrets["db3"].secret("pgbackrest_cipher_pass_legacy").unmask()]
+    for needle in [*canaries.values(), *passphrases]:
+        assert needle.encode() not in everything
+    heads = host_for("backup1").check_output(
+        "find /srv/pgbackrest -type f | while read -r f; do printf '%s %s\\n' \"$(head -c 8 \"$f\")\" \"$f\"; done")
+    files = heads.splitlines()
+    assert len(files) > 10 and all(line.startswith("Salted__ ") for line in files), files
+
+
+def test_repository_account_is_sftp_only_inside_its_chroot(converged):
+    db1 = host_for("db1")
+    opts = ("-i /etc/pgbackrest/sftp_key -o UserKnownHostsFile=/etc/pgbackrest/sftp_known_hosts "
+            "-o StrictHostKeyChecking=yes -o BatchMode=yes")
+    listing = db1.run(f"echo 'ls /repo' | runuser -u postgres -- sftp -b - {opts} pgbr-main@10.77.0.51")
+    assert listing.rc == 0 and "/repo/archive" in listing.stdout
+    outside = db1.run(f"echo 'ls /etc' | runuser -u postgres -- sftp -b - {opts} pgbr-main@10.77.0.51")
+    assert outside.rc != 0  # the chroot holds only repo/
+    shell = db1.run(f"runuser -u postgres -- ssh {opts} pgbr-main@10.77.0.51 id </dev/null")
+    assert "uid=" not in shell.stdout
+    # A host that is neither a member nor a drill host never reaches backup1's sshd.
+    probe = host_for("app1").run(
+        "python3 -c \"import socket; s=socket.socket(); s.settimeout(2); print(s.connect_ex(('10.77.0.51', 22)))\"")
+    assert probe.stdout.strip() not in ("0", "111")
+
+
+def test_dropped_table_comes_back_to_the_second(converged):
+    db1 = host_for("db1")
+    psql("db1", "drop table if exists orders; create table orders (id int primary key, at timestamptz not null)")
+    db1.check_output("for i in $(seq 1 20); do runuser -u postgres -- psql -XAtq -d app "
+                     "-c \"insert into orders values ($i, clock_timestamp())\"; sleep 0.25; done")
+    at = {int(i): float(t) for i, t in (row.split("|") for row in
+                                        psql("db1", "select id, extract(epoch from at) from orders").splitlines())}
+    time.sleep(1.5)
+    psql("db1", "drop table orders")
+    archive_now("db1", "main")
+    # Just before the DROP: every row is back.
+    result = restore_drill(f"time={stamp(at[20] + 0.5)}", "check_sql=select count(*), max(id) from orders",
+                           "check_db=app")
+    assert "check: 20|20" in result.output
+    assert psql("drill1", "select count(*), max(id) from orders") == "20|20"
+    # Between two rows: exactly the rows committed before that instant.
+    restore_drill(f"time={stamp(at[10] + 0.1)}")
+    assert psql("drill1", "select count(*), max(id) from orders") == "10|10"
+    # The copy does not archive into the source's repository.
+    assert psql("drill1", "show archive_mode", db="postgres") == "off"
+
+
+def test_restore_refuses_to_replace_data_without_confirmation(converged):
+    result = deploy(LAB, "restore", "--limit", "drill1", "--limit", "backup1", "--data", "from=main", check=False)
+    assert result.returncode != 0
+    assert "drill1 already holds a PostgreSQL data directory" in result.output
+    assert "repeat with --data confirm=drill1" in result.output
+
+
+def test_backup_host_outage_queues_wal_and_loses_nothing(converged):
+    psql("db1", "drop table if exists outage; create table outage (id int primary key)")
+    archive_now("db1", "main")
+    failed_before = int(psql("db1", "select failed_count from pg_stat_archiver", db="postgres"))
+    lab("partition", "db1", "backup1")
+    try:
+        for i in range(1, 6):
+            psql("db1", f"insert into outage values ({i})")
+            psql("db1", "select pg_switch_wal()", db="postgres")
+        wait_for(lambda: ready_count("db1") >= 3, 90, "WAL did not queue on the primary")
+        wait_for(lambda: int(psql("db1", "select failed_count from pg_stat_archiver", db="postgres")) > failed_before,
+                 90, "archive_command never failed")
+        check = host_for("db1").run(f"runuser -u postgres -- {SCRIPT} check --stanza main --max-wal-lag-s 1 --timeout 5")
+        assert check.rc == 1, check.stdout
+        problems = json.loads(check.stdout.strip().splitlines()[-1])["problems"]
+        assert any("pgbackrest check failed" in p for p in problems)
+        assert any("wait for the archive" in p for p in problems)
+    finally:
+        lab("heal")
+    # A new segment wakes the archiver at once (it otherwise retries every minute).
+    psql("db1", "insert into outage values (6)")
+    psql("db1", "select pg_switch_wal()", db="postgres")
+    wait_for(lambda: ready_count("db1") == 0, 240, "the archive did not catch up")
+    archive_now("db1", "main")
+    restore_drill()
+    assert psql("drill1", "select count(*) from outage") == "6"
+    assert host_for("db1").run("grep -rl 'dropped WAL' /var/log/pgbackrest/").rc == 1
+    assert host_for("db1").run(f"runuser -u postgres -- {SCRIPT} check --stanza main").rc == 0
+
+
+def test_retention_keeps_exactly_the_models_set(converged):
+    """Count-based retention depends on order and type only, so real backups taken back to back, with the
+    counts scaled down (full=2, diff=3), must leave exactly what the model predicts."""
+    db1 = host_for("db1")
+    db1.check_output("systemctl stop webstack-backup.timer")
+    try:
+        st = info("db1", "main")
+        model = [Backup(b["label"], b["type"], b.get("prior")) for b in st["backup"]]
+        for i, kind in enumerate("FIIDIDFDIIF"):
+            k = {"F": "full", "D": "diff", "I": "incr"}[kind]
+            psql("db1", f"insert into canary values ('retention-{i}')")
+            db1.check_output(f"runuser -u postgres -- pgbackrest --stanza=main --type={k} "
+                             "--repo1-retention-full=2 --repo1-retention-diff=3 backup")
+            newest = info("db1", "main")["backup"][-1]
+            model = add(model, k, newest["label"])
+            assert (newest["type"], newest.get("prior")) == (model[-1].type, model[-1].prior)
+            model = expire(model, full=2, diff=3)
+        kept = [(b["label"], b["type"]) for b in info("db1", "main")["backup"]]
+        assert kept == [(b.label, b.type) for b in model]
+        assert sum(1 for _, t in kept if t == "full") == 2
+    finally:
+        db1.check_output("systemctl start webstack-backup.timer")
+
+
+def test_both_database_servers_lost_restore_onto_new_machines(tmp_path, canaries):
+    """Cluster legacy (Debian 12): db3 and db4 are powered off for good; spare1 and spare2 take their
+    places in the inventory, spare1 is restored from backup1 alone, spare2 is cloned from it."""
+    psql("db3", "drop table if exists precious; create table precious as select generate_series(1, 1000) id")
+    archive_now("db3", "legacy")
+    lab("poweroff", "db3")
+    lab("poweroff", "db4")
+    inv = inventory_copy(tmp_path)
+    hosts_file = inv.parent / "lab" / "hosts.yml"
+    hosts = yaml.safe_load(hosts_file.read_text())
+    for gone in ("db3", "db4"):
+        del hosts["hosts"][gone]
+    for new in ("spare1", "spare2"):
+        hosts["hosts"][new].update(roles=["postgres"], groups=[*hosts["hosts"][new]["groups"], "db", "pg_legacy"])
+    hosts_file.write_text(yaml.safe_dump(hosts))
+    group = inv.parent / "lab" / "group_data" / "pg_legacy.yml"
+    group.write_text(group.read_text().replace("postgres__primary: db3", "postgres__primary: spare1"))
+
+    start = time.monotonic()
+    deploy(inv, "restore", "--limit", "spare1", "--limit", "backup1")
+    restore_seconds = time.monotonic() - start
+    assert psql("spare1", "select count(*), sum(id) from precious") == "1000|500500"
+    assert psql("spare1", f"select count(*) from canary where v = '{canaries['legacy']}'") == "1"
+    deploy(inv, "site", "--limit", "spare1", "--limit", "spare2", "--limit", "backup1")
+    wait_for(lambda: psql("spare2", "select count(*) from precious") == "1000", 30, "spare2 did not clone spare1")
+    # The restored primary archives into the same repository, on a new timeline.
+    archive_now("spare1", "legacy")
+    assert psql("spare1", "select pg_is_in_recovery()", db="postgres") == "f"
+    again = deploy(inv, "site", "--limit", "spare1", "--limit", "spare2", "--limit", "backup1")
+    assert again.totals()["changed"] == "-", again.output[-3000:]
+    print(f"legacy restored onto spare1 in {restore_seconds:.1f} s (deploy, packages included)")
+
