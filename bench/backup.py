@@ -1,0 +1,171 @@
+"""Backup-tier benchmark: backup durations, repository size, restore time, recovery point after power loss.
+
+    .venv/bin/python bench/backup.py [--scale 70] [--rpo-trials 3]
+
+Needs a converged lab (`make demo`); uses cluster main (db1 primary, db2
+replica, PostgreSQL 17, pgBackRest 2.55 over SFTP to backup1) and the drill
+host drill1. Prints a table and writes bench/results/backup-<utc>.json.
+
+1. size: `pgbench -i -s SCALE` into the app database on db1 (scale 70 is about 1 GB).
+2. backups: a full, then 20 s of pgbench writes and an incremental, then a
+   differential, each timed (`webstack-backup scheduled --type ...` as the timer runs it);
+   repository size on backup1 (`du`) against the database size.
+3. restore: latest state onto drill1 with deploys/restore.py (wall time of the
+   deploy) and the restore step alone (`webstack-backup restore`: copy, start, recovery).
+4. recovery point after a power loss: a writer on app1 commits a row every
+   50 ms with its acknowledgement time; after a random 20-80 s, db1 AND db2 are
+   powered off together (the whole site); the latest state is restored onto
+   drill1 from backup1 alone; seconds of acknowledged commits missing = ack time
+   of the last acknowledged row − ack time of the newest restored row. Then power
+   comes back and the cluster resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from lab.probe import PGPASS, conninfo, host  # noqa: E402
+
+BIN = Path(sys.executable).parent
+SCRIPT = "/usr/local/lib/webstack/webstack-backup"
+LAB = "inventories/lab.py"
+
+
+def sh(*args: str) -> str:
+    proc = subprocess.run(list(args), cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(args)} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    return proc.stdout
+
+
+def psql(name: str, sql: str, db: str = "app") -> str:
+    return host(name).check_output("runuser -u postgres -- psql -XAtq -v ON_ERROR_STOP=1 -d %s -c %s", db, sql)
+
+
+def timed(fn) -> float:
+    start = time.monotonic()
+    fn()
+    return time.monotonic() - start
+
+
+def restore_drill() -> float:
+    return timed(lambda: sh(str(BIN / "pyinfra"), "-y", LAB, "deploys/restore.py", "--limit", "drill1",
+                            "--limit", "backup1", "--data", "from=main", "--data", "confirm=drill1"))
+
+
+def sizes() -> dict[str, int]:
+    db = int(psql("db1", "select sum(pg_database_size(datname)) from pg_database", db="postgres"))
+    repo = int(host("backup1").check_output("du -sb /srv/pgbackrest/main/repo | cut -f1"))
+    return {"database_bytes": db, "repository_bytes": repo}
+
+
+def backups_and_restore(scale: int) -> dict:
+    out: dict = {"scale": scale}
+    db1 = host("db1")
+    out["pgbench_init_s"] = timed(lambda: db1.check_output(
+        f"runuser -u postgres -- pgbench -i -q -s {scale} app 2>&1 | tail -1"))
+    out["after_init"] = sizes()
+    for kind in ("full", "incr", "diff"):
+        if kind == "incr":
+            db1.check_output("runuser -u postgres -- pgbench -n -N -c 4 -T 20 app >/dev/null")
+        out[f"{kind}_backup_s"] = timed(lambda k=kind: db1.check_output(
+            f"runuser -u postgres -- {SCRIPT} scheduled --stanza main --type {k}"))
+    st = json.loads(db1.check_output("runuser -u postgres -- pgbackrest --stanza=main --output=json info"))[0]
+    out["backups"] = [{"label": b["label"], "type": b["type"], "db_bytes": b["info"]["size"],
+                       "repo_delta_bytes": b["info"]["repository"]["delta"]} for b in st["backup"][-3:]]
+    out["after_backups"] = sizes()
+    host("db1").check_output("runuser -u postgres -- pgbackrest --stanza=main check")
+    out["restore_deploy_s"] = restore_drill()
+    data = "/var/lib/postgresql/17/main"
+    line = host("drill1").check_output(
+        f"{SCRIPT} restore --stanza main --data {data} --service postgresql@17-main --archive-off | tail -1")
+    out["restore_step_s"] = json.loads(line)["seconds"]
+    out["restored_rows"] = int(psql("drill1", "select count(*) from pgbench_accounts"))
+    psql("db1", "drop table if exists pgbench_accounts, pgbench_branches, pgbench_history, pgbench_tellers")
+    return out
+
+
+def rpo_trial(app1, seconds: float) -> dict:
+    psql("db1", "drop table if exists rpo; create table rpo (id bigint primary key, at timestamptz not null); "
+                "grant all on rpo to app")
+    info = conninfo("db1", "db2", target_session_attrs="read-write", connect_timeout="1")
+    script = f"""rm -f /root/rpo-acked /root/rpo-stop; i=0
+while [ ! -f /root/rpo-stop ]; do i=$((i+1))
+  if PGPASSFILE={PGPASS} psql "{info}" -XAtqc "insert into rpo values ($i, clock_timestamp())" 2>/dev/null
+  then echo "$i $(date +%s.%N)" >> /root/rpo-acked; fi
+  sleep 0.05
+done
+"""
+    app1.run(f"cat > /root/rpo.sh <<'EOF'\n{script}EOF")
+    app1.check_output("systemd-run --unit=rpo-writer --collect sh /root/rpo.sh")
+    time.sleep(seconds)
+    sh(str(BIN / "python"), "-m", "lab", "poweroff", "db1", "db2")
+    time.sleep(2)
+    app1.run("touch /root/rpo-stop; sleep 1; systemctl stop rpo-writer 2>/dev/null")
+    acked = dict(line.split() for line in app1.check_output("cat /root/rpo-acked").splitlines())
+    restore_s = restore_drill()
+    newest = int(psql("drill1", "select coalesce(max(id), 0) from rpo"))
+    last = max(acked, key=int)
+    lost_rows = sum(1 for i in acked if int(i) > newest)
+    lost_s = float(acked[last]) - float(acked[str(newest)]) if newest else float("nan")
+    sh(str(BIN / "python"), "-m", "lab", "start", "db1", "db2")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if psql("db1", "select pg_is_in_recovery()", db="postgres") == "f" and \
+                    psql("db2", "select pg_is_in_recovery()", db="postgres") == "t":
+                break
+        except AssertionError:
+            pass
+        time.sleep(1)
+    return {"write_s": round(seconds, 1), "acked": len(acked), "restored_max_id": newest, "lost_rows": lost_rows,
+            "lost_s": round(lost_s, 2), "restore_deploy_s": round(restore_s, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--scale", type=int, default=70)
+    ap.add_argument("--rpo-trials", type=int, default=3)
+    args = ap.parse_args()
+    app1 = host("app1")
+    app1.run("DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql-client >/dev/null")
+    from webstack.inventory import load
+
+    db = next(c for c in load(ROOT / "inventories" / "lab") if c.name == "db1")
+    app1.run(f"umask 077; echo '*:5432:app:app:{db.secret('postgres_password_app').unmask()}' > {PGPASS}")
+    results: dict = {"when": datetime.now(UTC).isoformat(timespec="seconds")}
+    results["size"] = backups_and_restore(args.scale)
+    rng = random.Random(7)
+    results["rpo"] = [rpo_trial(app1, rng.uniform(20, 80)) for _ in range(args.rpo_trials)]
+    out = ROOT / "bench" / "results"
+    out.mkdir(exist_ok=True)
+    (out / f"backup-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json").write_text(json.dumps(results, indent=2))
+    s = results["size"]
+    gib = 1024 ** 3
+    print(f"database {s['after_init']['database_bytes'] / gib:.2f} GiB (pgbench scale {s['scale']}, "
+          f"init {s['pgbench_init_s']:.0f} s)")
+    print(f"full backup {s['full_backup_s']:.1f} s, incremental {s['incr_backup_s']:.1f} s, "
+          f"differential {s['diff_backup_s']:.1f} s")
+    print(f"repository {s['after_backups']['repository_bytes'] / gib:.2f} GiB for "
+          f"{s['after_backups']['database_bytes'] / gib:.2f} GiB of database "
+          f"(ratio {s['after_backups']['repository_bytes'] / s['after_backups']['database_bytes']:.2f})")
+    print(f"restore onto drill1: deploy {s['restore_deploy_s']:.1f} s, restore step {s['restore_step_s']:.1f} s "
+          f"({s['restored_rows']} pgbench_accounts rows)")
+    lost = [t["lost_s"] for t in results["rpo"]]
+    print(f"power loss of db1+db2, restore from backup1: committed data lost {', '.join(f'{x:.1f}' for x in lost)} s "
+          f"(median {statistics.median(lost):.1f} s; rows lost {[t['lost_rows'] for t in results['rpo']]})")
+
+
+if __name__ == "__main__":
+    main()
