@@ -61,7 +61,7 @@ def backup_secrets(cluster: str, s3: bool) -> list[str]:
     """Secrets of a cluster's pgBackRest repository: the cipher passphrase and the transport's key."""
     transport = [f"pgbackrest_s3_key_{cluster}", f"pgbackrest_s3_key_secret_{cluster}"] if s3 \
         else [f"pgbackrest_sftp_key_{cluster}"]
-    return [f"pgbackrest_cipher_pass_{cluster}", *transport]
+    return [f"pgbackrest_cipher_pass_{cluster}", *transport, f"pgbackrest_tls_ca_key_{cluster}"]
 
 
 def _postgres_secrets(cfg: HostConfig) -> list[str]:
@@ -105,6 +105,8 @@ def _postgres_openings(cfg: HostConfig) -> list[Derived]:
         out.append(Derived(5432, "tcp", tuple(clients), "postgres clients"))
     if peers:
         out.append(Derived(5432, "tcp", tuple(peers), "postgres replication and rewind"))
+        if pg.backup_host or pg.backup_s3_bucket:
+            out.append(Derived(8432, "tcp", tuple(peers), "pgBackRest TLS server (backups from the standby)"))
     return out
 
 

@@ -31,6 +31,8 @@ def generate(key: str) -> str:
         ).stdout.strip()
     if key.startswith("pgbackrest_sftp_key_"):
         return sshkeys.new_private_key()
+    if key.startswith("pgbackrest_tls_ca_key_"):
+        return tls.new_ed25519_key()
     if key.startswith("pgbackrest_cipher_pass_"):
         return pysecrets.token_urlsafe(48)  # pgBackRest suggests 48+ random bytes; 64 characters here
     return pysecrets.token_urlsafe(24)

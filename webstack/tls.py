@@ -63,3 +63,78 @@ def issue(ca_key_pem: str, ca_cert_pem: str, names: list[str], ips: list[str], d
 def not_after(cert_pem: str) -> dt.datetime:
     """Expiry of the first certificate in a PEM chain."""
     return x509.load_pem_x509_certificate(cert_pem.encode()).not_valid_after_utc
+
+
+# --- pgBackRest's TLS between cluster members: everything derived from one Ed25519 key -------------
+# Ed25519 signatures are deterministic, so the CA and every member's certificate are
+# pure functions of the cluster's secret and the member's name: rerunning a deploy
+# re-renders identical files (no change), and nothing but the one key is stored.
+
+_EPOCH = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
+_END = dt.datetime(2125, 1, 1, tzinfo=dt.UTC)
+
+
+def new_ed25519_key() -> str:
+    """A new Ed25519 private key, PKCS#8 PEM."""
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    return ed25519.Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()
+
+
+def _ed25519(pem: str):
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    key = serialization.load_pem_private_key(pem.encode(), None)
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise ValueError("not an Ed25519 private key (make one with `openssl genpkey -algorithm ed25519`)")
+    return key
+
+
+def derived_ca(ca_key_pem: str, name: str) -> str:
+    """The self-signed CA certificate (PEM) of ``ca_key_pem``, identical on every call."""
+    import hashlib
+
+    key = _ed25519(ca_key_pem)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    serial = int.from_bytes(hashlib.sha256(b"ca" + name.encode()).digest()[:16], "big") >> 1
+    cert = (
+        x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+        .serial_number(serial).not_valid_before(_EPOCH).not_valid_after(_END)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                     content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                     key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+        .sign(key, None)
+    )
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def derived_leaf(ca_key_pem: str, ca_name: str, name: str, ips: list[str]) -> tuple[str, str]:
+    """(key PEM, certificate PEM) for member ``name``: server and client use, identical on every call."""
+    import hashlib
+    import hmac
+
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    ca_key = _ed25519(ca_key_pem)
+    seed = hmac.new(ca_key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                         serialization.NoEncryption()), name.encode(), hashlib.sha256).digest()
+    key = ed25519.Ed25519PrivateKey.from_private_bytes(seed)
+    ca_cert = x509.load_pem_x509_certificate(derived_ca(ca_key_pem, ca_name).encode())
+    sans: list[x509.GeneralName] = [x509.DNSName(name)] + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca_cert.subject).public_key(key.public_key())
+        .serial_number(int.from_bytes(hashlib.sha256(b"leaf" + name.encode()).digest()[:16], "big") >> 1)
+        .not_valid_before(_EPOCH).not_valid_after(_END)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                       critical=False)
+        .sign(ca_key, None)
+    )
+    pem_key = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption()).decode()
+    return pem_key, cert.public_bytes(serialization.Encoding.PEM).decode()

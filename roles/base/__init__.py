@@ -137,7 +137,9 @@ def packages_and_time() -> None:
         "base/etc/systemd/journald.conf.d/webstack.conf.j2", "/etc/systemd/journald.conf.d/webstack.conf",
         owes="restart-journald", max_use=base.journal_max_use,
     )
-    owed_action("restart-journald", "systemctl restart systemd-journald", [journald])
+    # --flush: move to /var/log/journal now, not at the next boot (journald only
+    # opens it once told that /var is writable).
+    owed_action("restart-journald", "systemctl restart systemd-journald && journalctl --flush", [journald])
 
     template_file(
         "base/etc/apt/apt.conf.d/52webstack-unattended.j2", "/etc/apt/apt.conf.d/52webstack-unattended",

@@ -18,13 +18,17 @@ from pyinfra.api import FactBase, OperationError, operation
 from pyinfra.facts.files import File
 from pyinfra.operations import apt, files, systemd
 
+from roles import registry
 from roles._lib import owed_action, render, root_shell, template_file, validated_file
 from roles.postgres._release import PGBACKREST_SFTP, paths
+from webstack import tls
 from webstack.inventory import HostConfig, Peer
 
 CONF_DIR = "/etc/pgbackrest"
 KEY_FILE = f"{CONF_DIR}/sftp_key"
 KNOWN_HOSTS = f"{CONF_DIR}/sftp_known_hosts"
+TLS_DIR = f"{CONF_DIR}/tls"
+TLS_PORT = 8432
 MOUNT_ROOT = "/srv/webstack-backup"
 SCRIPT = "/usr/local/lib/webstack/webstack-backup"
 UNITS = ("webstack-backup.service", "webstack-backup.timer", "webstack-backup-check.service",
@@ -48,8 +52,14 @@ def restore_command(pg: Any) -> str:
     return f'pgbackrest --stanza={pg.cluster} archive-get %f "%p"' if enabled(pg) else ""
 
 
-def repo_context(pg: Any, release: str, version: str, backup_peer: Peer | None) -> dict[str, Any]:
-    """Template variables of pgbackrest.conf (and the sshfs unit) for cluster ``pg.cluster``."""
+def repo_context(pg: Any, release: str, version: str, backup_peer: Peer | None,
+                 me: Peer | None = None, others: Sequence[Peer] = ()) -> dict[str, Any]:
+    """Template variables of pgbackrest.conf (and the sshfs unit) for cluster ``pg.cluster``.
+
+    ``me`` and ``others``: this member and the other members, reached through
+    pgBackRest's TLS server so backups can read data files from a standby
+    (none for a drill host, which is no member).
+    """
     if pg.backup_s3_bucket:
         repo_type, repo_path = "s3", f"/{pg.cluster}"
     elif PGBACKREST_SFTP[release]:
@@ -77,6 +87,10 @@ def repo_context(pg: Any, release: str, version: str, backup_peer: Peer | None) 
         "queue_max": pg.backup_queue_max,
         "data": paths(version)["data"],
         "check_args": " ".join(check_args(pg)),
+        "tls_dir": TLS_DIR,
+        "tls_port": TLS_PORT,
+        "me": me,
+        "others": list(others),
     }
 
 
@@ -166,7 +180,9 @@ def install_client(cfg: HostConfig, release: str, version: str, pg: Any, conf_di
     """Packages, keys and configuration for cluster ``pg.cluster``'s repository; returns (context, swaps)."""
     peers = {p.name: p for p in cfg.peers}
     backup_peer = peers.get(pg.backup_host) if pg.backup_host else None
-    ctx = repo_context(pg, release, version, backup_peer)
+    member = secrets_cfg is None
+    others = [p for p in cfg.peers if p.name in registry.cluster_members(cfg) and p.name != cfg.name] if member else []
+    ctx = repo_context(pg, release, version, backup_peer, peers[cfg.name] if member else None, others)
     apt.packages(name="Install pgBackRest", packages=["pgbackrest", *(["sshfs"] if ctx["sshfs"] else [])])
     for path, owner, mode in ((CONF_DIR, "root", "755"), (f"{CONF_DIR}/conf.d", "root", "755"),
                               ("/var/spool/pgbackrest", "postgres", "750"), ("/var/log/pgbackrest", "postgres", "770")):
@@ -197,6 +213,17 @@ def install_client(cfg: HostConfig, release: str, version: str, pg: Any, conf_di
                        **secrets_context(scfg, pg.cluster, bool(pg.backup_s3_bucket))),
     ))
     files.put(name=f"Install {SCRIPT}", src=str(_script_path()), dest=SCRIPT, mode="755")
+    if member:
+        ca_key = cfg.secret(f"pgbackrest_tls_ca_key_{pg.cluster}").unmask()
+        ca_name = f"webstack pgbackrest {pg.cluster}"
+        key, cert = tls.derived_leaf(ca_key, ca_name, cfg.name, [cfg.address])
+        files.directory(name=f"Directory {TLS_DIR}", path=TLS_DIR, user="root", group="postgres", mode="750")
+        swaps.append(validated_file(name="pgBackRest TLS CA", dest=f"{TLS_DIR}/ca.crt",
+                                    content=tls.derived_ca(ca_key, ca_name), owes="restart-pgbackrest-server"))
+        swaps.append(validated_file(name="pgBackRest TLS certificate", dest=f"{TLS_DIR}/member.crt", content=cert,
+                                    owes="restart-pgbackrest-server"))
+        swaps.append(validated_file(name="pgBackRest TLS key", dest=f"{TLS_DIR}/member.key", content=key,
+                                    user="postgres", group="postgres", mode="600", owes="restart-pgbackrest-server"))
     return ctx, swaps
 
 
@@ -231,6 +258,9 @@ def apply(cfg: HostConfig, release: str, version: str, is_primary: bool, restori
                     mount_unit + swaps[:2])
     for timer in TIMERS:
         systemd.service(name=f"{timer} enabled", service=timer, enabled=True, running=True)
+    # The TLS server lets the member running a backup read data files from a standby.
+    systemd.service(name="pgBackRest TLS server", service="pgbackrest", enabled=True, running=True)
+    owed_action("restart-pgbackrest-server", "systemctl restart pgbackrest", swaps)
     if is_primary and not restoring:
         stanza_create(name=f"Stanza {pg.cluster} in the repository", stanza=pg.cluster)
         first_backup(name=f"First full backup of {pg.cluster}", stanza=pg.cluster)

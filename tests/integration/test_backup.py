@@ -97,6 +97,13 @@ def test_check_deploy_passes_on_a_healthy_cluster(converged):
     assert '"stanza": "main"' in result.output and '"problems": []' in result.output
 
 
+@pytest.mark.parametrize("cluster,primary", [("main", "db1"), ("legacy", "db3")])
+def test_scheduled_backup_reads_from_the_standby(converged, cluster, primary):
+    out = host_for(primary).check_output(f"runuser -u postgres -- {SCRIPT} scheduled --stanza {cluster} --type incr 2>&1")
+    assert f"incr backup of {cluster} from a standby" in out
+    assert "wait for replay on the standby to reach" in out and "replay on the standby reached" in out
+
+
 def test_backup_host_holds_ciphertext_only(canaries):
     # Positive control: the same search finds the canary in the database host's own files.
     psql("db1", "checkpoint", db="postgres")

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from webstack.sshkeys import new_private_key
+from webstack.tls import new_ed25519_key
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl test@unit"
 SECRETS = {
@@ -21,6 +22,7 @@ SECRETS = {
     # The lab inventory's two clusters back up to backup1.
     **{f"pgbackrest_cipher_pass_{c}": f"cipher-{c}" for c in ("main", "legacy")},
     **{f"pgbackrest_sftp_key_{c}": new_private_key() for c in ("main", "legacy")},
+    **{f"pgbackrest_tls_ca_key_{c}": new_ed25519_key() for c in ("main", "legacy")},
 }
 
 

@@ -15,9 +15,11 @@ from roles.postgres import backup, config_context
 from roles.postgres.retention import Backup, add, expire
 from roles.registry import needed_secrets
 from tests.unit.conftest import SECRETS
+from webstack import tls
 from webstack.errors import ConfigError
 from webstack.inventory import load
 from webstack.sshkeys import new_private_key, public_key
+from webstack.tls import new_ed25519_key
 
 HOUR, DAY = 3600, 86400
 
@@ -38,7 +40,8 @@ HOSTS = {
 }
 KEY_MAIN, KEY_LEGACY = new_private_key(), new_private_key()
 BACKUP_SECRETS = {**SECRETS, "pgbackrest_cipher_pass_main": "cipher-main-secret", "pgbackrest_sftp_key_main": KEY_MAIN,
-                  "pgbackrest_cipher_pass_legacy": "cipher-legacy-secret", "pgbackrest_sftp_key_legacy": KEY_LEGACY}
+                  "pgbackrest_cipher_pass_legacy": "cipher-legacy-secret", "pgbackrest_sftp_key_legacy": KEY_LEGACY,
+                  "pgbackrest_tls_ca_key_main": new_ed25519_key(), "pgbackrest_tls_ca_key_legacy": new_ed25519_key()}
 GROUPS = {
     "db": {"postgres__primary": "db1", "postgres__users": ["app"], "postgres__backup_host": "vault",
            "postgres__databases": [{"name": "app", "owner": "app"}]},
@@ -242,3 +245,30 @@ def test_missing_cipher_passphrase_is_named(make_inventory):
 def test_sftp_key_must_be_an_openssh_private_key():
     with pytest.raises(ValueError, match="not an unencrypted OpenSSH private key"):
         public_key("-----BEGIN NONSENSE-----")
+
+
+def test_members_reach_each_other_over_tls_for_standby_backups(cfgs):
+    db1, db2 = (next(p for p in cfgs["db1"].peers if p.name == n) for n in ("db1", "db2"))
+    vault = next(p for p in cfgs["db1"].peers if p.name == "vault")
+    ctx = backup.repo_context(cfgs["db1"].role("postgres"), "trixie", "17", vault, db1, [db2])
+    conf = render("postgres/etc/pgbackrest/pgbackrest.conf.j2", **ctx)
+    assert "tls-server-address=10.1.0.31" in conf and "tls-server-auth=db2=main" in conf
+    assert "pg2-host=10.1.0.32\npg2-host-type=tls" in conf and "pg2-path=/var/lib/postgresql/17/main" in conf
+    sets, rules = firewall_rules(cfgs["db1"])
+    assert any("tcp dport 8432" in r and "pgBackRest TLS" in r for r in rules)
+    # A drill host is no member: no TLS server, no pg2.
+    drill = render("postgres/etc/pgbackrest/pgbackrest.conf.j2",
+                   **backup.repo_context(cfgs["db1"].role("postgres"), "trixie", "17", vault))
+    assert "tls-server" not in drill and "pg2-host" not in drill
+
+
+def test_member_certificates_are_stable_and_verify():
+    from cryptography import x509
+
+    ca_key = new_ed25519_key()
+    first = tls.derived_leaf(ca_key, "ca", "db1", ["10.1.0.31"])
+    assert first == tls.derived_leaf(ca_key, "ca", "db1", ["10.1.0.31"])  # a rerun changes no file
+    assert first != tls.derived_leaf(ca_key, "ca", "db2", ["10.1.0.32"])
+    ca = x509.load_pem_x509_certificate(tls.derived_ca(ca_key, "ca").encode())
+    leaf = x509.load_pem_x509_certificate(first[1].encode())
+    leaf.verify_directly_issued_by(ca)
