@@ -159,7 +159,7 @@ def stanza_create(stanza: str):
     if st and st.get("status", {}).get("code") in (0, 2, 6):
         host.noop(f"stanza {stanza} exists")
         return
-    yield f"runuser -u postgres -- pgbackrest --stanza={stanza} --log-level-console=warn stanza-create"
+    yield f"runuser -u postgres -- {SCRIPT} stanza-create --stanza {stanza}"
 
 
 @operation()

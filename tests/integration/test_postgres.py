@@ -106,6 +106,8 @@ def test_switchover_under_load_loses_nothing(client, tmp_path, cluster, primary,
     # The old primary streams from the new one; a site run with the new inventory changes nothing.
     assert sql(client, primary, f"select count(*) from writes_sw_{cluster}") == str(len(stored))
     assert deploy(inv, "site", "--limit", f"pg_{cluster}").totals()["changed"] == "-"
+    # Archiving follows the promotion: the new primary gets a fresh WAL segment into the repository.
+    host_for(replica).check_output(f"runuser -u postgres -- pgbackrest --stanza={cluster} check")
     # Switch back so the lab matches the committed inventory again.
     deploy(inv, "switchover", "--limit", f"pg_{cluster}", "--data", "write_inventory=yes")
     assert f"postgres__primary: {primary}" in group_file.read_text()
