@@ -253,7 +253,7 @@ def test_members_reach_each_other_over_tls_for_standby_backups(cfgs):
     ctx = backup.repo_context(cfgs["db1"].role("postgres"), "trixie", "17", vault, db1, [db2])
     conf = render("postgres/etc/pgbackrest/pgbackrest.conf.j2", **ctx)
     assert "tls-server-address=10.1.0.31" in conf and "tls-server-auth=db2=main" in conf
-    assert "pg2-host=10.1.0.32\npg2-host-type=tls" in conf and "pg2-path=/var/lib/postgresql/17/main" in conf
+    assert "pg2-host=db2\npg2-host-type=tls" in conf and "pg2-path=/var/lib/postgresql/17/main" in conf
     sets, rules = firewall_rules(cfgs["db1"])
     assert any("tcp dport 8432" in r and "pgBackRest TLS" in r for r in rules)
     # A drill host is no member: no TLS server, no pg2.
@@ -272,3 +272,15 @@ def test_member_certificates_are_stable_and_verify():
     ca = x509.load_pem_x509_certificate(tls.derived_ca(ca_key, "ca").encode())
     leaf = x509.load_pem_x509_certificate(first[1].encode())
     leaf.verify_directly_issued_by(ca)
+
+
+def test_without_a_standby_the_other_members_are_left_out(cfgs, tmp_path):
+    db1, db2 = (next(p for p in cfgs["db1"].peers if p.name == n) for n in ("db1", "db2"))
+    vault = next(p for p in cfgs["db1"].peers if p.name == "vault")
+    conf = tmp_path / "pgbackrest.conf"
+    conf.write_text(render("postgres/etc/pgbackrest/pgbackrest.conf.j2",
+                           **backup.repo_context(cfgs["db1"].role("postgres"), "trixie", "17", vault, db1, [db2])))
+    resets = script.other_members(str(conf))
+    assert "--reset-pg2-host" in resets and "--reset-pg2-path" in resets and "--reset-pg2-host-port" in resets
+    assert not any(r.startswith("--reset-pg1") for r in resets)
+    assert script.other_members(str(tmp_path / "missing.conf")) == []
