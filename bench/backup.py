@@ -108,6 +108,7 @@ while [ ! -f /root/rpo-stop ]; do i=$((i+1))
 done
 """
     app1.run(f"cat > /root/rpo.sh <<'EOF'\n{script}EOF")
+    app1.run("systemctl stop rpo-writer 2>/dev/null; systemctl reset-failed rpo-writer 2>/dev/null; true")
     app1.check_output("systemd-run --unit=rpo-writer --collect sh /root/rpo.sh")
     time.sleep(seconds)
     sh(str(BIN / "python"), "-m", "lab", "poweroff", "db1", "db2")
