@@ -97,12 +97,12 @@ def backups_and_restore(scale: int) -> dict:
 
 
 def rpo_trial(app1, trial: int, seconds: float) -> dict:
-    psql("db1", "create table if not exists rpo (trial int, id bigint, at timestamptz not null, "
-                "primary key (trial, id)); grant all on rpo to app")
+    psql("db1", "create table if not exists rpo_trials (trial int, id bigint, at timestamptz not null, "
+                "primary key (trial, id)); grant all on rpo_trials to app")
     info = conninfo("db1", "db2", target_session_attrs="read-write", connect_timeout="1")
     script = f"""rm -f /root/rpo-acked /root/rpo-stop; date +%s.%N > /root/rpo-start; i=0
 while [ ! -f /root/rpo-stop ]; do i=$((i+1))
-  if PGPASSFILE={PGPASS} psql "{info}" -XAtqc "insert into rpo values ({trial}, $i, clock_timestamp())" 2>/dev/null
+  if PGPASSFILE={PGPASS} psql "{info}" -XAtqc "insert into rpo_trials values ({trial}, $i, clock_timestamp())" 2>/dev/null
   then echo "$i $(date +%s.%N)" >> /root/rpo-acked; fi
   sleep 0.05
 done
@@ -114,11 +114,14 @@ done
     sh(str(BIN / "python"), "-m", "lab", "poweroff", "db1", "db2")
     time.sleep(2)
     app1.run("touch /root/rpo-stop; sleep 1; systemctl stop rpo-writer 2>/dev/null")
-    acked = {int(i): float(t) for i, t in (line.split() for line in app1.check_output("cat /root/rpo-acked").splitlines())}
+    lines = app1.check_output("cat /root/rpo-acked 2>/dev/null || true").splitlines()
+    acked = {int(i): float(t) for i, t in (line.split() for line in lines)}
+    if not acked:
+        sys.exit("the writer got no insert acknowledged: see journalctl -u rpo-writer on app1")
     started = float(app1.check_output("cat /root/rpo-start"))
     restore_s = restore_drill()
-    restored = psql("drill1", f"select coalesce(max(id), 0) from rpo where trial = {trial}") \
-        if psql("drill1", "select to_regclass('rpo') is not null") == "t" else "0"
+    restored = psql("drill1", f"select coalesce(max(id), 0) from rpo_trials where trial = {trial}") \
+        if psql("drill1", "select to_regclass('rpo_trials') is not null") == "t" else "0"
     newest = int(restored)
     # A row can be restored without its acknowledgement (power lost between commit and reply):
     # measure from the newest restored row that was acknowledged, or from the trial's start.
