@@ -70,6 +70,7 @@ test: lint unit integration
 bench: site
 	$(PY) bench/run.py
 	$(PY) bench/database.py
+	$(PY) bench/backup.py
 	$(PY) bench/web.py
 
 docs: setup
