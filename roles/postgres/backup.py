@@ -156,8 +156,10 @@ def stanza_create(stanza: str):
     + stanza: the cluster name
     """
     st = host.get_fact(PgBackrestInfo, stanza=stanza)
-    if st and st.get("status", {}).get("code") in (0, 2, 6):
-        host.noop(f"stanza {stanza} exists")
+    code = (st or {}).get("status", {}).get("code")
+    if st and code not in (1, 3):  # 1: missing stanza path, 3: missing stanza data
+        host.noop(f"stanza {stanza}: status {code} {st['status'].get('message', '')}"
+                  + ("" if code in (0, 2) else " (the check reports it)"))
         return
     yield f"runuser -u postgres -- {SCRIPT} stanza-create --stanza {stanza}"
 
@@ -169,8 +171,8 @@ def first_backup(stanza: str):
     + stanza: the cluster name
     """
     st = host.get_fact(PgBackrestInfo, stanza=stanza)
-    if st and st.get("backup"):
-        host.noop(f"stanza {stanza} has {len(st['backup'])} backup(s)")
+    if st and (st.get("backup") or st.get("status", {}).get("code") != 2):
+        host.noop(f"stanza {stanza} has {len(st.get('backup', []))} backup(s)")
         return
     yield f"runuser -u postgres -- {SCRIPT} scheduled --stanza {stanza} --type full"
 
@@ -281,7 +283,8 @@ def check() -> None:
 
     def report() -> None:
         ok, out = root_shell(host, StringCommand(
-            "runuser", "-u", "postgres", "--", SCRIPT, "check", "--stanza", pg.cluster, *check_args(pg)), 600)
+            "runuser", "-u", "postgres", "--", SCRIPT, "check", "--require-primary", "--stanza", pg.cluster,
+            *check_args(pg)), 600)
         print(f"[{cfg.name}] {out.stdout}{out.stderr}")
         if not ok:
             raise OperationError(f"{cfg.name}: backups of cluster {pg.cluster} fail the check: {out.stdout}")

@@ -116,4 +116,8 @@ def restore(p: dict[str, Any]) -> None:
         print(f"[{cfg.name}] check: {out.stdout}")
 
     python.call(name="Check query on the restored server", function=verify)
+    if p["drill"]:
+        # The drill host keeps no way into the source's repository between drills.
+        server.shell(name=f"Remove {p['source_cluster']}'s repository key and passphrase from the drill host",
+                     commands=[f"rm -f {backup.KEY_FILE} {backup.CONF_DIR}/conf.d/secrets.conf"])
 

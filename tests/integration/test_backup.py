@@ -105,6 +105,8 @@ def test_scheduled_backup_reads_from_the_standby(converged, cluster, primary):
 
 
 def test_backup_host_holds_ciphertext_only(canaries):
+    """Every repository file is aes-256 ciphertext (``Salted__``); nowhere on the host (logs,
+    spool, configuration, repository) is the passphrase or a known row value in the clear."""
     # Positive control: the same search finds the canary in the database host's own files.
     psql("db1", "checkpoint", db="postgres")
     assert canaries["main"].encode() in tar_of("db1", "var/lib/postgresql")
@@ -128,8 +130,9 @@ def test_repository_account_is_sftp_only_inside_its_chroot(converged):
     assert listing.rc == 0 and "/repo/archive" in listing.stdout
     outside = db1.run(f"echo 'ls /etc' | runuser -u postgres -- sftp -b - {opts} pgbr-main@10.77.0.51")
     assert outside.rc != 0  # the chroot holds only repo/
-    shell = db1.run(f"runuser -u postgres -- ssh {opts} pgbr-main@10.77.0.51 id </dev/null")
-    assert "uid=" not in shell.stdout
+    shell = db1.run(f"runuser -u postgres -- ssh -v {opts} pgbr-main@10.77.0.51 id </dev/null")
+    assert "Authenticated to 10.77.0.51" in shell.stderr  # the key works...
+    assert "uid=" not in shell.stdout  # ...but the forced internal-sftp runs no command
     # A host that is neither a member nor a drill host never reaches backup1's sshd.
     probe = host_for("app1").run(
         "python3 -c \"import socket; s=socket.socket(); s.settimeout(2); print(s.connect_ex(('10.77.0.51', 22)))\"")
@@ -154,8 +157,11 @@ def test_dropped_table_comes_back_to_the_second(converged):
     # Between two rows: exactly the rows committed before that instant.
     restore_drill(f"time={stamp(at[10] + 0.1)}")
     assert psql("drill1", "select count(*), max(id) from orders") == "10|10"
-    # The copy does not archive into the source's repository.
+    # The copy does not archive into the source's repository, keeps no recovery target
+    # (a replica cloned from it would inherit it), and the drill host keeps no key to the repository.
     assert psql("drill1", "show archive_mode", db="postgres") == "off"
+    assert psql("drill1", "show recovery_target_time", db="postgres") == ""
+    assert host_for("drill1").run("test -e /etc/pgbackrest/conf.d/secrets.conf || test -e /etc/pgbackrest/sftp_key").rc == 1
 
 
 def test_restore_refuses_to_replace_data_without_confirmation(converged):

@@ -161,6 +161,11 @@ def test_check_passes_fresh_backups_and_names_every_breach():
     assert "newest full backup is 216.0 h old (limit 192 h)" in problems
     assert "2 WAL segment(s) wait for the archive, the oldest for 400 s (limit 300 s)" in problems
     assert script.breaches(now, stanza(), {"failing": False}, [], LIMITS)[:1] == ["no any backup"]
+    # A long full in progress: the hourly runs wait for it, which is no reason to alarm.
+    busy = stanza(("full", now - 3 * DAY, False), ("diff", now - 5 * HOUR, False))
+    assert script.breaches(now, busy, {"failing": False}, [], LIMITS) == ["newest any backup is 5.0 h old (limit 2 h)"]
+    busy["status"]["lock"] = {"backup": {"held": True}}
+    assert script.breaches(now, busy, {"failing": False}, [], LIMITS) == []
 
 
 # --- configuration -------------------------------------------------------------------------------------------
