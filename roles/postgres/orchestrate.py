@@ -29,6 +29,7 @@ from roles.postgres import (
     MemTotalMb,
     _cluster_state,
     _live,
+    backup,
     barrier,
     clone_command,
     config_context,
@@ -140,6 +141,17 @@ def switchover() -> None:
     old_host, new_host = inventory.get_host(old), inventory.get_host(target)
 
     def stop_old_primary() -> None:
+        if backup.enabled(pg) and str(host.data.get("force", "")).lower() not in ("1", "yes", "true"):
+            # A promoted standby never archives WAL it did not generate: whatever waits here
+            # now would be a gap in the archive. Give asynchronous archiving 30 s to drain.
+            waiting = f"ls {p['data']}/pg_wal/archive_status | grep -c '[.]ready$' || true"
+            deadline = time.monotonic() + 30
+            while (count := int(_sh(old_host, waiting) or 0)) and time.monotonic() < deadline:
+                time.sleep(1)
+            if count:
+                raise OperationError(f"switchover: {count} WAL segment(s) on {old} wait for the backup repository; "
+                                     "promoting now would leave a gap in the archive. Fix archiving (deploys/check.py) "
+                                     "or repeat with --data force=yes")
         _sh(old_host, f"systemctl stop {p['service']}", timeout=600)
         control = _sh(old_host, f"LC_ALL=C {p['bin']}/pg_controldata {p['data']}")
         found = re.search(r"Latest checkpoint location:\s+(\S+)", control)
@@ -149,6 +161,8 @@ def switchover() -> None:
         logger.info(f"    [{old}] stopped cleanly at {_shared['checkpoint']}")
 
     def promote_target() -> None:
+        if "checkpoint" not in _shared:
+            raise OperationError(f"{old} was not stopped: nothing to promote")
         want = _lsn(_shared["checkpoint"])
         deadline = time.monotonic() + 120
         while _lsn(_psql(new_host, "select pg_last_wal_replay_lsn()")) < want:

@@ -171,7 +171,7 @@ def test_restore_refuses_to_replace_data_without_confirmation(converged):
     assert "repeat with --data confirm=drill1" in result.output
 
 
-def test_backup_host_outage_queues_wal_and_loses_nothing(converged):
+def test_backup_host_outage_queues_wal_and_loses_nothing(converged, tmp_path):
     psql("db1", "drop table if exists outage; create table outage (id int primary key)")
     archive_now("db1", "main")
     failed_before = int(psql("db1", "select failed_count from pg_stat_archiver", db="postgres"))
@@ -188,6 +188,11 @@ def test_backup_host_outage_queues_wal_and_loses_nothing(converged):
         problems = json.loads(check.stdout.strip().splitlines()[-1])["problems"]
         assert any("pgbackrest check failed" in p for p in problems)
         assert any("wait for the archive" in p for p in problems)
+        # A switchover now would leave those segments out of the archive for good: refused.
+        refused = deploy(inventory_copy(tmp_path), "switchover", "--limit", "pg_main", check=False)
+        assert refused.returncode != 0 and "wait for the backup repository" in refused.output
+        assert psql("db1", "select pg_is_in_recovery()", db="postgres") == "f"
+        assert psql("db2", "select pg_is_in_recovery()", db="postgres") == "t"
     finally:
         lab("heal")
     # A new segment wakes the archiver at once (it otherwise retries every minute).
