@@ -6,6 +6,7 @@
     --data time='2026-11-27 10:41:07+00'   point in time (default: the end of the archive)
     --data confirm=TARGET   TARGET already holds a data directory: replace it
     --data check_sql='select count(*) from orders' [--data check_db=app]   printed afterwards
+    (declared in roles/options.py RestoreOptions; any other key is refused before connecting)
 
 Include the backup host in --limit: its SSH host key is read from it, and new
 machines are admitted to the repository account first.
@@ -14,9 +15,11 @@ See roles/postgres/restore.py and README "Backups".
 
 from pyinfra import host
 
-from roles import backup, base
-from roles._lib import config
-from roles.postgres import apply as postgres_apply
+from roles._lib import config, options
+from roles.backup import deploy as backup
+from roles.base import deploy as base
+from roles.options import RestoreOptions
+from roles.postgres import deploy as postgres
 from roles.postgres import restore
 
 cfg = config()
@@ -26,8 +29,8 @@ if "backup" in cfg.roles:
     base.apply()
     backup.apply()
 elif "postgres" in cfg.roles:
-    request = restore.plan(host.data)
-    postgres_apply(restoring=not request["drill"])
+    request = restore.plan(options(RestoreOptions))
+    postgres.apply(restoring=not request.drill)
     restore.restore(request)
 else:
     host.noop("neither a backup host nor a postgres host")

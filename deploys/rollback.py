@@ -7,6 +7,8 @@ rollout run deploys the working tree (or app__git_ref) again: pin a release
 with app__git_ref to keep the rollback.
 """
 
+from roles._lib import options
 from roles.app import rolling
+from roles.options import RollbackOptions
 
-rolling.converge(release="previous")
+rolling.converge(release=options(RollbackOptions).release or "previous")

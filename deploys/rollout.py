@@ -5,6 +5,8 @@
 The same rolling step deploys/site.py ends with, without the rest of site.
 """
 
+from roles._lib import options
 from roles.app import rolling
+from roles.options import RolloutOptions
 
-rolling.converge()
+rolling.converge(options(RolloutOptions).release)

@@ -1,24 +1,33 @@
-"""Build or converge every host: the base role, then the host's roles in dependency order.
+"""Build or converge every host: the base role, then the host's roles, then the rolling step.
 
-    pyinfra inventories/<env>.py deploys/site.py
+    pyinfra inventories/<env>.py deploys/site.py [--data release=ID]
+
+Order (README "Order of operations"): on one host, operations run in the order
+of the lines below; across hosts, pyinfra runs them step by step, and the
+rolling step keeps its cross-host order with barriers. Each role is called
+from its own line, so no two roles' operations are ever taken for one.
 """
 
-from importlib import import_module
-
-from roles import backup, base
-from roles._lib import config
+from roles import _lib
+from roles.app import deploy as app
 from roles.app import rolling
-from roles.registry import ordered_roles
+from roles.backup import deploy as backup
+from roles.base import deploy as base
+from roles.lb import deploy as lb
+from roles.options import RolloutOptions
+from roles.postgres import deploy as postgres
 
+mine = _lib.config().roles
 base.apply()
-# Backup hosts first: pyinfra orders operations by their line in this file, so
-# the repository accounts exist before any database host creates its stanza.
-if "backup" in config().roles:
+if "backup" in mine:  # repository accounts before any database host creates its stanza
     backup.apply()
-for _role in ordered_roles(config().roles):
-    if _role != "backup":
-        import_module(f"roles.{_role}").apply()
+if "postgres" in mine:
+    postgres.apply()
+if "app" in mine:  # an application server on a database host (stage 1) finds its database
+    app.apply()
+if "lb" in mine:
+    lb.apply()
 
 # Application releases and restarts roll through the application servers one
 # at a time, drained from the load balancers (all app and lb hosts take part).
-rolling.converge()
+rolling.converge(_lib.options(RolloutOptions).release)

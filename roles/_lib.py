@@ -19,7 +19,7 @@ import hashlib
 import io
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from pyinfra import host
@@ -28,7 +28,10 @@ from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.files import Directory, File, Sha1File
 from pyinfra.operations import server
 
+from webstack import options as _options
 from webstack.inventory import HostConfig
+
+T = TypeVar("T")
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 PENDING_DIR = "/var/lib/webstack/pending"
@@ -43,12 +46,30 @@ _env = Environment(
 )
 
 
-def config() -> HostConfig:
-    """The current host's validated configuration (set by the inventory loader)."""
-    cfg = host.data.get("webstack")
+def config(target: Any = None) -> HostConfig:
+    """The validated configuration of the current host (or of pyinfra host ``target``), set by the inventory loader."""
+    target = target or host
+    cfg = target.data.get("webstack")
     if not isinstance(cfg, HostConfig):
-        raise RuntimeError(f"{host.name}: not loaded through a webstack inventory (inventories/<env>.py)")
+        raise RuntimeError(f"{target.name}: not loaded through a webstack inventory (inventories/<env>.py)")
     return cfg
+
+
+def options(cls: type[T]) -> T:
+    """This deploy's ``--data`` options, typed (declared in roles/options.py; unknown keys were refused
+    before pyinfra connected)."""
+    return _options.parse(cls, host.data)
+
+
+@operation()
+def barrier(label: str):
+    """A no-op shared by several hosts, so later operations wait for all earlier ones (see deploys/site.py).
+
+    + label: what the barrier separates (shown in the output)
+    """
+    host.noop(label)
+    return
+    yield  # pragma: no cover - makes this a generator, as operations are
 
 
 def render(template: str, **context: Any) -> str:

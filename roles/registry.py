@@ -1,7 +1,14 @@
-"""The roles an inventory may name, their order, secrets and cross-host rules.
+"""The roles an inventory may name, the deploys and their options, secrets and cross-host rules.
 
-This module imports only settings declarations (no pyinfra operations), so the
-inventory loader, the docs generator and the unit tests can use it freely.
+This module imports only settings and option declarations and the topology
+(no pyinfra, no jinja2, no role operations), so the inventory loader, the docs
+generator and the unit tests can use it freely. It hands all of it to the
+tooling as one :class:`~webstack.catalog.Catalog` (``CATALOG``), registered as
+the ``webstack.catalog`` entry point in pyproject.toml.
+
+A new role: its ``settings.py``, an entry in ``ROLES``, a line in deploys/site.py.
+A new cross-host rule: a method of ``roles.topology.Topology``, asked from here.
+A new deploy option: a field in ``roles/options.py`` (a new deploy: a line in ``DEPLOYS``).
 """
 
 from __future__ import annotations
@@ -16,7 +23,17 @@ from roles.app.settings import AppSettings
 from roles.backup.settings import BackupSettings
 from roles.base.settings import BaseSettings
 from roles.lb.settings import LbSettings
+from roles.options import (
+    FailoverOptions,
+    RejoinOptions,
+    RestoreOptions,
+    RollbackOptions,
+    RolloutOptions,
+    SwitchoverOptions,
+)
 from roles.postgres.settings import PostgresSettings
+from roles.topology import Topology, topology
+from webstack.catalog import Catalog, DeployInfo
 from webstack.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -35,12 +52,11 @@ class Derived:
 
 @dataclass(frozen=True)
 class Role:
-    """One role: its settings class, the roles it must follow, its secrets and openings."""
+    """One role: its settings class, its secrets and the openings it needs."""
 
     name: str
     doc: str
     settings: type
-    after: tuple[str, ...] = ()
     secrets: Callable[[HostConfig], list[str]] = lambda cfg: []
     openings: Callable[[HostConfig], list[Derived]] = lambda cfg: []
 
@@ -48,13 +64,7 @@ class Role:
 def _base_secrets(cfg: HostConfig) -> list[str]:
     # A console password per operator: SSH stays key-only, but a broken
     # network or sshd config must not lock the operator out of the console.
-    return [f"password_hash_{u.name}" for u in cfg.role("base").admin_users]
-
-
-def cluster_members(cfg: HostConfig) -> list[str]:
-    """Names of the hosts in the same PostgreSQL cluster as ``cfg`` (itself included)."""
-    cluster = cfg.role("postgres").cluster
-    return [p.name for p in cfg.peers if "postgres" in p.roles and p.role("postgres").cluster == cluster]
+    return [f"password_hash_{u.name}" for u in cfg.settings(BaseSettings).admin_users]
 
 
 def backup_secrets(cluster: str, s3: bool) -> list[str]:
@@ -65,41 +75,31 @@ def backup_secrets(cluster: str, s3: bool) -> list[str]:
 
 
 def _postgres_secrets(cfg: HostConfig) -> list[str]:
-    pg = cfg.role("postgres")
+    pg = cfg.settings(PostgresSettings)
     out = ["postgres_password_replicator", *(f"postgres_password_{u}" for u in pg.users)]
     if pg.backup_host or pg.backup_s3_bucket:
         out += backup_secrets(pg.cluster, bool(pg.backup_s3_bucket))
     return out
 
 
-def backup_clients(cfg: HostConfig) -> dict[str, list[str]]:
-    """On a backup host: cluster -> addresses allowed to use its repository
-    (the cluster's members, then the restore-drill hosts)."""
-    out: dict[str, list[str]] = {}
-    for peer in cfg.peers:
-        if "postgres" in peer.roles and peer.role("postgres").backup_host == cfg.name:
-            out.setdefault(peer.role("postgres").cluster, []).append(peer.address)
-    drills = sorted({p.address for g in cfg.role("backup").restore_groups for p in cfg.members(g)})
-    return {c: sorted(a) + [d for d in drills if d not in a] for c, a in sorted(out.items())}
-
-
 def _backup_secrets(cfg: HostConfig) -> list[str]:
     # Only the SSH keys, from which the control machine derives the public
     # halves; the cipher passphrase never reaches a backup host's context.
-    return [f"pgbackrest_sftp_key_{cluster}" for cluster in backup_clients(cfg)]
+    return [f"pgbackrest_sftp_key_{cluster}" for cluster in topology(cfg).backup_clients(cfg.name)]
 
 
 def _backup_openings(cfg: HostConfig) -> list[Derived]:
-    sources = sorted({a for addrs in backup_clients(cfg).values() for a in addrs})
-    port = cfg.role("base").ssh_port
+    top = topology(cfg)
+    sources = sorted({a for addrs in top.backup_clients(cfg.name).values() for a in addrs})
+    port = top.ssh_port(cfg.name)
     return [Derived(port, "tcp", tuple(sources), "sftp from database hosts (pgBackRest)")] if sources else []
 
 
 def _postgres_openings(cfg: HostConfig) -> list[Derived]:
-    pg = cfg.role("postgres")
-    clients = sorted({p.address for group in pg.clients for p in cfg.members(group) if p.name != cfg.name})
-    members = cluster_members(cfg)
-    peers = sorted(p.address for p in cfg.peers if p.name in members and p.name != cfg.name)
+    pg = cfg.settings(PostgresSettings)
+    top = topology(cfg)
+    clients = top.addresses((h for _group, h in top.database_clients(cfg.name)), besides=cfg.name)
+    peers = top.addresses(top.cluster_peers(cfg.name))
     out = []
     if clients:
         out.append(Derived(5432, "tcp", tuple(clients), "postgres clients"))
@@ -110,68 +110,48 @@ def _postgres_openings(cfg: HostConfig) -> list[Derived]:
     return out
 
 
-def _vip_peers(cfg: HostConfig) -> list[str]:
-    vip = cfg.role("lb").vip
-    return sorted(p.address for p in cfg.peers if "lb" in p.roles and p.name != cfg.name and p.role("lb").vip == vip)
-
-
 def _lb_openings(cfg: HostConfig) -> list[Derived]:
     out = [Derived(80, "tcp", ("0.0.0.0/0", "::/0"), "http (redirects to https)"),
            Derived(443, "tcp", ("0.0.0.0/0", "::/0"), "https")]
-    if cfg.role("lb").vip and _vip_peers(cfg):
-        out.append(Derived(0, "vrrp", tuple(_vip_peers(cfg)), "vrrp from the load-balancer peer"))
+    vrrp = topology(cfg).addresses(topology(cfg).vrrp_peers(cfg.name))
+    if cfg.settings(LbSettings).vip and vrrp:
+        out.append(Derived(0, "vrrp", tuple(vrrp), "vrrp from the load-balancer peer"))
     return out
 
 
-def app_database_owner(cfg: HostConfig) -> str | None:
-    """Owner of the database the application uses (None when no postgres host has it)."""
-    wanted = cfg.role("app").database
-    for peer in cfg.peers:
-        if "postgres" in peer.roles:
-            for db in peer.role("postgres").databases:
-                if db.name == wanted:
-                    return db.owner
-    return None
-
-
 def _app_secrets(cfg: HostConfig) -> list[str]:
-    owner = app_database_owner(cfg)
-    return ["app_secret_key", *([f"postgres_password_{owner}"] if owner else [])]
+    db = topology(cfg).app_database(cfg.name)
+    return ["app_secret_key", *([f"postgres_password_{db.database.owner}"] if db else [])]
 
 
 def _app_openings(cfg: HostConfig) -> list[Derived]:
-    lbs = tuple(sorted(p.address for p in cfg.peers if "lb" in p.roles))
-    return [Derived(cfg.role("app").port, "tcp", lbs, "application from the load balancers")] if lbs else []
+    lbs = tuple(topology(cfg).addresses(topology(cfg).load_balancers()))
+    return [Derived(cfg.settings(AppSettings).port, "tcp", lbs, "application from the load balancers")] if lbs else []
 
 
 ROLES: dict[str, Role] = {
     "base": Role("base", "every host: users, SSH, firewall, updates, time, journal", BaseSettings, secrets=_base_secrets),
     "backup": Role("backup", "off-site pgBackRest repository host (chrooted SFTP, ciphertext only)", BackupSettings,
                    secrets=_backup_secrets, openings=_backup_openings),
-    "postgres": Role("postgres", "PostgreSQL primary or streaming replica", PostgresSettings, after=("backup",),
+    "postgres": Role("postgres", "PostgreSQL primary or streaming replica", PostgresSettings,
                      secrets=_postgres_secrets, openings=_postgres_openings),
-    "app": Role("app", "WSGI application servers (gunicorn), rolling releases", AppSettings, after=("postgres",),
+    "app": Role("app", "WSGI application servers (gunicorn), rolling releases", AppSettings,
                 secrets=_app_secrets, openings=_app_openings),
-    "lb": Role("lb", "nginx TLS terminator, keepalived pair with a floating IP", LbSettings, after=("app",),
+    "lb": Role("lb", "nginx TLS terminator, keepalived pair with a floating IP", LbSettings,
                secrets=lambda cfg: ["tls_cert", "tls_key"], openings=_lb_openings),
 }
 
-
-def ordered_roles(names: Sequence[str]) -> list[str]:
-    """The given roles in dependency order (each after the roles it names in ``after``)."""
-    done: list[str] = []
-
-    def visit(name: str) -> None:
-        if name in done:
-            return
-        for dep in ROLES[name].after:
-            if dep in names:
-                visit(dep)
-        done.append(name)
-
-    for name in sorted(names):
-        visit(name)
-    return done
+DEPLOYS: dict[str, DeployInfo] = {d.name: d for d in (
+    DeployInfo("site", "build or converge every host, then the rolling application step", RolloutOptions),
+    DeployInfo("rollout", "the rolling application step alone", RolloutOptions),
+    DeployInfo("rollback", "every application server back to its previous release", RollbackOptions),
+    DeployInfo("check", "certificate expiry, backup freshness"),
+    DeployInfo("switchover", "planned change of a cluster's primary, no data loss", SwitchoverOptions),
+    DeployInfo("failover", "promote a replica when the primary is dead", FailoverOptions),
+    DeployInfo("rejoin", "make a former primary a replica of the current one", RejoinOptions),
+    DeployInfo("restore", "restore a cluster from its repository (in place, new machines, or a drill host)",
+               RestoreOptions),
+)}
 
 
 def needed_secrets(cfg: HostConfig) -> list[str]:
@@ -191,7 +171,7 @@ def check_fleet(configs: Sequence[HostConfig], where: str) -> None:
         seen[cfg.address] = cfg.name
     groups = {g for cfg in configs for g in (*cfg.roles, *cfg.groups)}
     for cfg in configs:
-        base = cfg.role("base")
+        base = cfg.settings(BaseSettings)
         if not base.admin_users:
             raise ConfigError(where, f"hosts.{cfg.name}: base__admin_users",
                               "at least one admin user is needed (root login is disabled)")
@@ -210,27 +190,26 @@ def check_fleet(configs: Sequence[HostConfig], where: str) -> None:
                                       f"no host has role or group {group!r}")
         for net in base.admin_networks:
             ipaddress.ip_network(net, strict=False)
-    _check_postgres_clusters(configs, where)
-    _check_lb_pairs(configs, where)
+    if not configs:
+        return
+    top = topology(configs[0])
+    _check_postgres_clusters(top, where)
+    _check_lb_pairs(top, where)
     for cfg in configs:
-        if "app" in cfg.roles and app_database_owner(cfg) is None:
+        if "app" in cfg.roles and top.app_database(cfg.name) is None:
             raise ConfigError(where, f"hosts.{cfg.name}: app__database",
-                              f"no postgres host has database {cfg.role('app').database!r}")
+                              f"no postgres host has database {cfg.settings(AppSettings).database!r}")
 
 
-def _check_lb_pairs(configs: Sequence[HostConfig], where: str) -> None:
+def _check_lb_pairs(top: Topology, where: str) -> None:
     """Each VIP: one VRRP id, inside every member's subnet, no host's address; VRRP ids unique per network."""
-    pairs: dict[str, list[HostConfig]] = {}
-    for cfg in configs:
-        if "lb" in cfg.roles and cfg.role("lb").vip:
-            pairs.setdefault(cfg.role("lb").vip, []).append(cfg)
-    addresses = {cfg.address: cfg.name for cfg in configs}
+    addresses = {h.address: h.name for h in top.hosts}
     ids: dict[int, str] = {}
-    for vip, members in pairs.items():
-        names = ", ".join(c.name for c in members)
+    for vip, members in top.lb_pairs().items():
+        names = ", ".join(h.name for h in members)
         if vip in addresses:
             raise ConfigError(where, f"lb pair {names}: lb__vip", f"{vip} is the address of host {addresses[vip]}")
-        vrrp_ids = {c.role("lb").vrrp_id for c in members}
+        vrrp_ids = {h.settings(LbSettings).vrrp_id for h in members}
         if len(vrrp_ids) > 1:
             raise ConfigError(where, f"lb pair {names}: lb__vrrp_id", f"members disagree: {sorted(vrrp_ids)}")
         vrrp_id = vrrp_ids.pop()
@@ -238,49 +217,49 @@ def _check_lb_pairs(configs: Sequence[HostConfig], where: str) -> None:
             raise ConfigError(where, f"lb pair {names}: lb__vrrp_id",
                               f"duplicate VRRP id {vrrp_id}: also used by the pair with VIP {ids[vrrp_id]}")
         ids[vrrp_id] = vip
-        for cfg in members:
-            net = ipaddress.ip_interface(f"{cfg.address}/{cfg.role('lb').vip_prefix}").network
+        for h in members:
+            net = ipaddress.ip_interface(f"{h.address}/{h.settings(LbSettings).vip_prefix}").network
             if ipaddress.ip_address(vip) not in net:
-                raise ConfigError(where, f"hosts.{cfg.name}: lb__vip", f"{vip} is outside {cfg.name}'s subnet {net}")
+                raise ConfigError(where, f"hosts.{h.name}: lb__vip", f"{vip} is outside {h.name}'s subnet {net}")
 
 
-def _check_postgres_clusters(configs: Sequence[HostConfig], where: str) -> None:
+def _check_postgres_clusters(top: Topology, where: str) -> None:
     """One primary per cluster, a primary that is a member, one Debian release per cluster."""
-    clusters: dict[str, list[HostConfig]] = {}
-    for cfg in configs:
-        if "postgres" in cfg.roles:
-            clusters.setdefault(cfg.role("postgres").cluster, []).append(cfg)
-    for name, members in clusters.items():
+    for name, members in top.clusters().items():
         primaries: dict[str, list[str]] = {}
-        for cfg in members:
-            primaries.setdefault(cfg.role("postgres").primary, []).append(cfg.name)
+        for h in members:
+            primaries.setdefault(h.settings(PostgresSettings).primary, []).append(h.name)
         if len(primaries) > 1:
             detail = "; ".join(f"{', '.join(hosts)} say {p or '(none)'!r}" for p, hosts in primaries.items())
             raise ConfigError(where, f"cluster {name}: postgres__primary", f"two primaries named: {detail}")
         primary = next(iter(primaries))
-        names = [cfg.name for cfg in members]
+        names = [h.name for h in members]
         if not primary:
             raise ConfigError(where, f"cluster {name}: postgres__primary", "no primary named")
         if primary not in names:
             raise ConfigError(where, f"cluster {name}: postgres__primary",
                               f"{primary!r} is not a postgres host of this cluster (members: {', '.join(names)})")
-        releases = {cfg.release for cfg in members if cfg.release}
+        releases = {h.release for h in members if h.release}
         if len(releases) > 1:
             raise ConfigError(where, f"cluster {name}: release",
                               f"members run different Debian releases ({', '.join(sorted(releases))}): "
                               "streaming replication needs one PostgreSQL major version")
         for key in ("backup_host", "backup_s3_bucket", "backup_retention_full", "backup_retention_diff"):
-            values = {str(getattr(cfg.role("postgres"), key)) for cfg in members}
+            values = {str(getattr(h.settings(PostgresSettings), key)) for h in members}
             if len(values) > 1:
                 raise ConfigError(where, f"cluster {name}: postgres__{key}", f"members disagree: {sorted(values)}")
-        backup_host = members[0].role("postgres").backup_host
-        if backup_host:
-            target = next((c for c in configs if c.name == backup_host), None)
+        pg = members[0].settings(PostgresSettings)
+        if pg.backup_host:
+            target = top.get(pg.backup_host)
             if target is None or "backup" not in target.roles:
                 raise ConfigError(where, f"cluster {name}: postgres__backup_host",
-                                  f"{backup_host!r} is not a host with role backup")
-            if backup_host in names:
+                                  f"{pg.backup_host!r} is not a host with role backup")
+            if pg.backup_host in names:
                 raise ConfigError(where, f"cluster {name}: postgres__backup_host",
                                   "the backup host must not be a member of the cluster it backs up (off-site)")
-        if members[0].role("postgres").synchronous and len(members) < 2:
+        if pg.synchronous and len(members) < 2:
             raise ConfigError(where, f"cluster {name}: postgres__synchronous", "needs at least one replica")
+
+
+CATALOG = Catalog(roles=ROLES, deploys=DEPLOYS, check_fleet=check_fleet, needed_secrets=needed_secrets,
+                  ssh_port=lambda cfg: topology(cfg).ssh_port(cfg.name))

@@ -97,46 +97,75 @@ def cmd_rotate(inv: Path) -> int:
     return 0
 
 
-def needs_onboarding(inv: Path, hosts: list[str]) -> list[str]:
-    """Hosts whose admin user cannot log in yet (a fresh server that takes only root)."""
+def _admin_login(address: str, port: int, ssh: dict, user: str) -> bool | None:
+    """Whether ``user`` logs in: True, False (refused: a fresh server), None (nothing answers on ``port``)."""
     import paramiko
 
+    client = paramiko.SSHClient()
+    if ssh.get("known_hosts"):
+        client.load_host_keys(ssh["known_hosts"])
+    client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    try:
+        client.connect(address, port=port, username=user, key_filename=ssh.get("key"), timeout=10,
+                       allow_agent=not ssh.get("key"), look_for_keys=not ssh.get("key"))
+        return True
+    except paramiko.AuthenticationException:
+        return False
+    except OSError:  # refused or timed out (an unknown host key still raises)
+        return None
+    finally:
+        client.close()
+
+
+def needs_onboarding(inv: Path, hosts: list[str], ports: dict[str, int]) -> dict[str, int]:
+    """Hosts whose admin user cannot log in yet (a fresh server that takes only root) -> the port sshd answers on.
+
+    ``ports``: each host's ``base__ssh_port``. A fresh server's sshd may still
+    listen on Debian's 22 until the base role has moved it.
+    """
     from webstack.inventory import _hosts
 
     ssh, entries = _hosts(inv)
     user = ssh.get("user", "root")
-    fresh = []
+    fresh = {}
     for name in hosts or list(entries):
         if name not in entries:
             raise ConfigError(str(inv / "hosts.yml"), f"hosts.{name}", "no such host")
-        client = paramiko.SSHClient()
-        if ssh.get("known_hosts"):
-            client.load_host_keys(ssh["known_hosts"])
-        client.set_missing_host_key_policy(paramiko.RejectPolicy())
-        try:
-            client.connect(str(entries[name]["address"]), port=entries[name].get("port", ssh.get("port", 22)),
-                           username=user, key_filename=ssh.get("key"), timeout=10,
-                           allow_agent=not ssh.get("key"), look_for_keys=not ssh.get("key"))
-        except paramiko.AuthenticationException:
-            fresh.append(name)
-        finally:
-            client.close()
+        address, port = str(entries[name]["address"]), ports[name]
+        answer = _admin_login(address, port, ssh, user)
+        if answer is None and port != 22:
+            port, answer = 22, _admin_login(address, 22, ssh, user)
+        if answer is None:
+            raise ConfigError(str(inv / "hosts.yml"), f"hosts.{name}", f"no SSH server answers on {address}:{ports[name]}")
+        if answer is False:
+            fresh[name] = port
     return fresh
 
 
 def cmd_onboard(inv: Path, hosts: list[str], extra: list[str]) -> int:
+    from webstack.catalog import discover
     from webstack.inventory import load
 
-    load(inv)  # validate everything before touching any server
-    fresh = needs_onboarding(inv, hosts)
+    catalog = discover()
+    configs = load(inv, catalog=catalog)  # validate everything before touching any server
+    ports = {c.name: catalog.ssh_port(c) for c in configs}
+    fresh = needs_onboarding(inv, hosts, ports)
     if not fresh:
         print("onboard: every host already accepts its admin user; nothing to do")
         return 0
     print(f"onboard: {', '.join(fresh)} (as root, once)")
-    cmd = [str(Path(sys.executable).parent / "pyinfra"), "-y", str(inv.with_suffix(".py")), "deploys/site.py", "--user", "root"]
-    for name in fresh:
-        cmd += ["--limit", name]
-    return subprocess.run(cmd + extra, check=False).returncode
+    code = 0
+    # One run per port sshd answers on now; afterwards every host listens on its base__ssh_port.
+    for port in sorted(set(fresh.values())):
+        cmd = [str(Path(sys.executable).parent / "pyinfra"), "-y", str(inv.with_suffix(".py")), "deploys/site.py",
+               "--user", "root"]
+        group = [n for n in fresh if fresh[n] == port]
+        if any(ports[n] != port for n in group):
+            cmd += ["--port", str(port)]
+        for name in group:
+            cmd += ["--limit", name]
+        code = code or subprocess.run(cmd + extra, check=False).returncode
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_onboard(args.inventory, args.hosts, [])
         if args.cmd == "docs":
             from webstack.docs import update_readme
+
 
             return update_readme(Path(__file__).resolve().parent.parent / "README.md", check=args.check)
         inv = args.inventory

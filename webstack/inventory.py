@@ -18,22 +18,37 @@ checked here, before pyinfra connects to any server; a problem raises
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
 from webstack.errors import ConfigError
 from webstack.settings import parse
 
+if TYPE_CHECKING:
+    from webstack.catalog import Catalog
+
 HOST_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 RELEASES = ("bookworm", "trixie")
-HOST_KEYS = {"address", "roles", "groups", "release", "port"}
-SSH_KEYS = {"user": "ssh_user", "key": "ssh_key", "known_hosts": "ssh_known_hosts_file", "port": "ssh_port"}
+HOST_KEYS = {"address", "roles", "groups", "release"}
+SSH_KEYS = {"user": "ssh_user", "key": "ssh_key", "known_hosts": "ssh_known_hosts_file"}
+# The SSH port has one owner, the base role's ``ssh_port`` setting (sshd, firewall, pyinfra, onboarding).
+PORT_HINT = "the SSH port is the setting base__ssh_port (sshd listens on it, pyinfra connects to it)"
+
+S = TypeVar("S")
+
+
+def _settings_of(owner: str, settings: Mapping[str, Any], cls: type[S]) -> S:
+    for value in settings.values():
+        if type(value) is cls:
+            return value
+    raise LookupError(f"{owner} has no {cls.__name__} (its roles: base, {', '.join(k for k in settings if k != 'base')})")
 
 
 @dataclass(frozen=True)
@@ -44,12 +59,12 @@ class Peer:
     address: str
     roles: tuple[str, ...]
     groups: tuple[str, ...]
-    settings: Mapping[str, Any] = field(repr=False, compare=False, default_factory=dict)
+    role_settings: Mapping[str, Any] = field(repr=False, compare=False, default_factory=dict)
     release: str = ""
 
-    def role(self, name: str) -> Any:
-        """The peer's typed settings of one role (``base`` and its own roles only)."""
-        return self.settings[name]
+    def settings(self, cls: type[S]) -> S:
+        """The peer's typed settings of one role, by class (``base`` and its own roles only)."""
+        return _settings_of(self.name, self.role_settings, cls)
 
     def is_in(self, group_or_role: str) -> bool:
         """True when the host has this role or belongs to this group."""
@@ -66,22 +81,32 @@ class HostConfig:
     release: str | None
     roles: tuple[str, ...]
     groups: tuple[str, ...]
-    settings: Mapping[str, Any]
+    role_settings: Mapping[str, Any]
     peers: tuple[Peer, ...]
     secrets: Mapping[str, Any] = field(repr=False)
     inventory_dir: str = ""
 
-    def role(self, name: str) -> Any:
-        """The typed settings of one role (``base`` included)."""
-        return self.settings[name]
+    def settings(self, cls: type[S]) -> S:
+        """The typed settings of one role, by class: ``cfg.settings(LbSettings)`` is an ``LbSettings``."""
+        return _settings_of(self.name, self.role_settings, cls)
 
-    def members(self, group_or_role: str) -> list[Peer]:
-        """All inventory hosts with this role or in this group, in inventory order."""
-        return [p for p in self.peers if p.is_in(group_or_role)]
+    def with_settings(self, value: object) -> HostConfig:
+        """This configuration with one role's settings replaced (what a host will be after a change)."""
+        role = next(k for k, v in self.role_settings.items() if type(v) is type(value))
+        return dataclasses.replace(self, role_settings={**self.role_settings, role: value})
 
     def secret(self, key: str) -> Any:
         """A secret as a pyinfra ``HiddenValue`` (masked in all output)."""
         return self.secrets[key]
+
+    def to_json(self) -> dict[str, Any]:
+        """What ``pyinfra INVENTORY debug-inventory`` prints: settings in full, secrets by name only."""
+        return {
+            "name": self.name, "address": self.address, "env": self.env, "release": self.release,
+            "roles": list(self.roles), "groups": list(self.groups),
+            "settings": {role: dataclasses.asdict(value) for role, value in self.role_settings.items()},
+            "secrets": sorted(self.secrets), "peers": [p.name for p in self.peers],
+        }
 
 
 @dataclass
@@ -136,6 +161,8 @@ def _hosts(inv: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
         raise ConfigError(str(path), sorted(unknown)[0], "unknown key (known: hosts, ssh)")
     ssh = _mapping(doc.get("ssh"), path, "ssh")
     for key in ssh:
+        if key == "port":
+            raise ConfigError(str(path), "ssh.port", f"not here: {PORT_HINT}")
         if key not in SSH_KEYS:
             raise ConfigError(str(path), f"ssh.{key}", f"unknown key (known: {', '.join(SSH_KEYS)})")
     hosts = _mapping(doc.get("hosts"), path, "hosts")
@@ -148,6 +175,8 @@ def _hosts(inv: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
             raise ConfigError(str(path), key, "host names are lower-case letters, digits and '-'")
         entry = _mapping(entry, path, key)
         for k in entry:
+            if k == "port":
+                raise ConfigError(str(path), f"{key}.port", f"not here: {PORT_HINT}")
             if k not in HOST_KEYS:
                 raise ConfigError(str(path), f"{key}.{k}", f"unknown key (known: {', '.join(sorted(HOST_KEYS))})")
         address = entry.get("address")
@@ -171,16 +200,20 @@ def _settings_files(inv: Path, kind: str, name: str) -> tuple[Path, dict[str, An
     return path, _mapping(read_yaml(path, required=False), path, f"{kind}/{name}.yml")
 
 
-def load(inv_dir: str | Path, *, secrets: Mapping[str, str] | None = None) -> list[HostConfig]:
+def load(inv_dir: str | Path, *, secrets: Mapping[str, str] | None = None,
+         catalog: Catalog | None = None) -> list[HostConfig]:
     """Load and validate an inventory directory; return one HostConfig per host.
 
     ``secrets`` is the decrypted secrets mapping; when None it is read from the
-    inventory's ``secrets.age`` (``webstack.secrets.load``).
+    inventory's ``secrets.age`` (``webstack.secrets.load``). ``catalog``: the
+    roles (default: the one the roles package registers, ``webstack.catalog``).
     """
     from pyinfra.api import HiddenValue
 
-    from roles.registry import ROLES, check_fleet, needed_secrets
+    from webstack.catalog import discover
 
+    catalog = catalog or discover()
+    known_roles = catalog.roles
     inv = Path(inv_dir)
     env = inv.name
     ssh, hosts = _hosts(inv)
@@ -190,8 +223,8 @@ def load(inv_dir: str | Path, *, secrets: Mapping[str, str] | None = None) -> li
     groups_known: set[str] = set()
     for name, entry in hosts.items():
         for role in entry.get("roles", []):
-            if role not in ROLES or role == "base":
-                known = ", ".join(sorted(r for r in ROLES if r != "base"))
+            if role not in known_roles or role == "base":
+                known = ", ".join(sorted(r for r in known_roles if r != "base"))
                 raise ConfigError(hosts_path, f"hosts.{name}.roles", f"unknown role {role!r} (known: {known})")
         groups_known.update(entry.get("roles", []))
         groups_known.update(entry.get("groups", []))
@@ -208,8 +241,8 @@ def load(inv_dir: str | Path, *, secrets: Mapping[str, str] | None = None) -> li
     # Settings keys are '<role>__<field>' for a known role.
     def split_key(key: str, path: str) -> tuple[str, str]:
         role, sep, fieldname = key.partition("__")
-        if not sep or role not in ROLES:
-            raise ConfigError(path, key, f"unknown key: settings are '<role>__<setting>' with role one of {', '.join(sorted(ROLES))}")
+        if not sep or role not in known_roles:
+            raise ConfigError(path, key, f"unknown key: settings are '<role>__<setting>' with role one of {', '.join(sorted(known_roles))}")
         return role, fieldname
 
     all_path, all_data = _settings_files(inv, "group_data", "all")
@@ -231,7 +264,7 @@ def load(inv_dir: str | Path, *, secrets: Mapping[str, str] | None = None) -> li
         settings: dict[str, Any] = {}
         for role in applied:
             settings[role] = parse(
-                ROLES[role].settings,
+                known_roles[role].settings,
                 per_role.get(role, {}),
                 _locator(source, role, hosts_path),
                 prefix=f"{role}__",
@@ -240,7 +273,7 @@ def load(inv_dir: str | Path, *, secrets: Mapping[str, str] | None = None) -> li
         # so a typo in group data never waits for the day the role is added.
         for role, data in per_role.items():
             if role not in applied:
-                parse(ROLES[role].settings, data, _locator(source, role, hosts_path), prefix=f"{role}__")
+                parse(known_roles[role].settings, data, _locator(source, role, hosts_path), prefix=f"{role}__")
         all_settings[name] = settings
 
     peers = tuple(
@@ -256,14 +289,14 @@ def load(inv_dir: str | Path, *, secrets: Mapping[str, str] | None = None) -> li
             release=entry.get("release"),
             roles=tuple(entry.get("roles", [])),
             groups=tuple(entry.get("groups", [])),
-            settings=all_settings[name],
+            role_settings=all_settings[name],
             peers=peers,
             secrets={},
             inventory_dir=str(inv),
         )
         for name, entry in hosts.items()
     ]
-    check_fleet(drafts, hosts_path)
+    catalog.check_fleet(drafts, hosts_path)
 
     # Secrets last: a settings mistake is reported even without the key.
     if secrets is None:
@@ -273,7 +306,7 @@ def load(inv_dir: str | Path, *, secrets: Mapping[str, str] | None = None) -> li
     secrets_path = str(inv / "secrets.age")
     configs = []
     for draft in drafts:
-        wanted = needed_secrets(draft)
+        wanted = catalog.needed_secrets(draft)
         missing = [k for k in wanted if k not in secrets]
         if missing:
             raise ConfigError(secrets_path, missing[0],
@@ -284,18 +317,24 @@ def load(inv_dir: str | Path, *, secrets: Mapping[str, str] | None = None) -> li
     return configs
 
 
-def pyinfra_groups(inventory_file: str) -> dict[str, Any]:
+def pyinfra_groups(inventory_file: str, catalog: Catalog | None = None) -> dict[str, Any]:
     """The module-level groups a pyinfra inventory file exposes.
 
     ``inventories/<env>.py`` calls this with its ``__file__``; it loads
     ``inventories/<env>/`` and returns ``{"all": [(name, data), ...], <role or
-    group>: [names], ...}``. Validation errors stop pyinfra before it connects.
+    group>: [names], ...}``. Validation errors, and ``--data`` options the
+    deploy does not declare, stop pyinfra before it connects.
     """
     from pyinfra.api.exceptions import PyinfraError
 
+    from webstack.catalog import discover
+    from webstack.options import check_command_line
+
+    catalog = catalog or discover()
     inv = Path(inventory_file).resolve().with_suffix("")
     try:
-        configs = load(inv)
+        check_command_line(catalog)
+        configs = load(inv, catalog=catalog)
         ssh, _ = _hosts(inv)
     except ConfigError as exc:
         raise PyinfraError(f"webstack: {exc}") from None
@@ -303,7 +342,7 @@ def pyinfra_groups(inventory_file: str) -> dict[str, Any]:
     all_hosts = []
     groups: dict[str, list[str]] = {}
     for cfg in configs:
-        data: dict[str, Any] = {"ssh_hostname": cfg.address, "webstack": cfg}
+        data: dict[str, Any] = {"ssh_hostname": cfg.address, "ssh_port": catalog.ssh_port(cfg), "webstack": cfg}
         for key, data_key in SSH_KEYS.items():
             if key in ssh:
                 data[data_key] = ssh[key]

@@ -20,10 +20,12 @@ from pyinfra.api import OperationError
 from pyinfra.facts.files import Sha1File
 from pyinfra.operations import server
 
-from roles._lib import PendingActions, config, owed_action, validated_file
-from roles.app import AppState, build_release, env_content, install_release, unit_content
-from roles.base import codename
-from roles.postgres import barrier
+from roles._lib import PendingActions, barrier, config, owed_action, validated_file
+from roles.app.deploy import AppState, build_release, env_content, install_release, unit_content
+from roles.app.settings import AppSettings
+from roles.base.deploy import codename
+from roles.lb.deploy import nginx_site
+from roles.lb.settings import LbSettings
 from webstack.inventory import HostConfig
 
 
@@ -49,7 +51,7 @@ def _wanted_release(cfg: HostConfig, current: dict, requested: str) -> str:
         return earlier[-1]
     if requested:
         return requested
-    app = cfg.role("app")
+    app = cfg.settings(AppSettings)
     return build_release(app.source, app.git_ref)[0]
 
 
@@ -63,8 +65,8 @@ def plan(requested: str = "") -> list[Step]:
         other = inventory.get_host(peer.name, default=None)
         if other is None or other not in state.active_hosts:
             continue
-        cfg: HostConfig = other.data.webstack
-        name = cfg.role("app").name
+        cfg = config(other)
+        name = cfg.settings(AppSettings).name
         current = other.get_fact(AppState, app=name)
         release = _wanted_release(cfg, current, requested)
         reasons = []
@@ -85,7 +87,7 @@ def plan(requested: str = "") -> list[Step]:
 
 def _switch(cfg: HostConfig, step: Step) -> None:
     """On the server being changed: files, release, reload or restart, health, pruning."""
-    app = cfg.role("app")
+    app = cfg.settings(AppSettings)
     name = app.name
     current = host.get_fact(AppState, app=name)
     env = validated_file(name="Environment file (secrets)", dest=f"/etc/webstack/{name}.env",
@@ -130,12 +132,12 @@ def converge(release: str = "") -> None:
     """Apply the plan, one application server at a time (no-op when nothing changes).
 
     ``release``: a release id or "previous" instead of the one built from the
-    working tree (``--data release=...`` overrides it).
+    working tree (the deploys pass their ``--data release`` option).
     """
     cfg = config()
     if not {"app", "lb"} & set(cfg.roles):
         return
-    steps = plan(str(host.data.get("release") or release))
+    steps = plan(release)
     if not steps:
         host.noop("application servers are up to date")
         return
@@ -145,9 +147,7 @@ def converge(release: str = "") -> None:
         # With a single application server there is nothing to drain to.
         drain = len(app_servers) > 1
         if "lb" in cfg.roles and drain:
-            from roles.lb import nginx_site
-
-            site = nginx_site(cfg, distro, [*cfg.role("lb").drained, step.host], force=True,
+            site = nginx_site(cfg, distro, [*cfg.settings(LbSettings).drained, step.host], force=True,
                               name=f"Drain {step.host} ({', '.join(step.reasons)})")
             owed_action("reload-nginx", "nginx -t -q && systemctl reload nginx", [site])
         barrier(name=f"{step.host} drained", label=step.host)
@@ -155,8 +155,6 @@ def converge(release: str = "") -> None:
             _switch(cfg, step)
         barrier(name=f"{step.host} switched", label=step.host)
         if "lb" in cfg.roles and drain:
-            from roles.lb import nginx_site
-
-            site = nginx_site(cfg, distro, cfg.role("lb").drained, force=True, name=f"Put {step.host} back")
+            site = nginx_site(cfg, distro, cfg.settings(LbSettings).drained, force=True, name=f"Put {step.host} back")
             owed_action("reload-nginx", "nginx -t -q && systemctl reload nginx", [site])
         barrier(name=f"{step.host} back in rotation", label=step.host)

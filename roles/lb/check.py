@@ -10,6 +10,7 @@ from pyinfra.api import FactBase, OperationError
 from pyinfra.operations import python
 
 from roles._lib import config
+from roles.lb.settings import LbSettings
 
 
 class CertificateNotAfter(FactBase):
@@ -31,7 +32,7 @@ def certificate() -> None:
     if "lb" not in cfg.roles:
         host.noop("not a load balancer")
         return
-    days = cfg.role("lb").cert_warning_days
+    days = cfg.settings(LbSettings).cert_warning_days
     not_after = host.get_fact(CertificateNotAfter, path="/etc/nginx/tls/webstack.crt")
     if not_after is None:
         raise OperationError(f"{cfg.name}: no certificate at /etc/nginx/tls/webstack.crt")

@@ -18,9 +18,11 @@ from pyinfra.api import FactBase, OperationError, operation
 from pyinfra.facts.files import File
 from pyinfra.operations import apt, files, systemd
 
-from roles import registry
 from roles._lib import owed_action, render, root_shell, template_file, validated_file
+from roles.base.settings import BaseSettings
 from roles.postgres._release import PGBACKREST_SFTP, paths
+from roles.postgres.settings import PostgresSettings
+from roles.topology import topology
 from webstack import tls
 from webstack.inventory import HostConfig, Peer
 
@@ -37,22 +39,22 @@ TIMERS = ("webstack-backup.timer", "webstack-backup-check.timer", "webstack-back
 REPO_MOUNT_UNIT = "webstack-backup-repo.service"
 
 
-def enabled(pg: Any) -> bool:
+def enabled(pg: PostgresSettings) -> bool:
     """Whether a cluster's settings turn backups on."""
     return bool(pg.backup_host or pg.backup_s3_bucket)
 
 
-def archive_command(pg: Any) -> str:
+def archive_command(pg: PostgresSettings) -> str:
     """PostgreSQL's archive_command for a cluster (pgBackRest's async push when backups are on)."""
     return f"pgbackrest --stanza={pg.cluster} archive-push %p" if enabled(pg) else pg.archive_command
 
 
-def restore_command(pg: Any) -> str:
+def restore_command(pg: PostgresSettings) -> str:
     """restore_command, so a standby that fell behind its slot can catch up from the archive."""
     return f'pgbackrest --stanza={pg.cluster} archive-get %f "%p"' if enabled(pg) else ""
 
 
-def repo_context(pg: Any, release: str, version: str, backup_peer: Peer | None,
+def repo_context(pg: PostgresSettings, release: str, version: str, backup_peer: Peer | None,
                  me: Peer | None = None, others: Sequence[Peer] = ()) -> dict[str, Any]:
     """Template variables of pgbackrest.conf (and the sshfs unit) for cluster ``pg.cluster``.
 
@@ -74,7 +76,7 @@ def repo_context(pg: Any, release: str, version: str, backup_peer: Peer | None,
         "repo_path": repo_path,
         "sshfs": repo_type == "posix",
         "sftp_host": backup_peer.address if backup_peer else "",
-        "sftp_port": backup_peer.role("base").ssh_port if backup_peer else 22,
+        "sftp_port": backup_peer.settings(BaseSettings).ssh_port if backup_peer else 22,
         "sftp_user": f"pgbr-{pg.cluster}",
         "key_file": KEY_FILE,
         "known_hosts": KNOWN_HOSTS,
@@ -85,7 +87,7 @@ def repo_context(pg: Any, release: str, version: str, backup_peer: Peer | None,
         "retention_full": pg.backup_retention_full,
         "retention_diff": pg.backup_retention_diff,
         "queue_max": pg.backup_queue_max,
-        "data": paths(version)["data"],
+        "data": paths(version).data,
         "check_args": " ".join(check_args(pg)),
         "tls_dir": TLS_DIR,
         "tls_port": TLS_PORT,
@@ -94,7 +96,7 @@ def repo_context(pg: Any, release: str, version: str, backup_peer: Peer | None,
     }
 
 
-def check_args(pg: Any) -> list[str]:
+def check_args(pg: PostgresSettings) -> list[str]:
     """The inventory's thresholds as arguments of ``webstack-backup check``."""
     return ["--max-wal-lag-s", str(pg.backup_check_max_wal_lag_s), "--max-age-h", str(pg.backup_check_max_age_h),
             "--max-diff-age-h", str(pg.backup_check_max_diff_age_h),
@@ -144,7 +146,7 @@ def known_hosts_lines(backup_peer: Peer) -> str | None:
     if other is None or other not in state.active_hosts:
         return None
     keys = other.get_fact(SshHostKeys)
-    port = backup_peer.role("base").ssh_port
+    port = backup_peer.settings(BaseSettings).ssh_port
     name = backup_peer.address if port == 22 else f"[{backup_peer.address}]:{port}"
     return "".join(f"{name} {k}\n" for k in keys)
 
@@ -177,13 +179,13 @@ def first_backup(stanza: str):
     yield f"runuser -u postgres -- {SCRIPT} scheduled --stanza {stanza} --type full"
 
 
-def install_client(cfg: HostConfig, release: str, version: str, pg: Any, conf_dir: str = CONF_DIR,
+def install_client(cfg: HostConfig, release: str, version: str, pg: PostgresSettings, conf_dir: str = CONF_DIR,
                    secrets_cfg: Any = None) -> tuple[Any, list]:
     """Packages, keys and configuration for cluster ``pg.cluster``'s repository; returns (context, swaps)."""
     peers = {p.name: p for p in cfg.peers}
     backup_peer = peers.get(pg.backup_host) if pg.backup_host else None
     member = secrets_cfg is None
-    others = [p for p in cfg.peers if p.name in registry.cluster_members(cfg) and p.name != cfg.name] if member else []
+    others = topology(cfg).cluster_peers(cfg.name) if member else []
     ctx = repo_context(pg, release, version, backup_peer, peers[cfg.name] if member else None, others)
     apt.packages(name="Install pgBackRest", packages=["pgbackrest", *(["sshfs"] if ctx["sshfs"] else [])])
     for path, owner, mode in ((CONF_DIR, "root", "755"), (f"{CONF_DIR}/conf.d", "root", "755"),
@@ -237,7 +239,7 @@ def _script_path():
 
 def apply(cfg: HostConfig, release: str, version: str, is_primary: bool, restoring: bool = False) -> None:
     """Repository access, timers and (on the primary) the stanza and a first backup."""
-    pg = cfg.role("postgres")
+    pg = cfg.settings(PostgresSettings)
     if not enabled(pg):
         timers = [t for t in TIMERS if host.get_fact(File, path=f"/etc/systemd/system/{t}")]
         for timer in timers:
@@ -276,7 +278,7 @@ def check() -> None:
     from roles._lib import config
 
     cfg = config()
-    pg = cfg.role("postgres") if "postgres" in cfg.roles else None
+    pg = cfg.settings(PostgresSettings) if "postgres" in cfg.roles else None
     if pg is None or not enabled(pg) or pg.primary != cfg.name:
         host.noop("not the primary of a cluster with backups")
         return

@@ -28,13 +28,13 @@ class PgCluster(FactBase):
             "(select count(*) from pg_database where datname not in ('postgres', 'template0', 'template1'))"
         )
         return (
-            f"D={p['data']}; test -f $D/PG_VERSION || exit 0; "
-            f"LC_ALL=C {p['bin']}/pg_controldata $D | "
+            f"D={p.data}; test -f $D/PG_VERSION || exit 0; "
+            f"LC_ALL=C {p.bin}/pg_controldata $D | "
             "sed -n 's/^Database system identifier: *\\(.*\\)/system_id=\\1/p; "
             "s/^Database cluster state: *\\(.*\\)/state=\\1/p; "
             "s/^Latest checkpoint.s TimeLineID: *\\(.*\\)/checkpoint_tli=\\1/p'; "
             "test -f $D/standby.signal && echo standby_signal=1; "
-            f"if systemctl is-active -q {p['service']}; then echo running=1; "
+            f"if systemctl is-active -q {p.service}; then echo running=1; "
             f"runuser -u postgres -- psql -XAtF= -c \"{sql}\" 2>/dev/null | sed 's/^/live=/'; fi"
         )
 

@@ -20,25 +20,26 @@ from pyinfra import host, inventory, logger
 from pyinfra.api import OperationError
 from pyinfra.operations import python, server
 
-from roles import registry
-from roles._lib import config, owed_action, root_shell, template_file
-from roles.base import codename
-from roles.postgres import (
+from roles._lib import barrier, config, options, owed_action, root_shell, template_file
+from roles.base.deploy import codename
+from roles.options import FailoverOptions, RejoinOptions, SwitchoverOptions
+from roles.postgres import backup
+from roles.postgres._release import VERSION, paths
+from roles.postgres.deploy import (
     PGPASS,
     UNREACHABLE,
     MemTotalMb,
     _cluster_state,
     _live,
-    backup,
-    barrier,
     clone_command,
     config_context,
     ensure_slots,
     reload_command,
     slot_name,
 )
-from roles.postgres._release import VERSION, paths
 from roles.postgres.facts import PrimaryAt
+from roles.postgres.settings import PostgresSettings
+from roles.topology import topology
 from webstack.inventory import HostConfig
 
 # Values handed from one step's callback to a later one (control machine memory).
@@ -64,23 +65,23 @@ def _lsn(value: str) -> int:
 
 def with_primary(cfg: HostConfig, primary: str, synchronous: bool | None = None) -> HostConfig:
     """The host's configuration as it will be once ``primary`` is the cluster's primary."""
-    pg = dataclasses.replace(cfg.role("postgres"), primary=primary)
+    pg = dataclasses.replace(cfg.settings(PostgresSettings), primary=primary)
     if synchronous is not None:
         pg = dataclasses.replace(pg, synchronous=synchronous)
-    return dataclasses.replace(cfg, settings={**cfg.settings, "postgres": pg})
+    return cfg.with_settings(pg)
 
 
 def _configure(cfg: HostConfig, version: str):
     """Render conf.d/webstack.conf for ``cfg`` (which may name a new primary)."""
     p = paths(version)
     return template_file(
-        "postgres/etc/postgresql/main/conf.d/webstack.conf.j2", f"{p['etc']}/conf.d/webstack.conf",
+        "postgres/etc/postgresql/main/conf.d/webstack.conf.j2", f"{p.etc}/conf.d/webstack.conf",
         owes="reload-postgres", user="postgres", group="postgres",
         **config_context(cfg, host.get_fact(MemTotalMb)),
     )
 
 
-def _inventory_change(cfg: HostConfig, old: str, new: str) -> None:
+def _inventory_change(cfg: HostConfig, old: str, new: str, write: bool) -> None:
     """Tell the operator the inventory line to change; write it with --data write_inventory=yes."""
     inv = Path(cfg.inventory_dir)
     candidates = [inv / "group_data" / "all.yml"]
@@ -89,7 +90,7 @@ def _inventory_change(cfg: HostConfig, old: str, new: str) -> None:
     pattern = re.compile(rf"^(postgres__primary:\s*)['\"]?{re.escape(old)}['\"]?(\s*(#.*)?)$", re.M)
     files = [f for f in candidates if f.exists() and pattern.search(f.read_text())]
     where = ", ".join(str(f) for f in files) or f"{inv}/group_data (postgres__primary)"
-    if str(host.data.get("write_inventory", "")).lower() in ("1", "yes", "true"):
+    if write:
         for f in files:
             f.write_text(pattern.sub(rf"\g<1>{new}\g<2>", f.read_text()))
         logger.warning(f"webstack: inventory updated: {where}: postgres__primary: {old} -> {new}; commit it")
@@ -121,10 +122,11 @@ def switchover() -> None:
     if setup is None:
         return
     cfg, version, states = setup
-    pg = cfg.role("postgres")
+    request = options(SwitchoverOptions)
+    pg = cfg.settings(PostgresSettings)
     old = pg.primary
-    others = [m for m in registry.cluster_members(cfg) if m != old]
-    target = host.data.get("to") or (others[0] if len(others) == 1 else None)
+    others = [p.name for p in topology(cfg).cluster_of(cfg.name) if p.name != old]
+    target = request.to or (others[0] if len(others) == 1 else None)
     if target not in others:
         raise OperationError(f"switchover: name the new primary with --data to=HOST (one of {', '.join(others)})")
     old_st, new_st = _live(states.get(old)), _live(states.get(target))
@@ -141,10 +143,10 @@ def switchover() -> None:
     old_host, new_host = inventory.get_host(old), inventory.get_host(target)
 
     def stop_old_primary() -> None:
-        if backup.enabled(pg) and str(host.data.get("force", "")).lower() not in ("1", "yes", "true"):
+        if backup.enabled(pg) and not request.force:
             # A promoted standby never archives WAL it did not generate: whatever waits here
             # now would be a gap in the archive. Give asynchronous archiving 30 s to drain.
-            waiting = f"ls {p['data']}/pg_wal/archive_status | grep -c '[.]ready$' || true"
+            waiting = f"ls {p.data}/pg_wal/archive_status | grep -c '[.]ready$' || true"
             deadline = time.monotonic() + 30
             while (count := int(_sh(old_host, waiting) or 0)) and time.monotonic() < deadline:
                 time.sleep(1)
@@ -152,8 +154,8 @@ def switchover() -> None:
                 raise OperationError(f"switchover: {count} WAL segment(s) on {old} wait for the backup repository; "
                                      "promoting now would leave a gap in the archive. Fix archiving (deploys/check.py) "
                                      "or repeat with --data force=yes")
-        _sh(old_host, f"systemctl stop {p['service']}", timeout=600)
-        control = _sh(old_host, f"LC_ALL=C {p['bin']}/pg_controldata {p['data']}")
+        _sh(old_host, f"systemctl stop {p.service}", timeout=600)
+        control = _sh(old_host, f"LC_ALL=C {p.bin}/pg_controldata {p.data}")
         found = re.search(r"Latest checkpoint location:\s+(\S+)", control)
         if not found:
             raise OperationError(f"{old}: no checkpoint location in pg_controldata output")
@@ -189,7 +191,8 @@ def switchover() -> None:
     barrier(name="New primary ready", label=f"switchover {old} -> {target}")
     if host.name == old:
         _start_as_standby(version, conf)
-        python.call(name="Inventory change", function=_inventory_change, cfg=cfg, old=old, new=target)
+        python.call(name="Inventory change", function=_inventory_change, cfg=cfg, old=old, new=target,
+                    write=request.write_inventory)
 
 
 def _start_as_standby(version: str, conf: Any) -> None:
@@ -198,7 +201,7 @@ def _start_as_standby(version: str, conf: Any) -> None:
     server.shell(
         name="Start as a standby and wait for streaming",
         commands=[
-            f"runuser -u postgres -- touch {p['data']}/standby.signal && timeout 300 systemctl start {p['service']} && "
+            f"runuser -u postgres -- touch {p.data}/standby.signal && timeout 300 systemctl start {p.service} && "
             "for i in $(seq 120); do s=$(runuser -u postgres -- psql -XAtc "
             "'select status from pg_stat_wal_receiver'); [ \"$s\" = streaming ] && exit 0; sleep 0.5; done; "
             "echo 'not streaming after 60 s' >&2; exit 1"
@@ -219,11 +222,12 @@ def failover() -> None:
     if setup is None:
         return
     cfg, version, states = setup
-    pg = cfg.role("postgres")
+    request = options(FailoverOptions)
+    pg = cfg.settings(PostgresSettings)
     old = pg.primary
     if host.name == old:
         raise OperationError(f"failover: {old} is the primary being replaced; leave it out of --limit")
-    target = host.data.get("to")
+    target = request.to
     candidates = [m for m, st in states.items() if m != old and (_live(st) or {}).get("in_recovery")]
     if not target:
         if len(candidates) != 1:
@@ -231,7 +235,7 @@ def failover() -> None:
         target = candidates[0]
     old_st = _live(states.get(old))
     # The old primary is usually outside --limit: ask it over the network too.
-    old_address = next(x.address for x in cfg.peers if x.name == old)
+    old_address = topology(cfg).primary(cfg.name).address
     if (old_st and old_st["running"] and old_st["in_recovery"] is False) or host.get_fact(PrimaryAt, address=old_address):
         raise OperationError(f"failover: {old} is alive and primary; use deploys/switchover.py")
     if target not in candidates:
@@ -261,7 +265,8 @@ def failover() -> None:
         if degrade:
             logger.warning(f"webstack: {target} runs asynchronously until a replica rejoins; then run deploys/site.py")
         ensure_slots(cfg)
-        python.call(name="Inventory change", function=_inventory_change, cfg=cfg, old=old, new=target)
+        python.call(name="Inventory change", function=_inventory_change, cfg=cfg, old=old, new=target,
+                    write=request.write_inventory)
 
 
 def rejoin() -> None:
@@ -274,7 +279,7 @@ def rejoin() -> None:
     if setup is None:
         return
     cfg, version, states = setup
-    pg = cfg.role("postgres")
+    pg = cfg.settings(PostgresSettings)
     primary_st = _live(states.get(pg.primary))
     if not (primary_st and primary_st["running"] and primary_st["in_recovery"] is False):
         raise OperationError(
@@ -291,8 +296,8 @@ def rejoin() -> None:
     if mine and mine["running"] and mine["in_recovery"]:
         host.noop(f"{host.name} is already a standby")
         return
-    primary_address = next(x.address for x in cfg.peers if x.name == pg.primary)
-    if str(host.data.get("reclone", "")).lower() in ("1", "yes", "true") or not mine:
+    primary_address = topology(cfg).primary(cfg.name).address
+    if options(RejoinOptions).reclone or not mine:
         server.shell(name=f"Re-clone from {pg.primary}",
                      commands=[clone_command(version, primary_address, slot_name(host.name))])
         conf = _configure(cfg, version)
@@ -301,9 +306,9 @@ def rejoin() -> None:
     server.shell(
         name=f"pg_rewind against {pg.primary}",
         commands=[
-            f"systemctl stop {p['service']}; "
-            f"runuser -u postgres -- env PGPASSFILE={PGPASS} {p['bin']}/pg_rewind -D {p['data']} "
-            f"--config-file={p['etc']}/postgresql.conf "
+            f"systemctl stop {p.service}; "
+            f"runuser -u postgres -- env PGPASSFILE={PGPASS} {p.bin}/pg_rewind -D {p.data} "
+            f"--config-file={p.etc}/postgresql.conf "
             f"--source-server='host={primary_address} user=replicator dbname=postgres sslmode=require' "
             "|| { echo 'pg_rewind failed: rerun with --data reclone=yes' >&2; exit 1; }"
         ],

@@ -17,6 +17,7 @@ A target that already holds a data directory is only overwritten with
 from __future__ import annotations
 
 import shlex
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +27,20 @@ from pyinfra.facts.files import File
 from pyinfra.operations import python, server
 
 from roles._lib import config, root_shell
-from roles.base import codename
+from roles.base.deploy import codename
+from roles.options import RestoreOptions
 from roles.postgres import backup
-from roles.postgres._release import VERSION, paths
+from roles.postgres._release import VERSION, Paths, paths
+from roles.postgres.settings import PostgresSettings
+from roles.registry import backup_secrets
+from roles.topology import topology
+from webstack.inventory import HostConfig
 
 
 class _SourceSecrets:
     """The source cluster's secrets for a drill host (read from the inventory's secrets.age)."""
 
     def __init__(self, inv_dir: str, cluster: str, s3: bool) -> None:
-        from roles.registry import backup_secrets
         from webstack.secrets import decrypt
 
         everything = decrypt(Path(inv_dir))
@@ -49,15 +54,32 @@ class _SourceSecrets:
         return self._values[key]
 
 
-def plan(data: Any) -> dict[str, Any]:
+@dataclass(frozen=True)
+class RestorePlan:
+    """A checked restore request: what is restored, from where, onto which layout."""
+
+    cfg: HostConfig
+    source: PostgresSettings
+    source_cluster: str
+    drill: bool
+    release: str
+    version: str
+    paths: Paths
+    time: str
+    check_sql: str
+    check_db: str
+
+
+def plan(request: RestoreOptions) -> RestorePlan:
     """Check the request against the inventory and the target; raise before anything changes."""
     cfg = config()
-    own = cfg.role("postgres")
-    source_cluster = str(data.get("from") or own.cluster)
-    members = [p for p in cfg.peers if "postgres" in p.roles and p.role("postgres").cluster == source_cluster]
+    own = cfg.settings(PostgresSettings)
+    top = topology(cfg)
+    source_cluster = request.source or own.cluster
+    members = top.cluster(source_cluster)
     if not members:
         raise OperationError(f"no postgres host of the inventory is in cluster {source_cluster!r}")
-    source = members[0].role("postgres")
+    source = members[0].settings(PostgresSettings)
     if not backup.enabled(source):
         raise OperationError(f"cluster {source_cluster} has no backups configured (postgres__backup_host)")
     drill = source_cluster != own.cluster
@@ -67,8 +89,7 @@ def plan(data: Any) -> dict[str, Any]:
     if drill and backup.enabled(own):
         raise OperationError(f"{cfg.name} backs up cluster {own.cluster} itself: a drill target must be a "
                              "standalone server without backups of its own")
-    if drill and any(p.name != cfg.name and "postgres" in p.roles and p.role("postgres").cluster == own.cluster
-                     for p in cfg.peers):
+    if drill and top.cluster_peers(cfg.name):
         raise OperationError(f"cluster {own.cluster} has replicas: a drill target must be standalone")
     release = codename()
     if release != (members[0].release or release):
@@ -79,45 +100,43 @@ def plan(data: Any) -> dict[str, Any]:
                              "needs a Debian 13 drill host")
     version = VERSION[release]
     p = paths(version)
-    holds_data = bool(host.get_fact(File, path=f"{p['data']}/PG_VERSION"))
-    if holds_data and str(data.get("confirm") or "") != cfg.name:
-        raise OperationError(f"{cfg.name} already holds a PostgreSQL data directory ({p['data']}); restoring "
+    holds_data = bool(host.get_fact(File, path=f"{p.data}/PG_VERSION"))
+    if holds_data and request.confirm != cfg.name:
+        raise OperationError(f"{cfg.name} already holds a PostgreSQL data directory ({p.data}); restoring "
                              f"replaces it: repeat with --data confirm={cfg.name}")
-    target_time = str(data.get("time") or "")
-    return {"cfg": cfg, "source": source, "source_cluster": source_cluster, "drill": drill, "release": release,
-            "version": version, "paths": p, "time": target_time, "check_sql": str(data.get("check_sql") or ""),
-            "check_db": str(data.get("check_db") or "postgres")}
+    return RestorePlan(cfg=cfg, source=source, source_cluster=source_cluster, drill=drill, release=release,
+                       version=version, paths=p, time=request.time, check_sql=request.check_sql,
+                       check_db=request.check_db)
 
 
-def restore(p: dict[str, Any]) -> None:
+def restore(p: RestorePlan) -> None:
     """Set up access to the source repository, restore, wait for promotion, then run the check query."""
-    cfg = p["cfg"]
-    if p["drill"]:
-        secrets = _SourceSecrets(cfg.inventory_dir, p["source_cluster"], bool(p["source"].backup_s3_bucket))
-        backup.install_client(cfg, p["release"], p["version"], p["source"], secrets_cfg=secrets)
-    argv = [backup.SCRIPT, "restore", "--stanza", p["source_cluster"], "--data", p["paths"]["data"],
-            "--service", p["paths"]["service"]]
-    if p["time"]:
-        argv += ["--time", p["time"]]
-    if p["drill"]:
+    cfg = p.cfg
+    if p.drill:
+        secrets = _SourceSecrets(cfg.inventory_dir, p.source_cluster, bool(p.source.backup_s3_bucket))
+        backup.install_client(cfg, p.release, p.version, p.source, secrets_cfg=secrets)
+    argv = [backup.SCRIPT, "restore", "--stanza", p.source_cluster, "--data", p.paths.data,
+            "--service", p.paths.service]
+    if p.time:
+        argv += ["--time", p.time]
+    if p.drill:
         argv += ["--archive-off"]
-    what = f"{p['source_cluster']} at {p['time'] or 'the latest archived WAL'}"
-    server.shell(name=f"Restore {what} into {p['paths']['data']}", commands=[shlex.join(argv)])
-    sql = p["check_sql"] or (
+    what = f"{p.source_cluster} at {p.time or 'the latest archived WAL'}"
+    server.shell(name=f"Restore {what} into {p.paths.data}", commands=[shlex.join(argv)])
+    sql = p.check_sql or (
         "select 'restored: ' || now() || ', databases: ' || string_agg(datname, ',') "
         "from pg_database where not datistemplate"
     )
 
     def verify() -> None:
         ok, out = root_shell(host, StringCommand("runuser", "-u", "postgres", "--", "psql", "-XAt", "-d",
-                                                 p["check_db"], "-c", shlex.quote(sql)))
+                                                 p.check_db, "-c", shlex.quote(sql)))
         if not ok:
             raise OperationError(f"check query failed: {out.stderr}")
         print(f"[{cfg.name}] check: {out.stdout}")
 
     python.call(name="Check query on the restored server", function=verify)
-    if p["drill"]:
+    if p.drill:
         # The drill host keeps no way into the source's repository between drills.
-        server.shell(name=f"Remove {p['source_cluster']}'s repository key and passphrase from the drill host",
+        server.shell(name=f"Remove {p.source_cluster}'s repository key and passphrase from the drill host",
                      commands=[f"rm -f {backup.KEY_FILE} {backup.CONF_DIR}/conf.d/secrets.conf"])
-

@@ -9,10 +9,12 @@ import time
 import pytest
 
 from roles._lib import TEMPLATES, render
-from roles.backup import sftp_match_blocks
-from roles.base import firewall_rules
-from roles.postgres import backup, config_context
+from roles.backup.deploy import sftp_match_blocks
+from roles.base.deploy import firewall_rules
+from roles.postgres import backup
+from roles.postgres.deploy import config_context
 from roles.postgres.retention import Backup, add, expire
+from roles.postgres.settings import PostgresSettings
 from roles.registry import needed_secrets
 from tests.unit.conftest import SECRETS
 from webstack import tls
@@ -118,7 +120,7 @@ def test_policy_keeps_hourly_24h_daily_7d_weekly_4w():
 
 
 def test_policy_defaults_are_the_documented_ones(cfgs):
-    pg = cfgs["db1"].role("postgres")
+    pg = cfgs["db1"].settings(PostgresSettings)
     assert (pg.backup_retention_full, pg.backup_retention_diff) == (5, 7)
 
 
@@ -173,8 +175,8 @@ def test_check_passes_fresh_backups_and_names_every_breach():
 
 def test_repository_type_per_release_and_secrets_only_in_the_secrets_file(cfgs):
     vault = next(p for p in cfgs["db1"].peers if p.name == "vault")
-    trixie = backup.repo_context(cfgs["db1"].role("postgres"), "trixie", "17", vault)
-    bookworm = backup.repo_context(cfgs["old1"].role("postgres"), "bookworm", "15", vault)
+    trixie = backup.repo_context(cfgs["db1"].settings(PostgresSettings), "trixie", "17", vault)
+    bookworm = backup.repo_context(cfgs["old1"].settings(PostgresSettings), "bookworm", "15", vault)
     assert (trixie["repo_type"], trixie["repo_path"], trixie["sftp_user"]) == ("sftp", "/repo", "pgbr-main")
     assert (bookworm["repo_type"], bookworm["repo_path"]) == ("posix", "/srv/webstack-backup/legacy")
     conf = render("postgres/etc/pgbackrest/pgbackrest.conf.j2", **trixie)
@@ -194,7 +196,7 @@ def test_s3_repository_renders_keys_into_the_secrets_file(make_inventory):
     s3 = {**BACKUP_SECRETS, "pgbackrest_s3_key_main": "AKIAEXAMPLE", "pgbackrest_s3_key_secret_main": "s3-secret"}
     cfgs = {c.name: c for c in load(make_inventory(hosts=HOSTS, groups=groups), secrets=s3)}
     assert "pgbackrest_s3_key_secret_main" in needed_secrets(cfgs["db1"])
-    ctx = backup.repo_context(cfgs["db1"].role("postgres"), "bookworm", "15", None)
+    ctx = backup.repo_context(cfgs["db1"].settings(PostgresSettings), "bookworm", "15", None)
     conf = render("postgres/etc/pgbackrest/pgbackrest.conf.j2", **ctx)
     assert "repo1-type=s3" in conf and "repo1-s3-bucket=acme-pg" in conf and "repo1-path=/main" in conf
     assert "s3-secret" not in conf and "AKIAEXAMPLE" not in conf
@@ -255,7 +257,7 @@ def test_sftp_key_must_be_an_openssh_private_key():
 def test_members_reach_each_other_over_tls_for_standby_backups(cfgs):
     db1, db2 = (next(p for p in cfgs["db1"].peers if p.name == n) for n in ("db1", "db2"))
     vault = next(p for p in cfgs["db1"].peers if p.name == "vault")
-    ctx = backup.repo_context(cfgs["db1"].role("postgres"), "trixie", "17", vault, db1, [db2])
+    ctx = backup.repo_context(cfgs["db1"].settings(PostgresSettings), "trixie", "17", vault, db1, [db2])
     conf = render("postgres/etc/pgbackrest/pgbackrest.conf.j2", **ctx)
     assert "tls-server-address=10.1.0.31" in conf and "tls-server-auth=db2=main" in conf
     assert "pg2-host=db2\npg2-host-type=tls" in conf and "pg2-path=/var/lib/postgresql/17/main" in conf
@@ -263,7 +265,7 @@ def test_members_reach_each_other_over_tls_for_standby_backups(cfgs):
     assert any("tcp dport 8432" in r and "pgBackRest TLS" in r for r in rules)
     # A drill host is no member: no TLS server, no pg2.
     drill = render("postgres/etc/pgbackrest/pgbackrest.conf.j2",
-                   **backup.repo_context(cfgs["db1"].role("postgres"), "trixie", "17", vault))
+                   **backup.repo_context(cfgs["db1"].settings(PostgresSettings), "trixie", "17", vault))
     assert "tls-server" not in drill and "pg2-host" not in drill
 
 
@@ -284,7 +286,7 @@ def test_without_a_standby_the_other_members_are_left_out(cfgs, tmp_path):
     vault = next(p for p in cfgs["db1"].peers if p.name == "vault")
     conf = tmp_path / "pgbackrest.conf"
     conf.write_text(render("postgres/etc/pgbackrest/pgbackrest.conf.j2",
-                           **backup.repo_context(cfgs["db1"].role("postgres"), "trixie", "17", vault, db1, [db2])))
+                           **backup.repo_context(cfgs["db1"].settings(PostgresSettings), "trixie", "17", vault, db1, [db2])))
     resets = script.other_members(str(conf))
     assert "--reset-pg2-host" in resets and "--reset-pg2-path" in resets and "--reset-pg2-host-port" in resets
     assert not any(r.startswith("--reset-pg1") for r in resets)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from roles.base.settings import BaseSettings
+from roles.topology import Topology
 from tests.unit.conftest import KEY, SECRETS
 from webstack.errors import ConfigError
 from webstack.inventory import load
@@ -18,12 +20,12 @@ def error_of(inv, secrets=SECRETS) -> str:
 def test_valid_inventory_gives_typed_settings(make_inventory):
     inv = make_inventory(groups={"db": {"base__ssh_port": 2222}}, host_data={"web1": {"base__timezone": "Europe/Paris"}})
     configs = {c.name: c for c in load(inv, secrets=SECRETS)}
-    assert configs["db1"].role("base").ssh_port == 2222
-    assert configs["web1"].role("base").ssh_port == 22
-    assert configs["web1"].role("base").timezone == "Europe/Paris"
-    assert configs["db1"].role("base").timezone == "Etc/UTC"
-    assert configs["web1"].role("base").admin_users[0].name == "ops"
-    assert [p.name for p in configs["web1"].members("db")] == ["db1"]
+    assert configs["db1"].settings(BaseSettings).ssh_port == 2222
+    assert configs["web1"].settings(BaseSettings).ssh_port == 22
+    assert configs["web1"].settings(BaseSettings).timezone == "Europe/Paris"
+    assert configs["db1"].settings(BaseSettings).timezone == "Etc/UTC"
+    assert configs["web1"].settings(BaseSettings).admin_users[0].name == "ops"
+    assert [p.name for p in Topology(configs["web1"].peers).members("db")] == ["db1"]
 
 
 def test_host_data_beats_group_beats_all(make_inventory):
@@ -33,8 +35,8 @@ def test_host_data_beats_group_beats_all(make_inventory):
         host_data={"web1": {"base__journal_max_use": "3G"}},
     )
     configs = {c.name: c for c in load(inv, secrets=SECRETS)}
-    assert configs["web1"].role("base").journal_max_use == "3G"
-    assert configs["db1"].role("base").journal_max_use == "1G"
+    assert configs["web1"].settings(BaseSettings).journal_max_use == "3G"
+    assert configs["db1"].settings(BaseSettings).journal_max_use == "1G"
 
 
 def test_secrets_are_masked(make_inventory):

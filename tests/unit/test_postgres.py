@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from roles.postgres import config_context, hba_rules, scram
+from roles.postgres import scram
+from roles.postgres.deploy import config_context, hba_rules
 from tests.unit.conftest import SECRETS
 from webstack.errors import ConfigError
 from webstack.inventory import load
@@ -70,7 +71,7 @@ def test_password_secret_required(make_inventory):
 
 
 def test_hba_and_firewall_follow_the_inventory(make_inventory):
-    from roles.base import firewall_rules
+    from roles.base.deploy import firewall_rules
 
     cfgs = {c.name: c for c in load(make_inventory(hosts=DB_HOSTS, groups={"db": DB_GROUP}), secrets=SECRETS)}
     rules = {(r["database"], r["user"], r["address"]) for r in hba_rules(cfgs["db1"])}

@@ -15,7 +15,9 @@ import pytest
 import yaml
 
 from roles._lib import render
-from roles.base import _release, firewall_rules, sshd_context
+from roles.base import _release
+from roles.base.deploy import firewall_rules, sshd_context
+from roles.base.settings import BaseSettings
 from tests.unit.conftest import KEY, SECRETS
 from webstack.inventory import load
 
@@ -111,7 +113,7 @@ def test_hosts_file_lists_every_peer(hosts):
 
 def test_other_templates_render(hosts):
     _env, cfg = hosts[0]
-    base = cfg.role("base")
+    base = cfg.settings(BaseSettings)
     chrony = render("base/etc/chrony/chrony.conf.j2", servers=base.ntp_servers)
     assert "pool 10.77.0.1 iburst" in chrony
     assert "Storage=persistent" in render("base/etc/systemd/journald.conf.d/webstack.conf.j2", max_use="1G")

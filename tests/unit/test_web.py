@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from roles._lib import render
-from roles.app import build_release, database_url, env_content
-from roles.lb import keepalived_peers, site_context
+from roles.app.deploy import build_release, database_url, env_content
+from roles.lb.deploy import keepalived_peers, site_context
 from tests.unit.conftest import SECRETS
 from webstack.errors import ConfigError
 from webstack.inventory import load
@@ -113,7 +113,7 @@ def test_release_is_reproducible():
 def test_release_from_a_git_ref_matches_the_committed_tree():
     import subprocess
 
-    from roles.app import ROOT
+    from roles.app.deploy import ROOT
 
     dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "examples/demoapp"],
                            capture_output=True, text=True, check=True).stdout

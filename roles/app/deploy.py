@@ -1,0 +1,144 @@
+"""The app role: a WSGI application under Debian's gunicorn, released without downtime.
+
+A release is the application directory packed on the control machine into a
+reproducible tarball named by its content hash (from the working tree, or from
+a git ref). Servers keep releases under /srv/<app>/releases/<id> with an atomic
+``current`` link and the last ``keep_releases`` of them. Changes roll out one
+server at a time: the server is drained from every load balancer (nginx
+reload), switched, reloaded (gunicorn HUP, graceful) or restarted, checked
+healthy, and put back. Dependencies come from Debian packages; servers never
+need PyPI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import subprocess
+import tarfile
+from collections.abc import Sequence
+from functools import cache
+from pathlib import Path
+
+from pyinfra import host
+from pyinfra.api import FactBase, OperationError, deploy, operation
+from pyinfra.api.command import FileUploadCommand, StringCommand
+from pyinfra.operations import apt, files, server
+
+from roles._lib import config, render
+from roles.app.settings import AppSettings
+from roles.topology import topology
+from webstack.inventory import HostConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@cache
+def build_release(source: str, git_ref: str = "") -> tuple[str, bytes]:
+    """(release id, tar.gz bytes) of the application; same content, same id."""
+    if git_ref:
+        tar = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", git_ref, "--", source],
+                             capture_output=True, check=False)
+        if tar.returncode != 0:
+            raise OperationError(f"app__git_ref {git_ref!r}: {tar.stderr.decode().strip()}")
+        members = tarfile.open(fileobj=io.BytesIO(tar.stdout))
+        entries = [(m.name[len(source.rstrip('/')) + 1:], members.extractfile(m).read())  # type: ignore[union-attr]
+                   for m in members.getmembers() if m.isfile()]
+    else:
+        base = ROOT / source
+        if not base.is_dir():
+            raise OperationError(f"app__source: {base} is not a directory")
+        entries = [(str(p.relative_to(base)), p.read_bytes()) for p in sorted(base.rglob("*"))
+                   if p.is_file() and "__pycache__" not in p.parts]
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w:gz", compresslevel=6) as tar_out:
+        for name, data in sorted(entries):
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(data), 0o644, 0
+            tar_out.addfile(info, io.BytesIO(data))
+    digest = hashlib.sha256(b"".join(n.encode() + b"\0" + hashlib.sha256(d).digest() for n, d in sorted(entries)))
+    return digest.hexdigest()[:12], out.getvalue()
+
+
+class AppState(FactBase):
+    """The deployed release (target of ``current``), releases on disk (oldest first), the
+    switch history (oldest first), and whether the service is active."""
+
+    def command(self, app: str) -> str:
+        return (f"echo current=$(basename \"$(readlink /srv/{app}/current 2>/dev/null)\"); "
+                f"ls -1tr /srv/{app}/releases 2>/dev/null | sed 's/^/release=/'; "
+                f"tail -n 50 /srv/{app}/history 2>/dev/null | sed 's/^/history=/'; "
+                f"echo active=$(systemctl is-active {app} 2>/dev/null)")
+
+    def process(self, output: Sequence[str]) -> dict:
+        out: dict = {"current": None, "releases": [], "history": [], "active": False}
+        for line in output:
+            key, _, value = line.partition("=")
+            if key == "current":
+                out["current"] = value or None
+            elif key == "release" and value:
+                out["releases"].append(value)
+            elif key == "history" and value:
+                out["history"].append(value)
+            elif key == "active":
+                out["active"] = value == "active"
+        return out
+
+
+def database_url(cfg: HostConfig) -> str:
+    """libpq connection string to the cluster that holds ``app__database`` (read-write member)."""
+    top = topology(cfg)
+    found = top.app_database(cfg.name)
+    if found is None:
+        raise OperationError(f"app__database {cfg.settings(AppSettings).database!r}: no postgres host has this database")
+    db = found.database
+    hosts = [p.address for p in top.cluster(found.cluster)]
+    password = cfg.secret(f"postgres_password_{db.owner}").unmask().replace("\\", "\\\\").replace("'", "\\'")
+    return (f"host={','.join(hosts)} dbname={db.name} user={db.owner} password='{password}' "
+            "sslmode=require target_session_attrs=read-write connect_timeout=3")
+
+
+def env_content(cfg: HostConfig) -> str:
+    """The service's environment file (secrets inside: 0640 root:<app>); the same for every release."""
+    def quote(value: str) -> str:
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    return render("app/etc/webstack/app.env.j2", database_url=quote(database_url(cfg)),
+                  secret_key=quote(cfg.secret("app_secret_key").unmask()))
+
+
+def unit_content(cfg: HostConfig) -> str:
+    app = cfg.settings(AppSettings)
+    return render("app/etc/systemd/system/app.service.j2", name=app.name, port=app.port, workers=app.workers,
+                  module=app.module)
+
+
+@deploy("Application server")
+def apply() -> None:
+    """What an application server needs before its first release: packages, user, directories."""
+    cfg = config()
+    app = cfg.settings(AppSettings)
+    apt.packages(name="Install gunicorn and the application's Debian packages",
+                 packages=["gunicorn", *app.packages])
+    server.user(name=f"Service user {app.name}", user=app.name, system=True, home=f"/srv/{app.name}",
+                shell="/usr/sbin/nologin")
+    files.directory(name="Release directory", path=f"/srv/{app.name}/releases", user="root", group="root", mode="755")
+    files.directory(name="/etc/webstack", path="/etc/webstack", mode="755")
+
+
+@operation()
+def install_release(app: str, release: str, tarball: bytes):
+    """Unpack a release into /srv/<app>/releases/<release> unless it is there.
+
+    + app: application name
+    + release: release id
+    + tarball: the release's tar.gz
+    """
+    have = host.get_fact(AppState, app=app)
+    if release in have["releases"]:
+        host.noop(f"release {release} is on disk")
+        return
+    tmp = f"/srv/{app}/releases/.{release}.tar.gz"
+    yield FileUploadCommand(io.BytesIO(tarball), tmp)
+    yield StringCommand(f"d=/srv/{app}/releases/{release}; rm -rf $d.new && mkdir $d.new && "
+                        f"tar -xzf {tmp} -C $d.new && chmod -R a+rX $d.new && mv $d.new $d && rm -f {tmp}")

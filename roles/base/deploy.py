@@ -1,0 +1,246 @@
+"""The base role: what every server gets before any other role.
+
+Admin users with SSH keys and passwordless sudo, hardened sshd (validated with
+``sshd -t`` before a reload), nftables default-deny inbound with openings
+derived from the inventory, unattended security upgrades, chrony, persistent
+journal, sysctl hardening, hostname and /etc/hosts from the inventory.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+from pyinfra import host
+from pyinfra.api import OperationError, QuoteString, StringCommand, deploy, operation
+from pyinfra.facts.files import File
+from pyinfra.facts.server import LinuxDistribution, Sysctl
+from pyinfra.operations import apt, files, server, systemd
+
+from roles._lib import config, owed_action, template_file
+from roles.base import _release
+from roles.base.facts import Container, ShadowHash, WeakSshModuli
+from roles.base.settings import BaseSettings
+from roles.registry import ROLES
+from roles.topology import topology
+from webstack.inventory import HostConfig
+
+SSH_HOST_KEYS = ("/etc/ssh/ssh_host_ed25519_key", "/etc/ssh/ssh_host_rsa_key")
+
+
+def resolve_key(entry: str) -> str:
+    """A public key line; ``file:PATH`` is read on the control machine."""
+    if entry.startswith("file:"):
+        return Path(entry[5:]).read_text().strip()
+    return entry.strip()
+
+
+def codename() -> str:
+    """The Debian codename of the current host, checked against the inventory."""
+    cfg = config()
+    distro = host.get_fact(LinuxDistribution)
+    name = (distro.get("release_meta") or {}).get("VERSION_CODENAME") or ""
+    if name not in _release.SSH_KEX:
+        raise OperationError(f"{host.name}: unsupported release {name!r} (supported: bookworm, trixie)")
+    if cfg.release and cfg.release != name:
+        raise OperationError(f"{host.name}: inventory says {cfg.release}, the server runs {name}")
+    return name
+
+
+def firewall_rules(cfg: HostConfig) -> tuple[list[dict], list[str]]:
+    """nftables sets and rules for the host: SSH from admin networks, then openings."""
+    base = cfg.settings(BaseSettings)
+    sets: list[dict] = []
+    rules: list[str] = []
+
+    def add(name: str, port: int, proto: str, sources: list[str], comment: str) -> None:
+        for family, nft_type, match in (("v4", "ipv4_addr", "ip saddr"), ("v6", "ipv6_addr", "ip6 saddr")):
+            nets = sorted({s for s in sources if ipaddress.ip_network(s, strict=False).version == int(family[1])})
+            if not nets:
+                continue
+            set_name = f"{name}_{family}"
+            sets.append({"name": set_name, "type": nft_type, "elements": nets})
+            what = "meta l4proto vrrp" if proto == "vrrp" else f"{proto} dport {port}"
+            rules.append(f'{match} @{set_name} {what} accept comment "{comment}"')
+
+    add("ssh", base.ssh_port, "tcp", list(base.admin_networks), "ssh from admin networks")
+    for i, opening in enumerate(base.firewall_openings):
+        sources = list(opening.from_networks)
+        for group in opening.from_groups:
+            sources += [p.address for p in topology(cfg).members(group) if p.name != cfg.name]
+        comment = opening.comment or f"opening {i}"
+        if sources:
+            add(f"open{i}", opening.port, opening.proto, sources, comment)
+    for role in cfg.roles:
+        for j, derived in enumerate(ROLES[role].openings(cfg)):
+            add(f"{role}{j}", derived.port, derived.proto, list(derived.sources), derived.comment)
+    return sets, rules
+
+
+def sshd_context(cfg: HostConfig, release: str, host_keys: list[str]) -> dict:
+    """Template variables of sshd_config for a host on a Debian release."""
+    from roles.backup.deploy import sftp_match_blocks
+
+    base = cfg.settings(BaseSettings)
+    return {
+        "port": base.ssh_port,
+        "host_keys": host_keys,
+        "kex": _release.SSH_KEX[release],
+        "ciphers": _release.SSH_CIPHERS,
+        "macs": _release.SSH_MACS,
+        "host_key_algorithms": _release.SSH_HOST_KEY_ALGORITHMS,
+        "permit_root_login": "prohibit-password" if base.ssh_permit_root_login else "no",
+        "tcp_forwarding": "yes" if base.ssh_tcp_forwarding else "no",
+        "sftp_accounts": sftp_match_blocks(cfg),
+    }
+
+
+@operation()
+def password_hash(user: str, hashed):
+    """Set a user's password hash (a ``HiddenValue``) only when it differs.
+
+    + user: the account
+    + hashed: crypt(3) hash wrapped in ``HiddenValue``; never printed
+    """
+    if host.get_fact(ShadowHash, user=user) == hashed.unmask():
+        host.noop(f"password of {user} is set")
+        return
+    yield StringCommand("usermod", "-p", QuoteString(hashed), user)
+
+
+@deploy("Base: packages, time, journal")
+def packages_and_time() -> None:
+    cfg = config()
+    base = cfg.settings(BaseSettings)
+    apt.update(name="Refresh package lists (hourly at most)", cache_time=3600)
+    apt.packages(name="Install base packages", packages=[*_release.PACKAGES, *base.extra_packages])
+    files.link(
+        name=f"Time zone {base.timezone}",
+        path="/etc/localtime",
+        target=f"/usr/share/zoneinfo/{base.timezone}",
+    )
+    files.put(name="/etc/timezone", src=_text(f"{base.timezone}\n"), dest="/etc/timezone")
+    chrony = template_file(
+        "base/etc/chrony/chrony.conf.j2", "/etc/chrony/chrony.conf", owes="restart-chrony",
+        validate="chronyd -p -f {}", servers=base.ntp_servers,
+    )
+    if host.get_fact(Container):
+        # No clock to set in a container: chrony's unit skips itself there
+        # (ConditionCapability=CAP_SYS_TIME), so only keep it enabled.
+        systemd.service(name="chrony enabled", service="chrony", enabled=True, running=None)
+        owed_action("restart-chrony", "true", [chrony])
+    else:
+        systemd.service(name="chrony running", service="chrony", enabled=True, running=True)
+        owed_action("restart-chrony", "systemctl restart chrony", [chrony])
+
+    files.directory(name="Persistent journal", path="/var/log/journal", group="systemd-journal", mode="2755")
+    journald = template_file(
+        "base/etc/systemd/journald.conf.d/webstack.conf.j2", "/etc/systemd/journald.conf.d/webstack.conf",
+        owes="restart-journald", max_use=base.journal_max_use,
+    )
+    # --flush: move to /var/log/journal now, not at the next boot (journald only
+    # opens it once told that /var is writable).
+    owed_action("restart-journald", "systemctl restart systemd-journald && journalctl --flush", [journald])
+
+    template_file(
+        "base/etc/apt/apt.conf.d/52webstack-unattended.j2", "/etc/apt/apt.conf.d/52webstack-unattended",
+        validate="apt-config -c {} dump", enabled=base.unattended_upgrades,
+        reboot=base.unattended_reboot, reboot_time=base.unattended_reboot_time,
+    )
+    systemd.service(
+        name="unattended-upgrades", service="unattended-upgrades",
+        enabled=base.unattended_upgrades, running=base.unattended_upgrades,
+    )
+    for timer in ("apt-daily.timer", "apt-daily-upgrade.timer"):
+        systemd.service(name=timer, service=timer, enabled=True, running=True)
+
+
+@deploy("Base: identity and accounts")
+def identity_and_accounts() -> None:
+    cfg = config()
+    base = cfg.settings(BaseSettings)
+    server.hostname(name=f"Hostname {cfg.name}", hostname=cfg.name)
+    template_file("base/etc/hosts.j2", "/etc/hosts", name=cfg.name, env=cfg.env, peers=cfg.peers)
+
+    server.group(name=f"Group {base.admin_group}", group=base.admin_group)
+    for user in base.admin_users:
+        server.user(
+            name=f"Admin user {user.name}",
+            user=user.name,
+            shell=user.shell,
+            groups=[base.admin_group],
+            append=True,
+            create_home=True,
+            public_keys=[resolve_key(k) for k in user.ssh_keys],
+            delete_keys=True,
+        )
+        password_hash(name=f"Console password of {user.name}", user=user.name,
+                      hashed=cfg.secret(f"password_hash_{user.name}"))
+    for gone in base.removed_users:
+        server.user(name=f"Remove former admin {gone}", user=gone, present=False)
+    template_file(
+        "base/etc/sudoers.d/webstack-admin.j2", "/etc/sudoers.d/webstack-admin",
+        validate="visudo -c -q -f {}", mode="440", admin_group=base.admin_group,
+    )
+
+
+@deploy("Base: sshd")
+def sshd() -> None:
+    cfg = config()
+    release = codename()
+    host_keys = [k for k in SSH_HOST_KEYS if host.get_fact(File, path=k)]
+    if not host_keys:
+        server.shell(name="Generate an ed25519 host key",
+                     commands=["ssh-keygen -q -t ed25519 -N '' -f /etc/ssh/ssh_host_ed25519_key"])
+        host_keys = [SSH_HOST_KEYS[0]]
+    if host.get_fact(WeakSshModuli):
+        server.shell(
+            name="Drop DH moduli under 3072 bits",
+            commands=["awk '$1 ~ /^#/ || $5 >= 3071' /etc/ssh/moduli > /etc/ssh/moduli.new"
+                      " && mv /etc/ssh/moduli.new /etc/ssh/moduli"],
+        )
+    swap = template_file(
+        "base/etc/ssh/sshd_config.j2", "/etc/ssh/sshd_config",
+        validate="sshd -t -f {}", owes="reload-ssh", **sshd_context(cfg, release, host_keys),
+    )
+    systemd.service(name="sshd enabled", service="ssh", enabled=True, running=True)
+    owed_action("reload-ssh", "systemctl reload ssh", [swap])
+
+
+@deploy("Base: firewall and sysctl")
+def firewall_and_sysctl() -> None:
+    cfg = config()
+    base = cfg.settings(BaseSettings)
+    if base.firewall_enabled:
+        sets, rules = firewall_rules(cfg)
+        swap = template_file(
+            "base/etc/nftables.conf.j2", "/etc/nftables.conf", validate="nft -c -f {}",
+            owes="apply-nftables", mode="755", sets=sets, rules=rules,
+        )
+        systemd.service(name="nftables enabled", service="nftables", enabled=True, running=None)
+        owed_action("apply-nftables", "nft -f /etc/nftables.conf", [swap])
+
+    in_container = bool(host.get_fact(Container))
+    template_file("base/etc/sysctl.d/60-webstack.conf.j2", "/etc/sysctl.d/60-webstack.conf",
+                  sysctls=_release.SYSCTLS)
+    current = host.get_fact(Sysctl, keys=[k for k, _ in _release.SYSCTLS])
+    for key, value in _release.SYSCTLS:
+        if in_container and not key.startswith("net."):
+            continue  # read-only in a container; the file applies on a VM at boot
+        if str(current.get(key)) != value:
+            server.sysctl(name=f"sysctl {key}", key=key, value=int(value))
+
+
+@deploy("Base")
+def apply() -> None:
+    """Everything the base role does, in a safe order: accounts before sshd hardening."""
+    packages_and_time()
+    identity_and_accounts()
+    sshd()
+    firewall_and_sysctl()
+
+
+def _text(value: str):
+    import io
+
+    return io.StringIO(value)

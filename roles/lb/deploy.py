@@ -1,0 +1,129 @@
+"""The lb role: nginx TLS terminator and, for a pair, keepalived holding a floating IP.
+
+Every HTTP request is redirected to HTTPS (except ACME challenges); HTTPS uses
+Mozilla's "intermediate" profile with HSTS; the marketing site is served by the
+load balancers themselves; everything else goes to the application servers
+with keepalive connections, passive health checks and retries of idempotent
+requests. Configuration is checked with ``nginx -t`` / ``keepalived -t``
+before it takes effect, and nginx reloads gracefully.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from pyinfra import host
+from pyinfra.api import FactBase, OperationError, deploy
+from pyinfra.operations import apt, files, systemd
+
+from roles._lib import TEMPLATES, config, owed_action, render, template_file, validated_file
+from roles.base.deploy import codename
+from roles.lb.settings import LbSettings
+from roles.topology import topology
+from webstack.inventory import HostConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+SITE = "/etc/nginx/sites-available/webstack.conf"
+# nginx 1.25.1+ (trixie) spells HTTP/2 as a directive; 1.22 (bookworm) on `listen`.
+HTTP2_DIRECTIVE = {"bookworm": False, "trixie": True}
+
+
+class InterfaceOf(FactBase):
+    """The network interface that carries a given IPv4 address."""
+
+    def command(self, address: str) -> str:
+        return f"ip -o -4 addr show | awk '$4 ~ /^{address.replace('.', '[.]')}\\// {{print $2}}'"
+
+    def process(self, output: Sequence[str]) -> str | None:
+        value = "".join(output).strip()
+        return value or None
+
+
+def upstreams(cfg: HostConfig, drained: Sequence[str]) -> list[dict]:
+    """Application servers for the nginx upstream, marking drained ones ``down``."""
+    return [{"name": p.name, "address": p.address, "drained": p.name in drained}
+            for p in topology(cfg).upstreams(cfg.name)]
+
+
+def site_context(cfg: HostConfig, release: str, drained: Sequence[str]) -> dict:
+    """Template variables of the nginx site for this load balancer."""
+    lb = cfg.settings(LbSettings)
+    marketing = []
+    for path in lb.marketing_paths:
+        marketing.append((path, "index.html" if path == "/" else f"{path.strip('/')}.html"))
+    return {
+        "upstreams": upstreams(cfg, drained),
+        "upstream_port": lb.upstream_port,
+        "server_names": lb.server_names,
+        "http2_directive": HTTP2_DIRECTIVE[release],
+        "hsts_preload": lb.hsts_preload,
+        "ocsp_stapling": lb.ocsp_stapling,
+        "marketing": marketing,
+    }
+
+
+def nginx_site(cfg: HostConfig, release: str, drained: Sequence[str], force: bool = False,
+               name: str = f"Configure {SITE}"):
+    """The nginx site, swapped in only if ``nginx -t`` accepts it; owes a graceful reload."""
+    return validated_file(
+        name=name, dest=SITE, content=render("lb/etc/nginx/sites-available/webstack.conf.j2",
+                                             **site_context(cfg, release, drained)),
+        validate="nginx -t -q", in_place=True, owes="reload-nginx", force=force,
+    )
+
+
+def keepalived_peers(cfg: HostConfig) -> list[str]:
+    """Addresses of the other load balancers sharing this one's VIP."""
+    return [p.address for p in topology(cfg).vrrp_peers(cfg.name)]
+
+
+@deploy("Load balancer")
+def apply() -> None:
+    """nginx + TLS + marketing site, and keepalived when the host is part of a pair."""
+    cfg = config()
+    lb = cfg.settings(LbSettings)
+    release = codename()
+    apt.packages(name="Install nginx and keepalived",
+                 packages=["nginx", "curl", *(["keepalived"] if lb.vip else [])])
+    files.directory(name="TLS directory", path="/etc/nginx/tls", mode="750", user="root", group="root")
+    tls = [
+        validated_file(name="TLS certificate chain", dest="/etc/nginx/tls/webstack.crt",
+                       content=cfg.secret("tls_cert").unmask(), mode="644", owes="reload-nginx"),
+        validated_file(name="TLS private key", dest="/etc/nginx/tls/webstack.key",
+                       content=cfg.secret("tls_key").unmask(), mode="600", owes="reload-nginx"),
+    ]
+    tls.append(validated_file(name="DH group ffdhe2048 (RFC 7919)", dest="/etc/nginx/tls/ffdhe2048.pem",
+                              content=(TEMPLATES / "lb/etc/nginx/tls/ffdhe2048.dhparams").read_text(),
+                              owes="reload-nginx"))
+    site_root = ROOT / lb.marketing_root
+    if not site_root.is_dir():
+        raise OperationError(f"lb__marketing_root: {site_root} is not a directory")
+    files.directory(name="Marketing site directory", path="/var/www/webstack-marketing", mode="755")
+    for page in sorted(site_root.iterdir()):
+        validated_file(name=f"Marketing page {page.name}", dest=f"/var/www/webstack-marketing/{page.name}",
+                       content=page.read_text())
+    files.directory(name="ACME challenge directory", path="/var/www/acme/.well-known/acme-challenge", mode="755")
+    files.link(name="No default nginx site", path="/etc/nginx/sites-enabled/default", present=False)
+    site = nginx_site(cfg, release, lb.drained)
+    link = files.link(name="Enable the webstack site", path="/etc/nginx/sites-enabled/webstack.conf", target=SITE)
+    systemd.service(name="nginx running", service="nginx", enabled=True, running=True)
+    owed_action("reload-nginx", "nginx -t -q && systemctl reload nginx", [site, link, *tls])
+
+    if lb.vip:
+        interface = host.get_fact(InterfaceOf, address=cfg.address)
+        if not interface:
+            raise OperationError(f"{cfg.name}: no interface carries {cfg.address}")
+        scripts = [
+            template_file(f"lb/usr/local/lib/webstack/{name}.j2", f"/usr/local/lib/webstack/{name}", mode="755",
+                          validate="sh -n {}")
+            for name in ("lb-check", "lb-notify")
+        ]
+        conf = template_file(
+            "lb/etc/keepalived/keepalived.conf.j2", "/etc/keepalived/keepalived.conf",
+            validate="keepalived -t -f {}", owes="reload-keepalived", mode="640",
+            name=cfg.name, interface=interface, vrrp_id=lb.vrrp_id, priority=lb.priority, nopreempt=lb.nopreempt,
+            address=cfg.address, peers=keepalived_peers(cfg), vip=lb.vip, vip_prefix=lb.vip_prefix,
+        )
+        systemd.service(name="keepalived running", service="keepalived", enabled=True, running=True)
+        owed_action("reload-keepalived", "systemctl reload keepalived", [conf, *scripts])

@@ -1,0 +1,64 @@
+"""The ``--data`` options of every deploy, declared once (typed, documented, unknown keys refused).
+
+``pyinfra inventories/<env>.py deploys/<name>.py --data key=value``: the
+inventory file checks every ``key`` against the deploy's class here before
+pyinfra connects (``webstack.options``); the deploy reads them typed with
+``roles._lib.options(Cls)``. A new option is a field here; a new deploy adds
+its class to ``roles.registry.DEPLOYS``. The README table is generated from
+these declarations (``webstack docs``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from webstack.options import option
+
+
+@dataclass(frozen=True)
+class RolloutOptions:
+    """deploys/site.py and deploys/rollout.py: the rolling application step."""
+
+    release: str = option("", "release id to run instead of the one built from the working tree (or app__git_ref)")
+
+
+@dataclass(frozen=True)
+class RollbackOptions:
+    """deploys/rollback.py."""
+
+    release: str = option("", "release id to go back to (default: each server's previous release)")
+
+
+@dataclass(frozen=True)
+class SwitchoverOptions:
+    """deploys/switchover.py."""
+
+    to: str = option("", "the replica to promote (needed when the cluster has more than one)")
+    write_inventory: bool = option(False, "write postgres__primary into the inventory files (else only print the change)")
+    force: bool = option(False, "switch over even while WAL waits for the backup repository (leaves a gap in the archive)")
+
+
+@dataclass(frozen=True)
+class FailoverOptions:
+    """deploys/failover.py."""
+
+    to: str = option("", "the replica to promote (needed when more than one is running)")
+    write_inventory: bool = option(False, "write postgres__primary into the inventory files (else only print the change)")
+
+
+@dataclass(frozen=True)
+class RejoinOptions:
+    """deploys/rejoin.py."""
+
+    reclone: bool = option(False, "replace the former primary's data by a fresh base backup instead of pg_rewind")
+
+
+@dataclass(frozen=True)
+class RestoreOptions:
+    """deploys/restore.py."""
+
+    source: str = option("", "cluster whose backups to restore (another cluster: the target is a drill host)", key="from")
+    time: str = option("", "point in time to recover to, e.g. '2026-11-27 10:41:07+00' (default: the end of the archive)")
+    confirm: str = option("", "the target's name: it already holds a data directory, replace it")
+    check_sql: str = option("", "query run on the restored server and printed (default: list the databases)")
+    check_db: str = option("postgres", "database the check query runs in")

@@ -1,0 +1,371 @@
+"""The postgres role: Debian's PostgreSQL as a primary or a streaming replica.
+
+The inventory names each cluster's primary (``postgres__primary``); every
+other member of the cluster is a hot-standby replica cloned once with
+``pg_basebackup`` through its own replication slot. Before changing anything,
+every run checks the live cluster against the inventory (``guard``) and stops
+if the inventory is stale: a routine run never demotes or clobbers a primary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from pyinfra import host, inventory, state
+from pyinfra.api import FactBase, HiddenValue, OperationError, QuoteString, StringCommand, deploy, operation
+from pyinfra.operations import apt, server, systemd
+
+from roles._lib import barrier, config, owed_action, render, template_file, validated_file
+from roles.base.deploy import codename
+from roles.postgres import backup, scram
+from roles.postgres._release import VERSION, paths
+from roles.postgres.facts import PgCluster, PgReplicationSlots, PgRoleVerifiers
+from roles.postgres.settings import PostgresSettings
+from roles.topology import topology
+from webstack.inventory import HostConfig
+
+PGPASS = "/var/lib/postgresql/.pgpass"
+
+
+class MemTotalMb(FactBase):
+    """Total memory of the host in MiB (from /proc/meminfo)."""
+
+    def command(self) -> str:
+        return "awk '/^MemTotal:/ {print int($2/1024)}' /proc/meminfo"
+
+    def process(self, output: Sequence[str]) -> int:
+        return int("".join(output).strip())
+
+
+class PgDatabases(FactBase):
+    """Databases of a running server: name -> (owner, [extensions])."""
+
+    default = dict
+
+    def command(self) -> str:
+        return (
+            "runuser -u postgres -- psql -XAt -F' ' -c \"select datname, pg_get_userbyid(datdba) from pg_database "
+            "where not datistemplate\" 2>/dev/null | while read -r db owner; do "
+            "echo \"$db $owner $(runuser -u postgres -- psql -XAt -d \"$db\" "
+            "-c 'select string_agg(extname, chr(44)) from pg_extension' 2>/dev/null </dev/null)\"; done"
+        )
+
+    def process(self, output: Sequence[str]) -> dict[str, tuple[str, list[str]]]:
+        out = {}
+        for line in output:
+            parts = line.split(" ")
+            if len(parts) >= 2:
+                exts = parts[2].split(",") if len(parts) > 2 and parts[2] else []
+                out[parts[0]] = (parts[1], exts)
+        return out
+
+
+class PgRewindGrants(FactBase):
+    """Whether the replicator role may run pg_rewind against this server."""
+
+    def command(self) -> str:
+        return (
+            "runuser -u postgres -- psql -XAt -c \"select has_function_privilege('replicator', "
+            "'pg_catalog.pg_read_binary_file(text, bigint, bigint, boolean)', 'execute')\" 2>/dev/null || true"
+        )
+
+    def process(self, output: Sequence[str]) -> bool:
+        return "".join(output).strip() == "t"
+
+
+def slot_name(host_name: str) -> str:
+    """The replication slot a replica streams through."""
+    return host_name.replace("-", "_")
+
+
+def psql(sql: str | StringCommand, database: str = "postgres") -> StringCommand:
+    """A psql command run as the postgres OS user that fails on the first error."""
+    return StringCommand("runuser", "-u", "postgres", "--", "psql", "-XAtq", "-v", "ON_ERROR_STOP=1",
+                         "-d", database, "-c", QuoteString(sql) if isinstance(sql, str) else sql)
+
+
+UNREACHABLE = "unreachable"
+
+
+def _cluster_state(version: str) -> dict[str, Any]:
+    """PgCluster of every member of this host's cluster: None when PostgreSQL is
+    not installed yet, UNREACHABLE when the host is not connected in this run."""
+    out: dict[str, Any] = {}
+    cfg = config()
+    for name in (p.name for p in topology(cfg).cluster_of(cfg.name)):
+        other = inventory.get_host(name, default=None)
+        if other is None or other not in state.active_hosts:
+            out[name] = UNREACHABLE
+        else:
+            out[name] = other.get_fact(PgCluster, version=version)
+    return out
+
+
+def _live(st: Any) -> dict[str, Any] | None:
+    return st if isinstance(st, dict) else None
+
+
+def guard(cfg: HostConfig, version: str) -> dict[str, Any]:
+    """Stop the run if the live cluster contradicts the inventory; return the cluster state.
+
+    Rules: the named primary must not be a standby; no other member may be a
+    live primary of the same database system (a failover the inventory does not
+    know of), unless it is a fresh, empty install waiting to be cloned.
+    """
+    pg = cfg.settings(PostgresSettings)
+    states = _cluster_state(version)
+    named = _live(states.get(pg.primary))
+    hint = "run deploys/switchover.py, failover.py or rejoin.py, or correct postgres__primary"
+    if named and (named["in_recovery"] or (named["standby_signal"] and not named["running"])):
+        raise OperationError(
+            f"stale inventory: {pg.primary} is named primary of cluster {pg.cluster} but is a standby "
+            f"(timeline {named['timeline']}); {hint}"
+        )
+    for name, raw in states.items():
+        st = _live(raw)
+        if (name != pg.primary and st and named and st["system_id"] == named["system_id"]
+                and not st["standby_signal"] and not st["running"]):
+            raise OperationError(
+                f"{name} is a former primary of cluster {pg.cluster} (stopped, not a standby); "
+                f"make it a replica of {pg.primary} with deploys/rejoin.py"
+            )
+        if name == pg.primary or not st or not st["running"] or st["in_recovery"] is not False:
+            continue
+        if st["system_id"] != (named or {}).get("system_id", st["system_id"]) or (named is None and not st["user_databases"]):
+            if st["user_databases"]:
+                raise OperationError(
+                    f"{name} runs a different PostgreSQL cluster holding {st['user_databases']} database(s); "
+                    f"refusing to replace it with a copy of {pg.primary}"
+                )
+            continue  # a fresh install: the replica branch clones it
+        newer = named is None or st["timeline"] > named["timeline"]
+        raise OperationError(
+            f"stale inventory: {name} is a live primary of cluster {pg.cluster} "
+            f"(timeline {st['timeline']}) but the inventory names {pg.primary}"
+            + (f" (timeline {named['timeline']})" if named else " (unreachable or not installed)")
+            + ("; a failover happened: " if newer else "; two primaries: ") + hint
+        )
+    return states
+
+
+def config_context(cfg: HostConfig, memory_mb: int) -> dict[str, Any]:
+    """Template variables of conf.d/webstack.conf for a cluster member."""
+    pg = cfg.settings(PostgresSettings)
+    top = topology(cfg)
+    shared = pg.shared_buffers_mb or min(memory_mb // 4, 8192)
+    return {
+        "cluster": pg.cluster,
+        "address": cfg.address,
+        "name": cfg.name,
+        "is_primary": pg.primary == cfg.name,
+        "primary": pg.primary,
+        # pg.primary, not the inventory's: switchover and failover render the configuration to come.
+        "primary_address": top.host(pg.primary).address,
+        "slot": slot_name(cfg.name),
+        "synchronous_standbys": [p.name for p in top.cluster_peers(cfg.name)] if pg.synchronous else [],
+        "max_connections": pg.max_connections,
+        "shared_buffers_mb": shared,
+        "effective_cache_size_mb": pg.effective_cache_size_mb or memory_mb * 3 // 4,
+        "work_mem_mb": pg.work_mem_mb,
+        "maintenance_work_mem_mb": max(64, min(shared // 4, 2048)),
+        "archive_command": backup.archive_command(pg),
+        "restore_command": backup.restore_command(pg),
+    }
+
+
+def hba_rules(cfg: HostConfig) -> list[dict[str, str]]:
+    """pg_hba.conf lines: clients to their databases, cluster members for replication and rewind."""
+    pg = cfg.settings(PostgresSettings)
+    top = topology(cfg)
+    rules = []
+    for group, peer in top.database_clients(cfg.name):
+        for db in pg.databases:
+            rules.append({"database": db.name, "user": db.owner, "address": f"{peer.address}/32",
+                          "why": f"{peer.name} ({group})"})
+    for peer in top.cluster_peers(cfg.name):
+        for database in ("replication", "postgres"):
+            rules.append({"database": database, "user": "replicator", "address": f"{peer.address}/32",
+                          "why": f"{peer.name}: {'streaming' if database == 'replication' else 'pg_rewind'}"})
+    return rules
+
+
+@operation()
+def login_role(role: str, password: HiddenValue, replication: bool = False):
+    """Create a login role, or set its password, only when needed.
+
+    + role: role name
+    + password: the password (``HiddenValue``); only a SCRAM verifier computed
+      on the control machine is sent to the server
+    + replication: give the REPLICATION attribute
+    """
+    current = host.get_fact(PgRoleVerifiers)
+    plain = password.unmask()
+    if role in current and scram.matches(plain, current[role]):
+        host.noop(f"role {role} has the right password")
+        return
+    verb = "ALTER" if role in current else "CREATE"
+    attrs = "LOGIN REPLICATION" if replication else "LOGIN"
+    sql = f"{verb} ROLE \"{role}\" {attrs} PASSWORD '{scram.verifier(plain)}'"
+    yield psql(StringCommand(QuoteString(HiddenValue(sql))))
+
+
+@operation()
+def run_sql(sql: str, database: str = "postgres"):
+    """Run SQL as the postgres OS user (psql, stop on the first error).
+
+    + sql: the statement(s)
+    + database: database to connect to
+    """
+    yield psql(sql, database)
+
+
+@operation()
+def database(db: str, owner: str, extensions: Sequence[str] = ()):
+    """Create a database with its owner and extensions, or fix the owner.
+
+    + db: database name
+    + owner: owning role
+    + extensions: extensions to create in it
+    """
+    current = host.get_fact(PgDatabases)
+    changed = False
+    if db not in current:
+        yield psql(f'CREATE DATABASE "{db}" OWNER "{owner}"')
+        have: list[str] = []
+        changed = True
+    else:
+        have_owner, have = current[db]
+        if have_owner != owner:
+            yield psql(f'ALTER DATABASE "{db}" OWNER TO "{owner}"')
+            changed = True
+    for ext in extensions:
+        if ext not in have:
+            yield psql(f'CREATE EXTENSION IF NOT EXISTS "{ext}"', database=db)
+            changed = True
+    if not changed:
+        host.noop(f"database {db} is as wanted")
+
+
+def ensure_slots(cfg: HostConfig) -> None:
+    """On the host being primary: a physical replication slot for every other cluster member."""
+    slots = host.get_fact(PgReplicationSlots)
+    for member in (p.name for p in topology(cfg).cluster_peers(cfg.name)):
+        if slot_name(member) not in slots:
+            run_sql(name=f"Replication slot for {member}",
+                    sql=f"SELECT pg_create_physical_replication_slot('{slot_name(member)}')")
+
+
+def reload_command(version: str) -> str:
+    """Reload; restart only if pending_restart says so; fail on config errors."""
+    p = paths(version)
+    q = "runuser -u postgres -- psql -XAt -c"
+    return (
+        f"systemctl reload {p.service} && sleep 1 && "
+        f"if [ \"$({q} 'select bool_or(pending_restart) from pg_settings')\" = t ]; "
+        f"then systemctl restart {p.service}; fi && "
+        f"test \"$({q} 'select count(*) from pg_file_settings where error is not null')\" = 0 && "
+        f"test \"$({q} 'select count(*) from pg_hba_file_rules where error is not null')\" = 0"
+    )
+
+
+def clone_command(version: str, primary_address: str, slot: str) -> str:
+    """Base-backup the primary into a new directory, then swap it in and start it as a standby.
+
+    The fresh cluster it replaces stays intact until the copy is complete, so a
+    failed clone (primary down, wrong password) leaves a working server behind.
+    """
+    p = paths(version)
+    d, new, old = p.data, p.data + ".webstack-clone", p.data + ".webstack-old"
+    return (
+        f"set -e; rm -rf {new} {old}; install -d -o postgres -g postgres -m 700 {new}; "
+        f"runuser -u postgres -- env PGPASSFILE={PGPASS} {p.bin}/pg_basebackup -h {primary_address} "
+        f"-U replicator -D {new} -X stream -S {slot} -c fast -w -d 'sslmode=require' "
+        f"|| {{ rm -rf {new}; exit 1; }}; "
+        f"runuser -u postgres -- touch {new}/standby.signal; "
+        f"systemctl stop {p.service}; mv {d} {old}; mv {new} {d}; "
+        f"timeout 300 systemctl start {p.service}; rm -rf {old}"
+    )
+
+
+@deploy("PostgreSQL")
+def apply(restoring: bool = False) -> None:
+    """Install, configure and converge this cluster member (primary or replica).
+
+    ``restoring``: deploys/restore.py is about to replace the data directory,
+    so the repository is set up but no stanza or first backup is made.
+    """
+    cfg = config()
+    pg = cfg.settings(PostgresSettings)
+    release = codename()
+    version = VERSION[release]
+    p = paths(version)
+    states = guard(cfg, version)
+    is_primary = pg.primary == cfg.name
+
+    apt.packages(name="Install PostgreSQL", packages=["postgresql", "postgresql-client"])
+    memory = host.get_fact(MemTotalMb)
+    conf = template_file(
+        "postgres/etc/postgresql/main/conf.d/webstack.conf.j2", f"{p.etc}/conf.d/webstack.conf",
+        owes="reload-postgres", user="postgres", group="postgres", **config_context(cfg, memory),
+    )
+    hba = template_file(
+        "postgres/etc/postgresql/main/pg_hba.conf.j2", f"{p.etc}/pg_hba.conf",
+        owes="reload-postgres", user="postgres", group="postgres", mode="640", rules=hba_rules(cfg),
+    )
+    validated_file(
+        name="Replication password for postgres (.pgpass)", dest=PGPASS,
+        content=render("postgres/var/lib/postgresql/pgpass.j2",
+                       password=cfg.secret("postgres_password_replicator").unmask()),
+        user="postgres", group="postgres", mode="600",
+    )
+    fence = template_file(
+        "postgres/usr/local/lib/webstack/pg-fence.j2", "/usr/local/lib/webstack/pg-fence", mode="755",
+        validate="sh -n {}", peers=[x.address for x in topology(cfg).cluster_peers(cfg.name)],
+    )
+    dropin = template_file(
+        "postgres/etc/systemd/system/postgresql@.service.d/webstack-fence.conf.j2",
+        "/etc/systemd/system/postgresql@.service.d/webstack-fence.conf", owes="daemon-reload",
+    )
+    owed_action("daemon-reload", "systemctl daemon-reload", [dropin, fence])
+    systemd.service(name=f"{p.service} enabled", service=p.service, enabled=True, running=True)
+
+    # The primary's work comes first in this file, so on a first run its
+    # slots exist and its new configuration is live before a replica clones.
+    if is_primary:
+        owed_action("reload-postgres", reload_command(version), [conf, hba])
+        login_role(name="Role replicator", role="replicator", replication=True,
+                   password=cfg.secret("postgres_password_replicator"))
+        if not host.get_fact(PgRewindGrants):
+            run_sql(name="Let replicator run pg_rewind", sql=(
+                "GRANT EXECUTE ON function pg_catalog.pg_ls_dir(text, boolean, boolean) TO replicator; "
+                "GRANT EXECUTE ON function pg_catalog.pg_stat_file(text, boolean) TO replicator; "
+                "GRANT EXECUTE ON function pg_catalog.pg_read_binary_file(text) TO replicator; "
+                "GRANT EXECUTE ON function pg_catalog.pg_read_binary_file(text, bigint, bigint, boolean) TO replicator"
+            ))
+        for user in pg.users:
+            login_role(name=f"Role {user}", role=user, password=cfg.secret(f"postgres_password_{user}"))
+        for db in pg.databases:
+            database(name=f"Database {db.name}", db=db.name, owner=db.owner, extensions=db.extensions)
+        ensure_slots(cfg)
+    # Every member runs this same operation: it orders the replicas' work
+    # after all of the primary's (pyinfra orders operations per host).
+    barrier(name="Primary ready for replicas", label=f"cluster {pg.cluster}")
+    backup.apply(cfg, release, version, is_primary, restoring=restoring)
+    if is_primary:
+        return
+
+    mine = _live(states.get(cfg.name))
+    primary_raw = states.get(pg.primary)
+    primary_state = _live(primary_raw)
+    if primary_raw == UNREACHABLE:
+        # Keep whatever streaming configuration exists; never clone blind.
+        if not (mine and mine["standby_signal"]):
+            raise OperationError(f"{cfg.name}: cannot clone a replica while the primary {pg.primary} is unreachable")
+    elif not (mine and primary_state and mine["system_id"] == primary_state["system_id"]):
+        if mine and mine["user_databases"]:
+            raise OperationError(f"{cfg.name}: holds databases of another cluster; refusing to overwrite it")
+        primary_address = topology(cfg).primary(cfg.name).address
+        server.shell(name=f"Clone from {pg.primary} (pg_basebackup via slot {slot_name(cfg.name)})",
+                     commands=[clone_command(version, primary_address, slot_name(cfg.name))])
+    owed_action("reload-postgres", reload_command(version), [conf, hba])
