@@ -84,3 +84,19 @@ def test_secret_value_never_printed(prod):
     result = run_pyinfra(prod)
     assert_stopped_before_connecting(result, "is also the address of lb1")
     assert "TOPSECRET" not in result.stdout + result.stderr
+
+
+def test_debug_inventory_prints_settings_and_no_secret(prod):
+    result = subprocess.run([PYINFRA, str(prod.with_suffix(".py")), "debug-inventory"], cwd=ROOT,
+                            capture_output=True, text=True, env=os.environ, timeout=60)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    assert '"ssh_port": 22' in out and '"admin_networks": [' in out and '"pgbackrest_sftp_key_main"' in out
+    assert "Connecting to hosts" not in out and "BEGIN OPENSSH" not in out
+
+
+def test_ssh_port_has_one_owner(prod):
+    (prod / "hosts.yml").write_text((prod / "hosts.yml").read_text().replace(
+        "lb1:     {address: 192.0.2.11,", "lb1:     {address: 192.0.2.11, port: 2222,"))
+    assert_stopped_before_connecting(run_pyinfra(prod), "hosts.lb1.port: not here: the SSH port is the setting "
+                                                        "base__ssh_port")

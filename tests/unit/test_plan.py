@@ -1,0 +1,61 @@
+"""Whole deploys prepared as the pyinfra CLI does (tests/unit/simulate.py): order across hosts and roles."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.unit.simulate import plan
+
+
+def steps(text: str) -> dict[str, int]:
+    """Operation name -> the step it runs in."""
+    out, step = {}, -1
+    for line in text.splitlines():
+        if line.startswith("-- step "):
+            step = int(line.split()[-1])
+        elif line.startswith("== "):
+            for name in line[3:].split(" / "):
+                out[name] = step
+    return out
+
+
+@pytest.fixture(scope="module")
+def site() -> str:
+    return plan("site")
+
+
+def test_site_prepares_every_host_without_error(site):
+    hosts = set(re.findall(r"^  \[(\S+)\]", site, re.M))
+    assert len(hosts) == 13
+    assert not re.search(r"^    error ", site, re.M)
+
+
+def test_no_operation_is_shared_by_two_roles(site):
+    # pyinfra matches operations across hosts by call-stack lines; site.py calls each role from its own line.
+    for line in (x for x in site.splitlines() if x.startswith("== ")):
+        deploys = {name.split(" | ")[0] for name in line[3:].split(" / ") if " | " in name}
+        assert len(deploys) <= 1, line
+
+
+def test_backup_accounts_exist_before_a_stanza_is_created(site):
+    at = steps(site)
+    assert at["Backup host | Key of pgbr-main (from 10.77.0.31, 10.77.0.32, 10.77.0.71)"] \
+        < at["PostgreSQL | Stanza main in the repository"]
+    assert at["PostgreSQL | Primary ready for replicas"] < at["PostgreSQL | Configure /etc/pgbackrest/pgbackrest.conf"]
+
+
+def test_rolling_step_drains_switches_and_puts_back_one_server_at_a_time(site):
+    at = steps(site)
+    order = ["Drain app1 (release, configuration)", "app1 drained", "app1 switched", "Put app1 back",
+             "app1 back in rotation", "Drain app2 (release, configuration)", "app2 back in rotation"]
+    assert [at[n] for n in order] == sorted(at[n] for n in order)
+
+
+def test_restore_onto_a_drill_host_wants_confirmation():
+    refused = plan("restore", {"from": "main"}, ["drill1", "backup1"])
+    assert refused.startswith("refused: drill1 already holds a PostgreSQL data directory")
+    done = plan("restore", {"from": "main", "confirm": "drill1"}, ["drill1", "backup1"])
+    assert "== Restore main at the latest archived WAL into /var/lib/postgresql/17/main" in done
+    assert "--archive-off" in done
