@@ -154,6 +154,10 @@ class Topology:
         vip = self.host(host).settings(LbSettings).vip
         return [h for h in self.load_balancers() if h.name != host and h.settings(LbSettings).vip == vip]
 
+    def app_servers(self) -> list[Peer]:
+        """Every host with role app (the rolling step changes them one at a time)."""
+        return [h for h in self.hosts if "app" in h.roles]
+
     def upstreams(self, host: str) -> list[Peer]:
         """The application servers load balancer ``host`` sends requests to (``lb__upstream_group``)."""
         return self.members(self.host(host).settings(LbSettings).upstream_group)

@@ -1,6 +1,6 @@
-"""webstack tooling: inventory loading, typed settings, secrets and validation.
+"""webstack tooling: inventory loading, typed settings and deploy options, secrets, docs, validation.
 
-The roles themselves live in the ``roles`` package; this package is what turns
-YAML inventories into validated, typed per-host configuration before pyinfra
-connects to anything.
+This package knows no role: the ``roles`` package hands it a catalog (roles,
+settings classes, deploy options, cross-host checks) through the
+``webstack.catalog`` entry point, so the dependency points one way only.
 """

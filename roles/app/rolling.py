@@ -26,6 +26,7 @@ from roles.app.settings import AppSettings
 from roles.base.deploy import codename
 from roles.lb.deploy import nginx_site
 from roles.lb.settings import LbSettings
+from roles.topology import topology
 from webstack.inventory import HostConfig
 
 
@@ -59,9 +60,7 @@ def plan(requested: str = "") -> list[Step]:
     """Every application server of the run that needs a change, in inventory order."""
     steps = []
     me = config()
-    for peer in me.peers:
-        if "app" not in peer.roles:
-            continue
+    for peer in topology(me).app_servers():
         other = inventory.get_host(peer.name, default=None)
         if other is None or other not in state.active_hosts:
             continue
@@ -141,7 +140,7 @@ def converge(release: str = "") -> None:
     if not steps:
         host.noop("application servers are up to date")
         return
-    app_servers = [p.name for p in cfg.peers if "app" in p.roles]
+    app_servers = topology(cfg).app_servers()
     distro = codename() if "lb" in cfg.roles else ""
     for step in host.loop(steps):
         # With a single application server there is nothing to drain to.
