@@ -80,7 +80,8 @@ class Config:
             if not all(isinstance(limits[n], (int, float)) and not isinstance(limits[n], bool) for n in names):
                 raise ValueError(f"limits must be numbers: {limits}")
             options = raw["other_member_options"]
-            if not isinstance(raw["stanza"], str) or not all(isinstance(o, str) for o in options):
+            if not isinstance(raw["stanza"], str) or not isinstance(options, list) or \
+                    not all(isinstance(o, str) for o in options):
                 raise ValueError("stanza and other_member_options must be strings")
             return cls(raw["stanza"], Limits(**{n: limits[n] for n in names}), tuple(options))
         except (ValueError, KeyError, TypeError) as e:
@@ -102,6 +103,11 @@ class Config:
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def _num(x: float) -> str:
+    """A threshold as written in the inventory: 192, not 192.0 (arguments arrive as floats)."""
+    return str(int(x)) if float(x).is_integer() else str(x)
 
 
 def _day(t: float) -> int:
@@ -142,14 +148,14 @@ def breaches(now: float, stanza: dict[str, Any], archiver: dict[str, Any], ready
         if not stops:
             out.append(f"no {label} backup")
         elif now - max(stops) > limit * 3600 and not (running and label == "any"):
-            out.append(f"newest {label} backup is {(now - max(stops)) / 3600:.1f} h old (limit {limit:g} h)")
+            out.append(f"newest {label} backup is {(now - max(stops)) / 3600:.1f} h old (limit {_num(limit)} h)")
     errors = [b["label"] for b in backups if b.get("error")]
     if errors:
         out.append(f"backups with page checksum errors: {', '.join(errors)}")
     lag = max(ready_ages, default=0.0)
     if lag > limits.max_wal_lag_s:
         out.append(f"{len(ready_ages)} WAL segment(s) wait for the archive, the oldest for {lag:.0f} s "
-                   f"(limit {limits.max_wal_lag_s:g} s)")
+                   f"(limit {_num(limits.max_wal_lag_s)} s)")
     if archiver.get("failing"):
         out.append(f"archive_command is failing (failed_count {archiver.get('failed_count')})")
     return out
