@@ -55,8 +55,8 @@ demo: site
 	@echo "  converge:  $(PYINFRA) inventories/lab.py deploys/site.py"
 
 lint: setup
-	$(VENV)/bin/ruff check webstack roles lab deploys inventories tests bench
-	$(VENV)/bin/mypy webstack roles lab
+	$(VENV)/bin/ruff check webstack webstack_agent roles lab deploys inventories tests bench
+	$(VENV)/bin/mypy webstack webstack_agent roles lab
 	$(PY) -m webstack.cli docs --check
 
 unit: setup

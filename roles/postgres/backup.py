@@ -25,6 +25,7 @@ from roles.postgres.settings import PostgresSettings
 from roles.topology import topology
 from webstack import tls
 from webstack.inventory import HostConfig, Peer
+from webstack_agent import backup as agent
 
 CONF_DIR = "/etc/pgbackrest"
 KEY_FILE = f"{CONF_DIR}/sftp_key"
@@ -37,6 +38,9 @@ UNITS = ("webstack-backup.service", "webstack-backup.timer", "webstack-backup-ch
          "webstack-backup-check.timer", "webstack-backup-verify.service", "webstack-backup-verify.timer")
 TIMERS = ("webstack-backup.timer", "webstack-backup-check.timer", "webstack-backup-verify.timer")
 REPO_MOUNT_UNIT = "webstack-backup-repo.service"
+# The pgN-* options pgbackrest.conf.j2 writes for each other member (N > 1); the agent resets them
+# for a backup without a streaming standby (tests/unit/test_backup.py holds this list to the template).
+MEMBER_OPTIONS = ("host", "host-type", "host-port", "host-cert-file", "host-key-file", "host-ca-file", "path")
 
 
 def enabled(pg: PostgresSettings) -> bool:
@@ -88,7 +92,6 @@ def repo_context(pg: PostgresSettings, release: str, version: str, backup_peer: 
         "retention_diff": pg.backup_retention_diff,
         "queue_max": pg.backup_queue_max,
         "data": paths(version).data,
-        "check_args": " ".join(check_args(pg)),
         "tls_dir": TLS_DIR,
         "tls_port": TLS_PORT,
         "me": me,
@@ -96,11 +99,21 @@ def repo_context(pg: PostgresSettings, release: str, version: str, backup_peer: 
     }
 
 
+def check_limits(pg: PostgresSettings) -> agent.Limits:
+    """The inventory's thresholds of ``webstack-backup check``."""
+    return agent.Limits(max_wal_lag_s=pg.backup_check_max_wal_lag_s, max_age_h=pg.backup_check_max_age_h,
+                        max_diff_age_h=pg.backup_check_max_diff_age_h, max_full_age_h=pg.backup_check_max_full_age_h)
+
+
 def check_args(pg: PostgresSettings) -> list[str]:
     """The inventory's thresholds as arguments of ``webstack-backup check``."""
-    return ["--max-wal-lag-s", str(pg.backup_check_max_wal_lag_s), "--max-age-h", str(pg.backup_check_max_age_h),
-            "--max-diff-age-h", str(pg.backup_check_max_diff_age_h),
-            "--max-full-age-h", str(pg.backup_check_max_full_age_h)]
+    return check_limits(pg).args()
+
+
+def agent_config(pg: PostgresSettings, others: Sequence[Peer]) -> str:
+    """The agent's settings file (``agent.CONFIG``) for a member of cluster ``pg.cluster``."""
+    options = tuple(f"pg{i}-{o}" for i in range(2, len(others) + 2) for o in MEMBER_OPTIONS)
+    return agent.Config(stanza=pg.cluster, limits=check_limits(pg), other_member_options=options).to_json()
 
 
 def secrets_context(cfg: HostConfig, cluster: str, s3: bool) -> dict[str, str]:
@@ -216,7 +229,10 @@ def install_client(cfg: HostConfig, release: str, version: str, pg: PostgresSett
         content=render("postgres/etc/pgbackrest/conf.d/secrets.conf.j2",
                        **secrets_context(scfg, pg.cluster, bool(pg.backup_s3_bucket))),
     ))
-    files.put(name=f"Install {SCRIPT}", src=str(_script_path()), dest=SCRIPT, mode="755")
+    if member:
+        validated_file(name=f"Settings of {SCRIPT}", dest=agent.CONFIG, content=agent_config(pg, others),
+                       mode="640", group="postgres")
+    files.put(name=f"Install {SCRIPT}", src=agent.__file__, dest=SCRIPT, mode="755")
     if member:
         ca_key = cfg.secret(f"pgbackrest_tls_ca_key_{pg.cluster}").unmask()
         ca_name = f"webstack pgbackrest {pg.cluster}"
@@ -229,12 +245,6 @@ def install_client(cfg: HostConfig, release: str, version: str, pg: PostgresSett
         swaps.append(validated_file(name="pgBackRest TLS key", dest=f"{TLS_DIR}/member.key", content=key,
                                     user="postgres", group="postgres", mode="600", owes="restart-pgbackrest-server"))
     return ctx, swaps
-
-
-def _script_path():
-    from roles._lib import TEMPLATES
-
-    return TEMPLATES / "postgres" / "usr" / "local" / "lib" / "webstack" / "webstack-backup"
 
 
 def apply(cfg: HostConfig, release: str, version: str, is_primary: bool, restoring: bool = False) -> None:

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
+import ast
+import configparser
+import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from roles._lib import TEMPLATES, render
+from roles._lib import render
 from roles.backup.deploy import sftp_match_blocks
 from roles.base.deploy import firewall_rules
 from roles.postgres import backup
@@ -22,15 +27,9 @@ from webstack.errors import ConfigError
 from webstack.inventory import load
 from webstack.sshkeys import new_private_key, public_key
 from webstack.tls import new_ed25519_key
+from webstack_agent import backup as agent
 
 HOUR, DAY = 3600, 86400
-
-_path = TEMPLATES / "postgres/usr/local/lib/webstack/webstack-backup"
-_loader = importlib.machinery.SourceFileLoader("webstack_backup_script", str(_path))
-_spec = importlib.util.spec_from_loader(_loader.name, _loader)
-assert _spec is not None
-script = importlib.util.module_from_spec(_spec)
-_loader.exec_module(script)
 
 HOSTS = {
     "app1": {"address": "10.1.0.21", "groups": ["app"]},
@@ -95,16 +94,17 @@ def simulate(weeks: int, full: int, diff: int) -> list[tuple[float, list[Backup]
     for hour in range(weeks * 7 * 24):
         now = hour * HOUR
         raw = [{"type": b.type, "timestamp": {"stop": b.stop}} for b in backups]
-        kind = script.decide(now, raw)
+        kind = agent.decide(now, raw)
         backups = expire(add(backups, kind, f"b{hour}", stop=now), full=full, diff=diff)
         history.append((now, backups))
     return history
 
 
 def test_policy_keeps_hourly_24h_daily_7d_weekly_4w():
-    """Six simulated weeks with the defaults (full=5, diff=7): at every hour of the last two weeks,
-    each of the last 24 hours, 7 days and 4 weeks holds a restore point."""
-    history = simulate(weeks=6, full=5, diff=7)
+    """Six simulated weeks with the declared defaults: at every hour of the last two weeks,
+    each of the last 24 hours, 7 days and 4 weeks holds a restore point (docs/backup-plan.md §2)."""
+    defaults = PostgresSettings()
+    history = simulate(weeks=6, full=defaults.backup_retention_full, diff=defaults.backup_retention_diff)
     for now, kept in history[-14 * 24:]:
         ages = [now - b.stop for b in kept]
         for h in range(24):
@@ -115,13 +115,9 @@ def test_policy_keeps_hourly_24h_daily_7d_weekly_4w():
             assert any(w * 7 * DAY <= a < (w + 1) * 7 * DAY for a in ages), f"week {w} missing at t={now / HOUR}h"
     now, kept = history[-1]
     counts = {t: sum(1 for b in kept if b.type == t) for t in ("full", "diff", "incr")}
+    # The steady state the README's Backups section and docs/backup-plan.md state.
     assert counts["full"] == 5 and counts["diff"] == 6
     assert 230 <= counts["incr"] <= 253
-
-
-def test_policy_defaults_are_the_documented_ones(cfgs):
-    pg = cfgs["db1"].settings(PostgresSettings)
-    assert (pg.backup_retention_full, pg.backup_retention_diff) == (5, 7)
 
 
 def test_schedule_decides_full_diff_incr():
@@ -132,18 +128,18 @@ def test_schedule_decides_full_diff_incr():
         return {"type": kind, "timestamp": {"stop": at}}
 
     tuesday_0105 = sunday + 2 * DAY + HOUR + 300
-    assert script.decide(tuesday_0105, []) == "full"
-    assert script.decide(tuesday_0105, [b("full", sunday + 300)]) == "diff"  # first run of a new day
-    assert script.decide(tuesday_0105, [b("full", sunday + 300), b("diff", tuesday_0105 - HOUR)]) == "incr"
-    assert script.decide(sunday + 300, [b("full", sunday - 7 * DAY + 300), b("diff", sunday - DAY)]) == "full"
-    assert script.decide(sunday + HOUR, [b("full", sunday + 300)]) == "incr"
+    assert agent.decide(tuesday_0105, []) == "full"
+    assert agent.decide(tuesday_0105, [b("full", sunday + 300)]) == "diff"  # first run of a new day
+    assert agent.decide(tuesday_0105, [b("full", sunday + 300), b("diff", tuesday_0105 - HOUR)]) == "incr"
+    assert agent.decide(sunday + 300, [b("full", sunday - 7 * DAY + 300), b("diff", sunday - DAY)]) == "full"
+    assert agent.decide(sunday + HOUR, [b("full", sunday + 300)]) == "incr"
     # A missed Sunday: the first run once the newest full is a week old takes one.
-    assert script.decide(sunday + 7 * DAY + 2 * DAY, [b("full", sunday + 300), b("diff", sunday + 8 * DAY)]) == "full"
+    assert agent.decide(sunday + 7 * DAY + 2 * DAY, [b("full", sunday + 300), b("diff", sunday + 8 * DAY)]) == "full"
 
 
 # --- the check -----------------------------------------------------------------------------------------------
 
-LIMITS = {"max_wal_lag_s": 300, "max_age_h": 2, "max_diff_age_h": 26, "max_full_age_h": 192}
+LIMITS = agent.Limits(max_wal_lag_s=300, max_age_h=2, max_diff_age_h=26, max_full_age_h=192)
 
 
 def stanza(*backups, code=0):
@@ -155,19 +151,19 @@ def stanza(*backups, code=0):
 def test_check_passes_fresh_backups_and_names_every_breach():
     now = 100 * DAY
     good = stanza(("full", now - 3 * DAY, False), ("diff", now - 5 * HOUR, False), ("incr", now - 600, False))
-    assert script.breaches(now, good, {"failing": False}, [10.0], LIMITS) == []
+    assert agent.breaches(now, good, {"failing": False}, [10.0], LIMITS) == []
     stale = stanza(("full", now - 9 * DAY, True), ("incr", now - 3 * HOUR, False), code=99)
-    problems = script.breaches(now, stale, {"failing": True, "failed_count": 4}, [400.0, 20.0], LIMITS)
+    problems = agent.breaches(now, stale, {"failing": True, "failed_count": 4}, [400.0, 20.0], LIMITS)
     assert [p.split(" ")[0] for p in problems] == ["repository", "newest", "newest", "newest", "backups",
                                                     "2", "archive_command"]
     assert "newest full backup is 216.0 h old (limit 192 h)" in problems
     assert "2 WAL segment(s) wait for the archive, the oldest for 400 s (limit 300 s)" in problems
-    assert script.breaches(now, stanza(), {"failing": False}, [], LIMITS)[:1] == ["no any backup"]
+    assert agent.breaches(now, stanza(), {"failing": False}, [], LIMITS)[:1] == ["no any backup"]
     # A long full in progress: the hourly runs wait for it, which is no reason to alarm.
     busy = stanza(("full", now - 3 * DAY, False), ("diff", now - 5 * HOUR, False))
-    assert script.breaches(now, busy, {"failing": False}, [], LIMITS) == ["newest any backup is 5.0 h old (limit 2 h)"]
+    assert agent.breaches(now, busy, {"failing": False}, [], LIMITS) == ["newest any backup is 5.0 h old (limit 2 h)"]
     busy["status"]["lock"] = {"backup": {"held": True}}
-    assert script.breaches(now, busy, {"failing": False}, [], LIMITS) == []
+    assert agent.breaches(now, busy, {"failing": False}, [], LIMITS) == []
 
 
 # --- configuration -------------------------------------------------------------------------------------------
@@ -205,12 +201,47 @@ def test_s3_repository_renders_keys_into_the_secrets_file(make_inventory):
     assert "repo1-s3-key=AKIAEXAMPLE" in secret and "repo1-s3-key-secret=s3-secret" in secret
 
 
-def test_postgres_archives_with_pgbackrest(cfgs):
-    ctx = config_context(cfgs["db2"], memory_mb=4096)
-    assert ctx["archive_command"] == "pgbackrest --stanza=main archive-push %p"
-    assert ctx["restore_command"] == 'pgbackrest --stanza=main archive-get %f "%p"'
-    conf = render("postgres/etc/postgresql/main/conf.d/webstack.conf.j2", **ctx)
+def fake_bin(directory: Path, name: str, body: str) -> None:
+    """An executable shell script standing in for a server's command (psql, pgbackrest...)."""
+    directory.mkdir(exist_ok=True)
+    (directory / name).write_text("#!/bin/sh\n" + body)
+    (directory / name).chmod(0o755)
+
+
+def pg_setting(conf: str, name: str) -> str:
+    """A setting's value in a rendered postgresql.conf, unquoted as PostgreSQL reads it."""
+    raw = next(line for line in conf.splitlines() if line.startswith(f"{name} = ")).split(" = ", 1)[1]
+    assert raw[0] == raw[-1] == "'", raw
+    return raw[1:-1].replace("''", "'")
+
+
+def as_postgres_runs(command: str, path: str, file: str) -> str:
+    """PostgreSQL's substitution in archive_command/restore_command: %p, %f, %%."""
+    return command.replace("%%", "\0").replace("%p", path).replace("%f", file).replace("\0", "%")
+
+
+def test_postgres_archives_into_the_stanza_pgbackrest_is_configured_with(cfgs, tmp_path):
+    """archive_command and restore_command, as PostgreSQL runs them (substituted, through /bin/sh), call
+    pgBackRest's archive-push/-get with the stanza pgbackrest.conf defines and the segment's path."""
+    conf = render("postgres/etc/postgresql/main/conf.d/webstack.conf.j2", **config_context(cfgs["db2"], memory_mb=4096))
     assert "archive_mode = on" in conf and "archive_timeout = 60" in conf
+    db1, db2, vault = (next(p for p in cfgs["db2"].peers if p.name == n) for n in ("db1", "db2", "vault"))
+    ini = configparser.ConfigParser(interpolation=None, strict=False)  # tls-server-auth repeats
+    ini.read_string(render("postgres/etc/pgbackrest/pgbackrest.conf.j2",
+                           **backup.repo_context(cfgs["db2"].settings(PostgresSettings), "trixie", "17", vault, db2, [db1])))
+    [stanza] = [s for s in ini.sections() if s != "global"]
+    fake_bin(tmp_path / "bin", "pgbackrest", 'printf "%s\\n" "$@" > "$ARGV"\n')
+    segment = "000000010000000A000000FF"
+
+    def argv_of(setting: str, path: str) -> list[str]:
+        env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", "ARGV": str(tmp_path / "argv")}
+        subprocess.run(["/bin/sh", "-c", as_postgres_runs(pg_setting(conf, setting), path, segment)], env=env, check=True)
+        return (tmp_path / "argv").read_text().splitlines()
+
+    assert argv_of("archive_command", f"pg_wal/{segment}") == [f"--stanza={stanza}", "archive-push", f"pg_wal/{segment}"]
+    assert argv_of("restore_command", "pg_wal/RECOVERY XLOG") == [f"--stanza={stanza}", "archive-get", segment,
+                                                                 "pg_wal/RECOVERY XLOG"]
+    assert stanza == "main"
     assert config_context(cfgs["drill"], memory_mb=4096)["archive_command"] == ""
 
 
@@ -281,13 +312,143 @@ def test_member_certificates_are_stable_and_verify():
     leaf.verify_directly_issued_by(ca)
 
 
-def test_without_a_standby_the_other_members_are_left_out(cfgs, tmp_path):
-    db1, db2 = (next(p for p in cfgs["db1"].peers if p.name == n) for n in ("db1", "db2"))
-    vault = next(p for p in cfgs["db1"].peers if p.name == "vault")
-    conf = tmp_path / "pgbackrest.conf"
-    conf.write_text(render("postgres/etc/pgbackrest/pgbackrest.conf.j2",
-                           **backup.repo_context(cfgs["db1"].settings(PostgresSettings), "trixie", "17", vault, db1, [db2])))
-    resets = script.other_members(str(conf))
-    assert "--reset-pg2-host" in resets and "--reset-pg2-path" in resets and "--reset-pg2-host-port" in resets
-    assert not any(r.startswith("--reset-pg1") for r in resets)
-    assert script.other_members(str(tmp_path / "missing.conf")) == []
+# --- the agent (webstack_agent/backup.py, installed as /usr/local/lib/webstack/webstack-backup) -----------------
+
+
+def test_agent_is_one_file_of_the_standard_library():
+    """It is copied alone to Debian 12 (Python 3.11) and 13 (3.13): no import outside the standard
+    library, nothing newer than 3.11's grammar, and it runs without site-packages."""
+    source = Path(agent.__file__).read_text()
+    tree = ast.parse(source, feature_version=(3, 11))
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert imported <= set(sys.stdlib_module_names) | {"__future__"}, imported - set(sys.stdlib_module_names)
+    assert source.startswith("#!/usr/bin/python3\n")
+    out = subprocess.run([sys.executable, "-I", "-S", agent.__file__, "check", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--max-full-age-h" in out.stdout, out.stderr
+
+
+def test_agent_settings_come_from_the_inventory_and_name_every_other_member(cfgs):
+    """The file the role writes for the agent: the inventory's thresholds, and exactly the pgN options
+    (N > 1) of the pgbackrest.conf rendered for the same member (read here with configparser)."""
+    pg = cfgs["db1"].settings(PostgresSettings)
+    db1, db2, old1, vault = (next(p for p in cfgs["db1"].peers if p.name == n) for n in ("db1", "db2", "old1", "vault"))
+    for others in ([db2], [db2, old1], []):
+        ini = configparser.ConfigParser(interpolation=None, strict=False)  # tls-server-auth repeats
+        ini.read_string(render("postgres/etc/pgbackrest/pgbackrest.conf.j2",
+                               **backup.repo_context(pg, "trixie", "17", vault, db1, others)))
+        in_conf = {k for k in ini["main"] if k.startswith("pg") and not k.startswith("pg1-")}
+        settings = agent.Config.from_json(backup.agent_config(pg, others))
+        assert set(settings.other_member_options) == in_conf and len(in_conf) == 7 * len(others)
+        assert settings.stanza == "main"
+    limits = agent.Config.from_json(backup.agent_config(pg, [db2])).limits
+    assert (limits.max_wal_lag_s, limits.max_age_h, limits.max_diff_age_h, limits.max_full_age_h) == (
+        pg.backup_check_max_wal_lag_s, pg.backup_check_max_age_h, pg.backup_check_max_diff_age_h,
+        pg.backup_check_max_full_age_h)
+    assert backup.check_args(pg) == ["--max-wal-lag-s", "300", "--max-age-h", "2", "--max-diff-age-h", "26",
+                                     "--max-full-age-h", "192"]
+
+
+def settings_file(tmp_path: Path, options: tuple[str, ...] = (), limits: agent.Limits = LIMITS) -> Path:
+    path = tmp_path / "webstack-backup.json"
+    path.write_text(agent.Config("main", limits, options).to_json())
+    return path
+
+
+def test_check_thresholds_from_the_file_arguments_override(tmp_path, capsys):
+    path = str(settings_file(tmp_path, limits=agent.Limits(max_wal_lag_s=60, max_age_h=3, max_diff_age_h=30,
+                                                           max_full_age_h=200)))
+    args = agent.parser().parse_args(["--settings", path, "check", "--stanza", "main", "--max-wal-lag-s", "1"])
+    assert agent.check_limits(args) == agent.Limits(max_wal_lag_s=1, max_age_h=3, max_diff_age_h=30, max_full_age_h=200)
+    assert args.timeout is None  # pgbackrest.conf's archive-timeout, not a copy of it here
+    every = agent.parser().parse_args(["--settings", str(tmp_path / "none.json"), "check", "--stanza", "main",
+                                       *agent.Limits(1, 2, 3, 4).args()])
+    assert agent.check_limits(every) == agent.Limits(1, 2, 3, 4)  # no file needed
+    # A missing file, another stanza's file, a malformed file: refused with a message, exit 2.
+    for settings, stanza in ((str(tmp_path / "none.json"), "main"), (path, "legacy")):
+        assert agent.main(["--settings", settings, "stanza-create", "--stanza", stanza]) == 2
+    assert "No such file or directory (written by the webstack postgres role)" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text('{"stanza": "main", "limits": {"max_age_h": "2"}, "other_member_options": []}')
+    with pytest.raises(agent.ConfigError, match="not a webstack-backup configuration"):
+        agent.Config.load("main", str(tmp_path / "bad.json"))
+
+
+@pytest.mark.parametrize("standbys", [0, 1])
+def test_scheduled_backup_reads_a_standby_or_the_primary_alone(tmp_path, standbys):
+    """The installed file run as the timer runs it, against stand-ins for psql and pgbackrest."""
+    bin_dir = tmp_path / "bin"
+    fake_bin(bin_dir, "psql", 'case "$*" in *pg_is_in_recovery*) echo f;; *pg_stat_replication*) echo "$STANDBYS";; esac\n')
+    fake_bin(bin_dir, "pgbackrest", 'echo "$*" >> "$LOG"\ncase "$*" in *" info") '
+                                    """echo '[{"status": {"code": 2, "message": "no valid backups"}, "backup": []}]';; esac\n""")
+    settings = settings_file(tmp_path, options=("pg2-host", "pg2-path"))
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "LOG": str(tmp_path / "log"), "STANDBYS": str(standbys)}
+    out = subprocess.run([sys.executable, "-I", "-S", agent.__file__, "--settings", str(settings), "scheduled",
+                          "--stanza", "main"], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    calls = (tmp_path / "log").read_text().splitlines()
+    if standbys:
+        assert out.stdout == "full backup of main from a standby\n"
+        assert calls[-1] == "--stanza=main --type=full --backup-standby=y --log-level-console=info backup"
+    else:
+        assert out.stdout == "full backup of main\n"
+        assert calls[-1] == ("--stanza=main --type=full --backup-standby=n --reset-pg2-host --reset-pg2-path "
+                             "--log-level-console=info backup")
+
+
+class FakeServer:
+    """subprocess for ``restore``: pgbackrest, systemctl and psql as on a server, recorded."""
+
+    def __init__(self, data: Path, fail: str = "") -> None:
+        self.data, self.fail, self.calls = data, fail, []
+
+    def _do(self, argv: list[str]) -> tuple[int, str]:
+        self.calls.append(argv)
+        words = " ".join(argv)
+        if words.endswith(" info"):
+            return 0, json.dumps([{"status": {"code": 0, "message": "ok"}}])
+        if words.endswith(" restore"):
+            if self.fail == "restore":
+                (self.data / "half-restored").write_text("x")
+                return 1, ""
+            (self.data / "PG_VERSION").write_text("17\n")
+            return 0, ""
+        if "systemctl start" in words and self.fail == "start":
+            return 1, ""
+        return 0, "f" if "pg_is_in_recovery" in words else ""
+
+    def run(self, argv, check=False, **_kw):
+        rc, out = self._do(argv)
+        if check and rc:
+            raise subprocess.CalledProcessError(rc, argv)
+        return subprocess.CompletedProcess(argv, rc, out, "")
+
+    def call(self, argv, **_kw):
+        return self._do(argv)[0]
+
+
+@pytest.mark.parametrize("fail", ["", "restore", "start"])
+def test_restore_keeps_the_old_data_directory_until_recovery_is_done(tmp_path, monkeypatch, fail):
+    data = tmp_path / "17" / "main"
+    data.mkdir(parents=True)
+    (data / "PG_VERSION").write_text("old\n")
+    server = FakeServer(data, fail)
+    monkeypatch.setattr(agent, "subprocess", server)
+    me = os.getuid(), os.getgid()
+    monkeypatch.setattr(agent.pwd, "getpwnam", lambda name: type("pw", (), {"pw_uid": me[0], "pw_gid": me[1]}))
+    rc = agent.main(["restore", "--stanza", "main", "--data", str(data), "--service", "postgresql@17-main",
+                     "--time", "2026-11-27 10:00:00+00", "--archive-off"])
+    assert not (tmp_path / "17" / "main.webstack-pre-restore").exists()
+    assert sorted(p.name for p in data.iterdir()) == ["PG_VERSION"]
+    restore = next(c for c in server.calls if c[-1] == "restore")
+    assert restore[:4] == ["runuser", "-u", "postgres", "--"] and "--archive-mode=off" in restore
+    assert "--target=2026-11-27 10:00:00+00" in restore and "--target-action=promote" in restore
+    if fail:
+        assert rc == 1 and (data / "PG_VERSION").read_text() == "old\n"  # put back
+        assert server.calls[-1] == ["systemctl", "start", "postgresql@17-main"]
+    else:
+        assert rc == 0 and (data / "PG_VERSION").read_text() == "17\n"
+        assert (data.stat().st_mode & 0o777) == 0o700
+        assert server.calls[-1] == ["timeout", "600", "systemctl", "restart", "postgresql@17-main"]
+    # A copy left by an earlier failed restore is never deleted: the next restore refuses.
+    (tmp_path / "17" / "main.webstack-pre-restore").mkdir()
+    assert agent.main(["restore", "--stanza", "main", "--data", str(data), "--service", "postgresql@17-main"]) == 1

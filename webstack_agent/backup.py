@@ -5,29 +5,116 @@
     webstack-backup check --stanza S [...]   thresholds: exit 1 listing every breach
     webstack-backup verify --stanza S        weekly timer: pgbackrest verify, primary only
     webstack-backup restore --stanza S ...   (root) replace the data directory with a restore
+    webstack-backup stanza-create --stanza S
 
-Plain Python 3 standard library: it runs on the database servers.
+The postgres role writes this member's settings to ``CONFIG`` (JSON, see :class:`Config`),
+from the same inventory settings it renders pgbackrest.conf from; ``check``'s thresholds
+given as arguments override the file's. ``restore`` and ``verify`` need no file.
+
+Plain Python 3 standard library (3.11 on Debian 12, 3.13 on Debian 13): it runs on the
+database servers as a single file. Source: webstack_agent/backup.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import json
 import os
-import re
+import pwd
+import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+from typing import Any
 
+CONFIG = "/etc/pgbackrest/webstack-backup.json"
 FULL_WEEKDAY = 6  # Sunday (UTC): the weekly full
+
+
+class ConfigError(Exception):
+    """The settings file is missing, unreadable or not for this stanza."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Thresholds of ``check`` (the inventory's ``postgres__backup_check_*``)."""
+
+    max_wal_lag_s: float  # the oldest WAL segment waiting for the archive (s)
+    max_age_h: float  # the newest backup of any type (h)
+    max_diff_age_h: float  # the newest differential or full (h)
+    max_full_age_h: float  # the newest full (h)
+
+    def args(self) -> list[str]:
+        """The same thresholds as ``check`` arguments (``--max-wal-lag-s 300 ...``)."""
+        return [a for f in dataclasses.fields(self) for a in (_flag(f.name), str(getattr(self, f.name)))]
+
+
+@dataclass(frozen=True)
+class Config:
+    """What the role tells the agent about this member; the JSON in ``CONFIG``.
+
+    ``other_member_options``: pgBackRest options naming the other members (``pg2-host``,
+    ``pg2-path``...) in pgbackrest.conf; a backup or stanza-create without a streaming
+    standby resets them, so it looks at the local server only (a fresh, not yet cloned
+    member would otherwise count as a second primary).
+    """
+
+    stanza: str
+    limits: Limits
+    other_member_options: tuple[str, ...]
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, where: str = CONFIG) -> Config:
+        try:
+            raw = json.loads(text)
+            limits = raw["limits"]
+            names = [f.name for f in dataclasses.fields(Limits)]
+            if set(raw) != {"stanza", "limits", "other_member_options"} or set(limits) != set(names):
+                raise ValueError(f"keys {sorted(raw)}, limits {sorted(limits)}")
+            if not all(isinstance(limits[n], (int, float)) and not isinstance(limits[n], bool) for n in names):
+                raise ValueError(f"limits must be numbers: {limits}")
+            options = raw["other_member_options"]
+            if not isinstance(raw["stanza"], str) or not isinstance(options, list) or \
+                    not all(isinstance(o, str) for o in options):
+                raise ValueError("stanza and other_member_options must be strings")
+            return cls(raw["stanza"], Limits(**{n: limits[n] for n in names}), tuple(options))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{where}: not a webstack-backup configuration ({e})") from e
+
+    @classmethod
+    def load(cls, stanza: str, path: str = CONFIG) -> Config:
+        """The configuration at ``path``, which must be the one of ``stanza``."""
+        try:
+            with open(path) as f:
+                text = f.read()
+        except OSError as e:
+            raise ConfigError(f"{path}: {e.strerror} (written by the webstack postgres role)") from e
+        cfg = cls.from_json(text, path)
+        if cfg.stanza != stanza:
+            raise ConfigError(f"{path} configures stanza {cfg.stanza!r}, not {stanza!r}")
+        return cfg
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _num(x: float) -> str:
+    """A threshold as written in the inventory: 192, not 192.0 (arguments arrive as floats)."""
+    return str(int(x)) if float(x).is_integer() else str(x)
 
 
 def _day(t: float) -> int:
     return int(t // 86400)
 
 
-def decide(now: float, backups: list[dict]) -> str:
+def decide(now: float, backups: list[dict[str, Any]]) -> str:
     """The type of the next scheduled backup, from the repository's backups (pgbackrest info).
 
     By UTC calendar day, so points stay 24 h apart: the first run of each day takes
@@ -45,7 +132,8 @@ def decide(now: float, backups: list[dict]) -> str:
     return "incr"
 
 
-def breaches(now: float, stanza: dict, archiver: dict, ready_ages: list[float], limits: dict) -> list[str]:
+def breaches(now: float, stanza: dict[str, Any], archiver: dict[str, Any], ready_ages: list[float],
+             limits: Limits) -> list[str]:
     """Every threshold the repository state breaks (empty when all is well)."""
     out = []
     status = stanza.get("status", {})
@@ -53,27 +141,27 @@ def breaches(now: float, stanza: dict, archiver: dict, ready_ages: list[float], 
         out.append(f"repository status {status.get('code')}: {status.get('message')}")
     backups = stanza.get("backup", [])
     running = bool(status.get("lock", {}).get("backup", {}).get("held"))
-    for label, types, limit in (("any", ("full", "diff", "incr"), limits["max_age_h"]),
-                                ("diff or full", ("full", "diff"), limits["max_diff_age_h"]),
-                                ("full", ("full",), limits["max_full_age_h"])):
+    for label, types, limit in (("any", ("full", "diff", "incr"), limits.max_age_h),
+                                ("diff or full", ("full", "diff"), limits.max_diff_age_h),
+                                ("full", ("full",), limits.max_full_age_h)):
         stops = [b["timestamp"]["stop"] for b in backups if b["type"] in types]
         if not stops:
             out.append(f"no {label} backup")
         elif now - max(stops) > limit * 3600 and not (running and label == "any"):
-            out.append(f"newest {label} backup is {(now - max(stops)) / 3600:.1f} h old (limit {limit} h)")
+            out.append(f"newest {label} backup is {(now - max(stops)) / 3600:.1f} h old (limit {_num(limit)} h)")
     errors = [b["label"] for b in backups if b.get("error")]
     if errors:
         out.append(f"backups with page checksum errors: {', '.join(errors)}")
     lag = max(ready_ages, default=0.0)
-    if lag > limits["max_wal_lag_s"]:
+    if lag > limits.max_wal_lag_s:
         out.append(f"{len(ready_ages)} WAL segment(s) wait for the archive, the oldest for {lag:.0f} s "
-                   f"(limit {limits['max_wal_lag_s']} s)")
+                   f"(limit {_num(limits.max_wal_lag_s)} s)")
     if archiver.get("failing"):
         out.append(f"archive_command is failing (failed_count {archiver.get('failed_count')})")
     return out
 
 
-def run(argv: list[str], check: bool = True) -> subprocess.CompletedProcess:
+def run(argv: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, check=check, text=True, capture_output=True)
 
 
@@ -85,13 +173,12 @@ def in_recovery() -> bool:
     return psql("select pg_is_in_recovery()") == "t"
 
 
-def info(stanza: str, config: str | None = None) -> dict:
-    argv = ["pgbackrest", *([f"--config={config}"] if config else []), f"--stanza={stanza}", "--output=json", "info"]
-    data = json.loads(run(argv).stdout or "[]")
+def info(stanza: str) -> dict[str, Any]:
+    data = json.loads(run(["pgbackrest", f"--stanza={stanza}", "--output=json", "info"]).stdout or "[]")
     return data[0] if data else {}
 
 
-def archiver() -> dict:
+def archiver() -> dict[str, Any]:
     row = psql("select failed_count, coalesce(last_failed_time > coalesce(last_archived_time, 'epoch'), false) "
                "from pg_stat_archiver").split("|")
     return {"failed_count": int(row[0]), "failing": row[1] == "t"}
@@ -102,16 +189,9 @@ def ready_ages(now: float) -> list[float]:
     return [now - os.stat(p).st_mtime for p in glob.glob(f"{data}/pg_wal/archive_status/*.ready")]
 
 
-def other_members(config: str = "/etc/pgbackrest/pgbackrest.conf") -> list[str]:
-    """``--reset-pgN-host`` for every other member in the configuration: a backup or stanza-create
-    without a streaming standby must look at the local server only (a fresh, not yet cloned
-    member would otherwise count as a second primary)."""
-    try:
-        lines = open(config).read().splitlines()
-    except OSError:
-        return []
-    return [f"--reset-{m.group(1)}" for m in (re.match(r"^(pg([0-9]+)-[a-z-]+)=", x) for x in lines)
-            if m and int(m.group(2)) > 1]
+def local_only(cfg: Config) -> list[str]:
+    """``--reset-pgN-...`` for every option naming another member (see :class:`Config`)."""
+    return [f"--reset-{option}" for option in cfg.other_member_options]
 
 
 def cmd_scheduled(args: argparse.Namespace) -> int:
@@ -127,10 +207,20 @@ def cmd_scheduled(args: argparse.Namespace) -> int:
     # Read the data files from a streaming standby when there is one, to spare the primary's disks
     # (pgBackRest 2.45 has no backup-standby=prefer, so the choice is made here for both releases).
     standby = psql("select count(*) from pg_stat_replication where state = 'streaming'") != "0"
+    hosts = ["--backup-standby=y"] if standby else ["--backup-standby=n", *local_only(Config.load(args.stanza,
+                                                                                                   args.settings))]
     print(f"{kind} backup of {args.stanza}{' from a standby' if standby else ''}", flush=True)
-    hosts = ["--backup-standby=y"] if standby else ["--backup-standby=n", *other_members()]
     return subprocess.call(["pgbackrest", f"--stanza={args.stanza}", f"--type={kind}", *hosts,
                             "--log-level-console=info", "backup"])
+
+
+def check_limits(args: argparse.Namespace) -> Limits:
+    """``check``'s thresholds: each argument given, else the settings file's value."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Limits)}
+    if all(v is not None for v in given.values()):
+        return Limits(**given)
+    stored = Config.load(args.stanza, args.settings).limits
+    return dataclasses.replace(stored, **{k: v for k, v in given.items() if v is not None})
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -141,14 +231,15 @@ def cmd_check(args: argparse.Namespace) -> int:
             return 1
         print("standby: the check runs on the primary")
         return 0
+    limits = check_limits(args)
     now = time.time()
     ages = ready_ages(now)
     arch = archiver()
-    # pgbackrest check switches WAL and waits until that segment is in the repository.
-    timeouts = [f"--archive-timeout={args.timeout}", f"--io-timeout={args.timeout}"]
+    # pgbackrest check switches WAL and waits until that segment is in the repository: for
+    # archive-timeout (pgbackrest.conf) and io-timeout (pgBackRest's default), unless --timeout.
+    timeouts = [] if args.timeout is None else [f"--archive-timeout={args.timeout}", f"--io-timeout={args.timeout}"]
     chk = run(["pgbackrest", f"--stanza={args.stanza}", *timeouts, "check"], check=False)
     problems = [] if chk.returncode == 0 else [f"pgbackrest check failed: {(chk.stderr or chk.stdout).strip()[-300:]}"]
-    limits = {k: getattr(args, k) for k in ("max_wal_lag_s", "max_age_h", "max_diff_age_h", "max_full_age_h")}
     st = info(args.stanza)
     problems += breaches(now, st, arch, ages, limits)
     newest = {t: max((b["timestamp"]["stop"] for b in st.get("backup", []) if b["type"] == t), default=None)
@@ -165,6 +256,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print("standby: verify runs on the primary")
         return 0
     return subprocess.call(["pgbackrest", f"--stanza={args.stanza}", "--log-level-console=info", "verify"])
+
+
+def _empty_data_directory(path: str) -> None:
+    """The data directory, created empty: postgres:postgres, mode 0700."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    owner = pwd.getpwnam("postgres")
+    os.chown(path, owner.pw_uid, owner.pw_gid)
+    os.chmod(path, 0o700)  # as install -d -m 700 did, also for a directory that was there
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
@@ -187,12 +286,12 @@ def cmd_restore(args: argparse.Namespace) -> int:
     subprocess.run(["systemctl", "stop", service], check=True)
     if os.path.exists(data):
         os.rename(data, old)
-    subprocess.run(["install", "-d", "-o", "postgres", "-g", "postgres", "-m", "700", data], check=True)
+    _empty_data_directory(data)
 
     def roll_back(why: str) -> int:
         print(f"restore failed ({why}): putting the previous data directory back", file=sys.stderr)
         subprocess.call(["systemctl", "stop", service])
-        subprocess.run(["rm", "-rf", data])
+        shutil.rmtree(data, ignore_errors=True)
         if os.path.exists(old):
             os.rename(old, data)
             subprocess.call(["systemctl", "start", service])
@@ -223,40 +322,49 @@ def cmd_restore(args: argparse.Namespace) -> int:
                     "-c", "ALTER SYSTEM RESET recovery_target_time", "-c", "ALTER SYSTEM RESET recovery_target_action",
                     "-c", "ALTER SYSTEM RESET recovery_target"], check=True)
     subprocess.run(["timeout", "600", "systemctl", "restart", service], check=True)  # recovery_* need a restart
-    subprocess.run(["rm", "-rf", old], check=True)
+    if os.path.lexists(old):
+        shutil.rmtree(old)
     print(json.dumps({"restored": args.stanza, "target": args.time or "latest", "seconds": round(time.time() - started, 1)}))
     return 0
 
 
 def cmd_stanza_create(args: argparse.Namespace) -> int:
-    return subprocess.call(["pgbackrest", f"--stanza={args.stanza}", *other_members(), "--log-level-console=warn",
-                            "stanza-create"])
+    return subprocess.call(["pgbackrest", f"--stanza={args.stanza}", *local_only(Config.load(args.stanza, args.settings)),
+                            "--log-level-console=warn", "stanza-create"])
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="webstack-backup")
+    ap.add_argument("--settings", default=CONFIG, metavar="PATH", help=f"this member's settings (default {CONFIG})")
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name in ("scheduled", "check", "verify", "restore", "stanza-create"):
         p = sub.add_parser(name)
         p.add_argument("--stanza", required=True)
     sub.choices["scheduled"].add_argument("--type", choices=["full", "diff", "incr"])
     chk = sub.choices["check"]
-    chk.add_argument("--max-wal-lag-s", type=float, default=300)
-    chk.add_argument("--max-age-h", type=float, default=2)
-    chk.add_argument("--max-diff-age-h", type=float, default=26)
-    chk.add_argument("--max-full-age-h", type=float, default=192)
-    chk.add_argument("--timeout", type=int, default=60, help="seconds pgbackrest check waits for the repository")
+    for f in dataclasses.fields(Limits):
+        chk.add_argument(_flag(f.name), dest=f.name, type=float, help=f"overrides the settings file's {f.name}")
+    chk.add_argument("--timeout", type=int, help="seconds pgbackrest check waits for the repository "
+                                                 "(default: pgbackrest.conf's archive-timeout)")
     chk.add_argument("--require-primary", action="store_true", help="fail on a standby (deploys/check.py)")
     rst = sub.choices["restore"]
     rst.add_argument("--data", required=True)
     rst.add_argument("--service", required=True)
-    rst.add_argument("--config")
+    rst.add_argument("--config", help="pgbackrest.conf to use instead of pgBackRest's own default")
     rst.add_argument("--time", help="recovery target time, e.g. '2026-11-27 10:00:00+00'")
     rst.add_argument("--archive-off", action="store_true", help="the copy must not archive into the stanza")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     commands = {"scheduled": cmd_scheduled, "check": cmd_check, "verify": cmd_verify, "restore": cmd_restore,
                 "stanza-create": cmd_stanza_create}
-    return commands[args.cmd](args)
+    try:
+        return commands[args.cmd](args)
+    except ConfigError as e:
+        print(f"webstack-backup: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
