@@ -23,8 +23,8 @@ MACHINES = {m["name"]: m for m in FLEET["machines"]}
 ADDRESS = {name: m["address"] for name, m in MACHINES.items()}
 PGPASS = "/root/.webstack-test-pgpass"
 
-_SSH_CONFIG = Path(tempfile.mkdtemp(prefix="webstack-probe-")) / "ssh_config"
-_SSH_CONFIG.write_text(
+SSH_CONFIG = Path(tempfile.mkdtemp(prefix="webstack-probe-")) / "ssh_config"
+SSH_CONFIG.write_text(
     f"Host 10.77.0.*\n  IdentityFile {KEY}\n  IdentitiesOnly yes\n  UserKnownHostsFile {KNOWN_HOSTS}\n"
     "  GlobalKnownHostsFile /dev/null\n  StrictHostKeyChecking yes\n  BatchMode yes\n  ConnectTimeout 5\n"
 )
@@ -32,7 +32,7 @@ _SSH_CONFIG.write_text(
 
 def host(name: str):
     """A testinfra host: OpenSSH as the admin user with strict host keys, commands under sudo."""
-    return testinfra.get_host(f"ssh://ops@{ADDRESS[name]}", ssh_config=str(_SSH_CONFIG), sudo=True)
+    return testinfra.get_host(f"ssh://ops@{ADDRESS[name]}", ssh_config=str(SSH_CONFIG), sudo=True)
 
 
 def conninfo(*hosts: str, **extra: str) -> str:

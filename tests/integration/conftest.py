@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +93,52 @@ def wait_for(predicate, seconds: float, what: str) -> None:
     while not predicate():
         assert time.monotonic() < deadline, what
         time.sleep(0.2)
+
+
+# Units whose journal a failed test keeps (globs, as journalctl -u takes them).
+JOURNAL_UNITS = ("postgresql*", "pgbackrest*", "webstack*", "keepalived*", "nginx*", "app*", "ssh*")
+SERVER_LOGS = ("/var/log/postgresql", "/var/log/pgbackrest")
+
+
+def _journal(name: str, since: float) -> str:
+    """The journal of the units above on one machine since ``since`` (epoch), over OpenSSH."""
+    units = " ".join(f"-u '{u}'" for u in JOURNAL_UNITS)
+    argv = ["ssh", "-F", str(probe.SSH_CONFIG), "-o", "ConnectTimeout=3", f"ops@{MACHINES[name]['address']}",
+            f"sudo journalctl --no-pager -o short-precise --since @{int(since)} {units} | tail -n 150; "
+            # PostgreSQL on Debian logs to files, not to the journal.
+            f"sudo find {' '.join(SERVER_LOGS)} -name '*.log' -newermt @{int(since)} -exec tail -v -n 60 {{}} + 2>/dev/null"]
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        return "(no answer in 20 s)"
+    return proc.stdout.strip() or f"(nothing; ssh exit {proc.returncode}: {proc.stderr.strip()[-200:]})"
+
+
+_STARTED = pytest.StashKey[float]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    item.stash[_STARTED] = time.time()
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed lab test keeps the journal of the units involved on every machine that answers,
+    from the test's start: the evidence is gone once a later test powers machines off."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when != "call" or not report.failed or _STARTED not in item.stash or "lab" not in item.keywords:
+        return
+    since = item.stash[_STARTED] - 5
+    with ThreadPoolExecutor(len(MACHINES)) as pool:
+        journals = dict(zip(MACHINES, pool.map(lambda n: _journal(n, since), MACHINES), strict=True))
+    keep = Path("/var/lib/webstack-lab/failures") / re.sub(r"[^\w.-]+", "_", item.nodeid)
+    keep.mkdir(parents=True, exist_ok=True)
+    for name, text in journals.items():
+        (keep / f"{name}.journal").write_text(text + "\n")
+        report.sections.append((f"journal and logs of {name} since the test started", text))
 
 
 def pytest_collection_modifyitems(items):
