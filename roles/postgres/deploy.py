@@ -257,11 +257,21 @@ def ensure_slots(cfg: HostConfig) -> None:
 
 
 def reload_command(version: str) -> str:
-    """Reload; restart only if pending_restart says so; fail on config errors."""
+    """Reload; restart only if pending_restart says so; fail on config errors.
+
+    ``systemctl reload`` returns once SIGHUP is sent, before the server has read
+    its files: the new load time (``pg_conf_load_time()`` of a fresh session) is
+    awaited before ``pending_restart`` is read, or a busy server's stale answer
+    would skip a restart that is owed.
+    """
     p = paths(version)
     q = "runuser -u postgres -- psql -XAt -c"
+    loaded = f"{q} 'select pg_conf_load_time()'"
     return (
-        f"systemctl reload {p.service} && sleep 1 && "
+        f"t=$({loaded}) && systemctl reload {p.service} && n=0 && "
+        f"until [ \"$({loaded})\" != \"$t\" ]; do n=$((n+1)); "
+        "[ $n -le 300 ] || { echo 'the server did not reload its configuration within 30 s' >&2; exit 1; }; "
+        "sleep 0.1; done && "
         f"if [ \"$({q} 'select bool_or(pending_restart) from pg_settings')\" = t ]; "
         f"then systemctl restart {p.service}; fi && "
         f"test \"$({q} 'select count(*) from pg_file_settings where error is not null')\" = 0 && "

@@ -96,16 +96,21 @@ class PgReplicationSlots(FactBase):
         return [line.strip() for line in output if line.strip()]
 
 
-class PrimaryAt(FactBase):
-    """How the PostgreSQL server at an address answers, asked from this host as the replicator:
-    True = a primary, False = a standby, None = no answer (down or unreachable)."""
+def primary_probe(address: str) -> str:
+    """Shell that prints how the PostgreSQL server at ``address`` answers, asked as the replicator:
+    ``f`` = a primary, ``t`` = a standby, nothing = no answer (down, unreachable or not listening).
 
-    def command(self, address: str) -> str:
-        return (
-            "runuser -u postgres -- env PGPASSFILE=/var/lib/postgresql/.pgpass PGCONNECT_TIMEOUT=3 "
-            f"psql 'host={address} user=replicator dbname=postgres sslmode=require' "
-            "-XAtc 'select pg_is_in_recovery()' 2>/dev/null || true"
-        )
-
-    def process(self, output: Sequence[str]) -> bool | None:
-        return {"f": True, "t": False}.get("".join(output).strip())
+    A powered-off host sends nothing back, so psql alone would wait out its whole
+    connect timeout (libpq's minimum is 2 s). The port is tried first: four TCP
+    handshakes of 0.15 s each (a live host on the database network answers in
+    milliseconds, even with PostgreSQL overloaded: the kernel answers the SYN).
+    Any host that completes one gets the full authenticated question with the
+    same 3 s timeout as before, so an answering primary is never missed.
+    """
+    return (
+        "for i in 1 2 3 4; do "
+        f"if timeout 0.15 bash -c 'exec 3<>/dev/tcp/{address}/5432' 2>/dev/null; then "
+        "runuser -u postgres -- env PGPASSFILE=/var/lib/postgresql/.pgpass PGCONNECT_TIMEOUT=3 "
+        f"psql 'host={address} user=replicator dbname=postgres sslmode=require' "
+        "-XAtc 'select pg_is_in_recovery()' 2>/dev/null; break; fi; done; true"
+    )

@@ -37,7 +37,7 @@ from roles.postgres.deploy import (
     reload_command,
     slot_name,
 )
-from roles.postgres.facts import PrimaryAt
+from roles.postgres.facts import primary_probe
 from roles.postgres.settings import PostgresSettings
 from roles.topology import topology
 from webstack.inventory import HostConfig
@@ -234,18 +234,24 @@ def failover() -> None:
             raise OperationError(f"failover: name the replica to promote with --data to=HOST ({', '.join(candidates)})")
         target = candidates[0]
     old_st = _live(states.get(old))
-    # The old primary is usually outside --limit: ask it over the network too.
-    old_address = topology(cfg).primary(cfg.name).address
-    if (old_st and old_st["running"] and old_st["in_recovery"] is False) or host.get_fact(PrimaryAt, address=old_address):
+    if old_st and old_st["running"] and old_st["in_recovery"] is False:
         raise OperationError(f"failover: {old} is alive and primary; use deploys/switchover.py")
     if target not in candidates:
         raise OperationError(f"failover: {target} is not a running standby")
     new_host = inventory.get_host(target)
+    # The old primary is usually outside --limit: it is asked over the network, from the
+    # replica being promoted, right before pg_promote (not while preparing: a confirmation
+    # prompt can take minutes) and in the same command, so nothing runs in between.
+    old_address = topology(cfg).primary(cfg.name).address
     if host.name == target:  # printed while preparing, so --dry shows the plan too
-        logger.warning(f"webstack: plan: promote {target} ({old} is down); then postgres__primary: {old} -> {target}")
+        logger.warning(f"webstack: plan: promote {target} unless {old} answers as a primary; "
+                       f"then postgres__primary: {old} -> {target}")
 
     def promote() -> None:
-        _psql(new_host, "select pg_promote(true, 60)")
+        answer = _sh(new_host, f"answer=$({primary_probe(old_address)}); echo \"answer=$answer\"; "
+                               "[ \"$answer\" = f ] || runuser -u postgres -- psql -XAt -c 'select pg_promote(true, 60)'")
+        if "answer=f" in answer.splitlines():
+            raise OperationError(f"failover: {old} is alive and primary; use deploys/switchover.py")
         if _psql(new_host, "select pg_is_in_recovery()") != "f":
             raise OperationError(f"{target} did not leave recovery")
         logger.info(f"    [{target}] promoted; {old} is fenced by pg-fence if it comes back")
