@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -168,16 +169,20 @@ def _join(parts: list[StringCommand], sep: str) -> list[Any]:
     return out
 
 
-def owed_action(name: str, command: str, swaps: Sequence[OperationMeta]) -> OperationMeta:
+def owed_action(name: str, command: str, swaps: Sequence[OperationMeta], hint: str = "") -> OperationMeta:
     """Run ``command`` if any of ``swaps`` changed now, or an earlier run left it owed.
 
     The marker ``/var/lib/webstack/pending/<name>`` is removed only after the
     command succeeded, so a failed run's reload is retried by the next run.
+    ``hint``: what the operator runs next if the command fails (printed then).
     """
     owed_before = name in host.get_fact(PendingActions)
+    run = f"{command} && rm -f {PENDING_DIR}/{name}"
+    if hint:
+        run = f"( {run} ) || {{ echo {shlex.quote(hint)} >&2; exit 1; }}"
     return server.shell(
         name=f"{name} (owed)",
-        commands=[f"{command} && rm -f {PENDING_DIR}/{name}"],
+        commands=[run],
         _if=lambda: owed_before or any(op.did_change() for op in swaps),
     )
 

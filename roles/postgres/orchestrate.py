@@ -169,12 +169,18 @@ def switchover() -> None:
         deadline = time.monotonic() + 120
         while _lsn(_psql(new_host, "select pg_last_wal_replay_lsn()")) < want:
             if time.monotonic() > deadline:
-                raise OperationError(f"{target} did not replay up to {_shared['checkpoint']} in 120 s; {old} stays stopped")
+                # Nothing was promoted: the old primary is still the only one, so it takes writes again.
+                _sh(old_host, f"systemctl start {p.service}", timeout=600)
+                raise OperationError(f"{target} did not replay up to {_shared['checkpoint']} in 120 s; "
+                                     f"switchover abandoned, {old} restarted as the primary")
             time.sleep(0.2)
         _psql(new_host, "select pg_promote(true, 60)")
         if _psql(new_host, "select pg_is_in_recovery()") != "f":
             raise OperationError(f"{target} did not leave recovery")
         logger.info(f"    [{target}] promoted after replaying {_shared['checkpoint']}")
+        # From here on the inventory must name the new primary, whatever happens next:
+        # the steps below are finished by deploys/rejoin.py (or site.py) run with it.
+        _inventory_change(cfg, old, target, request.write_inventory)
 
     if host.name == old:
         python.call(name=f"Stop writes: clean shutdown of {old}", function=stop_old_primary)
@@ -183,28 +189,30 @@ def switchover() -> None:
         python.call(name=f"Promote {target} once it has replayed everything", function=promote_target)
     barrier(name="New primary promoted", label=f"switchover {old} -> {target}")
 
+    # Only reloadable settings differ between the two roles (see webstack.conf.j2): no restart.
     future = with_primary(cfg, target)
     conf = _configure(future, version)
     if host.name == target:
-        owed_action("reload-postgres", reload_command(version), [conf])
+        owed_action("reload-postgres", reload_command(version), [conf],
+                    hint=f"{target} is the primary; finish with deploys/rejoin.py --limit {old} --limit {target}")
         ensure_slots(cfg)
     barrier(name="New primary ready", label=f"switchover {old} -> {target}")
     if host.name == old:
-        _start_as_standby(version, conf)
-        python.call(name="Inventory change", function=_inventory_change, cfg=cfg, old=old, new=target,
-                    write=request.write_inventory)
+        _start_as_standby(version, conf, hint=f"{target} is the primary; finish with deploys/rejoin.py "
+                                              f"--limit {old} --limit {target}")
 
 
-def _start_as_standby(version: str, conf: Any) -> None:
+def _start_as_standby(version: str, conf: Any, hint: str = "") -> None:
     """Start this (stopped) server as a standby and wait until it streams."""
     p = paths(version)
+    fail = f"echo 'not streaming after 60 s{'; ' + hint if hint else ''}' >&2; exit 1"
     server.shell(
         name="Start as a standby and wait for streaming",
         commands=[
             f"runuser -u postgres -- touch {p.data}/standby.signal && timeout 300 systemctl start {p.service} && "
             "for i in $(seq 120); do s=$(runuser -u postgres -- psql -XAtc "
             "'select status from pg_stat_wal_receiver'); [ \"$s\" = streaming ] && exit 0; sleep 0.5; done; "
-            "echo 'not streaming after 60 s' >&2; exit 1"
+            + fail
         ],
     )
     owed_action("reload-postgres", reload_command(version), [conf])

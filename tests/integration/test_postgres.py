@@ -147,9 +147,11 @@ def test_failover_fence_and_rejoin(client, tmp_path, cluster, primary, replica, 
     assert "pg_rewind against" in rejoin.output
     assert old.check_output("runuser -u postgres -- psql -XAtc 'select status from pg_stat_wal_receiver'") == "streaming"
     assert sql(client, primary, f"select count(*) from marks where id in ({mark}, {mark + 1})") == "2"
-    # Back to the committed inventory's primary.
+    # Back to the committed inventory's primary: promoted and reconfigured without a restart.
+    started = old.check_output("runuser -u postgres -- psql -XAtc 'select pg_postmaster_start_time()'")
     deploy(inv, "switchover", "--limit", f"pg_{cluster}", "--data", f"to={primary}", "--data", "write_inventory=yes")
     assert f"postgres__primary: {primary}" in (inv.parent / "lab/group_data" / f"pg_{cluster}.yml").read_text()
+    assert old.check_output("runuser -u postgres -- psql -XAtc 'select pg_postmaster_start_time()'") == started
     # Both units as systemd sees them: the new primary active, the old one streaming from it.
     for name in (primary, replica):
         assert host_for(name).service(f"postgresql@{version}-main").is_running, f"{name}: unit not active"
