@@ -149,7 +149,7 @@ def validated_file(
         steps.append(StringCommand("mv", "-f", QuoteString(staged), QuoteString(dest)))
     if owes:
         steps += [StringCommand("mkdir", "-p", PENDING_DIR), StringCommand("touch", f"{PENDING_DIR}/{owes}")]
-    chained = StringCommand(*_join(steps, "&&"))
+    chained = StringCommand(*steps, _separator=" && ")
     # On a failed validation, remove the staged file and fail the operation.
     yield StringCommand("(", chained, ")", "||", "{", "rm", "-f", QuoteString(staged), ";", "exit", "1", ";", "}")
 
@@ -158,15 +158,6 @@ def _upload(data: bytes, dest: str):
     from pyinfra.api.command import FileUploadCommand
 
     yield FileUploadCommand(io.BytesIO(data), dest)
-
-
-def _join(parts: list[StringCommand], sep: str) -> list[Any]:
-    out: list[Any] = []
-    for i, part in enumerate(parts):
-        if i:
-            out.append(sep)
-        out.append(part)
-    return out
 
 
 def owed_action(name: str, command: str, swaps: Sequence[OperationMeta], hint: str = "") -> OperationMeta:

@@ -223,6 +223,7 @@ def firewall_and_sysctl() -> None:
     in_container = bool(host.get_fact(Container))
     template_file("base/etc/sysctl.d/60-webstack.conf.j2", "/etc/sysctl.d/60-webstack.conf",
                   sysctls=_release.SYSCTLS)
+    # Kept before server.sysctl (which checks too): one fact for all keys, not a fact and an operation per key on every run.
     current = host.get_fact(Sysctl, keys=[k for k, _ in _release.SYSCTLS])
     for key, value in _release.SYSCTLS:
         if in_container and not key.startswith("net."):

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from pyinfra import host
-from pyinfra.api import FactBase, OperationError, deploy
+from pyinfra.api import OperationError, deploy
+from pyinfra.facts.hardware import NetworkDevices
 from pyinfra.operations import apt, files, systemd
 
 from roles._lib import TEMPLATES, config, owed_action, render, template_file, validated_file
@@ -29,15 +31,13 @@ SITE = "/etc/nginx/sites-available/webstack.conf"
 HTTP2_DIRECTIVE = {"bookworm": False, "trixie": True}
 
 
-class InterfaceOf(FactBase):
-    """The network interface that carries a given IPv4 address."""
-
-    def command(self, address: str) -> str:
-        return f"ip -o -4 addr show | awk '$4 ~ /^{address.replace('.', '[.]')}\\// {{print $2}}'"
-
-    def process(self, output: Sequence[str]) -> str | None:
-        value = "".join(output).strip()
-        return value or None
+def interface_of(devices: dict[str, Any], address: str) -> str | None:
+    """The network interface carrying IPv4 ``address``, from pyinfra's ``NetworkDevices`` fact."""
+    for name, device in devices.items():
+        ipv4 = device.get("ipv4") or {}
+        if address in (ipv4.get("address"), *(extra["address"] for extra in ipv4.get("additional_ips", []))):
+            return name
+    return None
 
 
 def upstreams(cfg: HostConfig, drained: Sequence[str]) -> list[dict]:
@@ -78,6 +78,16 @@ def keepalived_peers(cfg: HostConfig) -> list[str]:
     return [p.address for p in topology(cfg).vrrp_peers(cfg.name)]
 
 
+def keepalived_context(cfg: HostConfig, interface: str) -> dict:
+    """Template variables of keepalived.conf for this load balancer, its VRRP on ``interface``."""
+    lb = cfg.settings(LbSettings)
+    return {
+        "name": cfg.name, "interface": interface, "vrrp_id": lb.vrrp_id, "priority": lb.priority,
+        "nopreempt": lb.nopreempt, "address": cfg.address, "peers": keepalived_peers(cfg),
+        "vip": lb.vip, "vip_prefix": lb.vip_prefix,
+    }
+
+
 @deploy("Load balancer")
 def apply() -> None:
     """nginx + TLS + marketing site, and keepalived when the host is part of a pair."""
@@ -111,7 +121,7 @@ def apply() -> None:
     owed_action("reload-nginx", "nginx -t -q && systemctl reload nginx", [site, link, *tls])
 
     if lb.vip:
-        interface = host.get_fact(InterfaceOf, address=cfg.address)
+        interface = interface_of(host.get_fact(NetworkDevices), cfg.address)
         if not interface:
             raise OperationError(f"{cfg.name}: no interface carries {cfg.address}")
         scripts = [
@@ -121,9 +131,7 @@ def apply() -> None:
         ]
         conf = template_file(
             "lb/etc/keepalived/keepalived.conf.j2", "/etc/keepalived/keepalived.conf",
-            validate="keepalived -t -f {}", owes="reload-keepalived", mode="640",
-            name=cfg.name, interface=interface, vrrp_id=lb.vrrp_id, priority=lb.priority, nopreempt=lb.nopreempt,
-            address=cfg.address, peers=keepalived_peers(cfg), vip=lb.vip, vip_prefix=lb.vip_prefix,
+            validate="keepalived -t -f {}", owes="reload-keepalived", mode="640", **keepalived_context(cfg, interface),
         )
         systemd.service(name="keepalived running", service="keepalived", enabled=True, running=True)
         owed_action("reload-keepalived", "systemctl reload keepalived", [conf, *scripts])

@@ -14,7 +14,8 @@ from typing import Any
 
 from pyinfra import host, inventory, state
 from pyinfra.api import FactBase, HiddenValue, OperationError, QuoteString, StringCommand, deploy, operation
-from pyinfra.operations import apt, server, systemd
+from pyinfra.api.operation import OperationMeta
+from pyinfra.operations import apt, postgres, server, systemd
 
 from roles._lib import barrier, config, owed_action, render, template_file, validated_file
 from roles.base.deploy import codename
@@ -28,6 +29,7 @@ from webstack.inventory import HostConfig
 PGPASS = "/var/lib/postgresql/.pgpass"
 
 
+# Not facts.hardware.Memory: it rounds MiB where this truncates (running clusters' memory settings would move) and needs vmstat.
 class MemTotalMb(FactBase):
     """Total memory of the host in MiB (from /proc/meminfo)."""
 
@@ -38,6 +40,7 @@ class MemTotalMb(FactBase):
         return int("".join(output).strip())
 
 
+# Not facts.postgres.PostgresDatabases: it lists no extensions, and database() reads both in this one fact.
 class PgDatabases(FactBase):
     """Databases of a running server: name -> (owner, [extensions])."""
 
@@ -190,6 +193,7 @@ def hba_rules(cfg: HostConfig) -> list[dict[str, str]]:
     return rules
 
 
+# Not postgres.role: it re-sends the password on every run (never a no-op), in clear rather than as a SCRAM verifier.
 @operation()
 def login_role(role: str, password: HiddenValue, replication: bool = False):
     """Create a login role, or set its password, only when needed.
@@ -210,16 +214,16 @@ def login_role(role: str, password: HiddenValue, replication: bool = False):
     yield psql(StringCommand(QuoteString(HiddenValue(sql))))
 
 
-@operation()
-def run_sql(sql: str, database: str = "postgres"):
-    """Run SQL as the postgres OS user (psql, stop on the first error).
+def run_sql(name: str, sql: str) -> OperationMeta:
+    """pyinfra's ``postgres.sql`` in the postgres database, as the postgres OS user (peer authentication).
 
-    + sql: the statement(s)
-    + database: database to connect to
+    Callers guard it with a fact (it always runs). One ``psql -c`` string runs as one
+    transaction and fails on its first error, as ``ON_ERROR_STOP`` would.
     """
-    yield psql(sql, database)
+    return postgres.sql(name=name, sql=sql, psql_database="postgres", _sudo=True, _sudo_user="postgres")
 
 
+# Not postgres.database: it manages no extensions, and a second fact to list them would slow every run.
 @operation()
 def database(db: str, owner: str, extensions: Sequence[str] = ()):
     """Create a database with its owner and extensions, or fix the owner.

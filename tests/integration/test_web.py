@@ -12,11 +12,16 @@ from pathlib import Path
 import pytest
 
 from lab.probe import CA_FILE, SteadyClient, host, https, vip, vip_holder
-from tests.integration.conftest import BIN, MACHINES, ROOT, lab, run
+from tests.integration.conftest import BIN, MACHINES, ROOT, lab, run, wait_for
 
 pytestmark = pytest.mark.lab
 LBS = sorted(n for n, m in MACHINES.items() if "lb" in m["roles"])
 APPS = sorted(n for n, m in MACHINES.items() if "app" in m["roles"])
+
+
+def served(client: SteadyClient, since: float = 0.0) -> int:
+    """Successful requests of ``client`` sent at or after ``since`` (time.monotonic())."""
+    return sum(1 for t, ok, _ in list(client.results) if ok and t >= since)
 
 
 def test_http_redirects_to_https_except_acme(converged):
@@ -69,12 +74,23 @@ def test_tls_versions(converged, tmp_path):
                                "-cipher", "ALL:@SECLEVEL=0", "-tls1", "-naccept", "1", "-quiet"],
                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        time.sleep(0.5)
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
         ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1
         ctx.set_ciphers("ALL:@SECLEVEL=0")
-        with socket.create_connection(("127.0.0.1", 44330), timeout=3) as raw, ctx.wrap_socket(raw) as tls:
+        # Connect once it listens (a refused connection is retried); that first connection is the test's,
+        # as the server accepts only one.
+        connected: list[socket.socket] = []
+
+        def connect() -> bool:
+            try:
+                connected.append(socket.create_connection(("127.0.0.1", 44330), timeout=3))
+            except ConnectionRefusedError:
+                return False
+            return True
+
+        wait_for(connect, 10, "openssl s_server did not listen on 127.0.0.1:44330")
+        with connected[0] as raw, ctx.wrap_socket(raw) as tls:
             assert tls.version() == "TLSv1"
     finally:
         server.kill()
@@ -96,7 +112,9 @@ def test_http2_offered(converged):
 
 def test_both_app_servers_answer_and_signup_writes(converged):
     with SteadyClient(interval=0.02, limit=10) as client:
-        time.sleep(2)
+        # At least 50 answers (the failures below need a sample), from every app server.
+        wait_for(lambda: served(client) >= 50 and client.served_by() == set(APPS), 8,
+                 f"not 50 answers from every app server ({APPS}) through the VIP")
     assert not client.failures()
     assert client.served_by() == set(APPS)
     email = f"t{int(time.time())}@example.com"
@@ -152,12 +170,18 @@ def test_rollout_and_rollback_under_load(converged, tmp_path):
 def test_power_off_active_lb_moves_the_vip(converged):
     holder = vip_holder(LBS)
     assert holder == "lb1"  # the higher priority
+    others = [n for n in LBS if n != holder]
     with SteadyClient(interval=0.05, limit=120, timeout=1.0) as client:
-        time.sleep(1)
+        # The outage is measured from the last success before the power-off: wait for one.
+        wait_for(lambda: served(client) >= 20, 10, "the client got no answers before the power-off")
         lab("poweroff", holder)
-        time.sleep(6)
-        lab("start", holder)
-        time.sleep(8)
+        wait_for(lambda: vip_holder(others) is not None, 15, f"the VIP did not move to {others}")
+        moved = time.monotonic()
+        wait_for(lambda: served(client, moved) >= 20, 10, "no answers through the other load balancer")
+        lab("start", holder)  # returns once its SSH answers, so vip_holder(LBS) can ask it again
+        wait_for(lambda: vip_holder(LBS) == "lb1", 30, "the VIP did not come back to lb1")
+        back = time.monotonic()
+        wait_for(lambda: served(client, back) >= 20, 10, "no answers once the VIP came back to lb1")
     assert vip_holder(LBS) == "lb1"  # preempts back once healthy
     outage = client.longest_outage()
     assert 0 < outage < 5, f"outage {outage:.2f}s"
@@ -168,9 +192,12 @@ def test_clean_stop_costs_at_most_a_second(converged):
     holder = vip_holder(LBS)
     try:
         with SteadyClient(interval=0.02, limit=60, timeout=0.3) as client:
-            time.sleep(1)
+            # The outage is measured from the last success before the stop: wait for one.
+            wait_for(lambda: served(client) >= 20, 10, "the client got no answers before the stop")
             host(holder).run("systemctl stop keepalived")
-            time.sleep(3)
+            wait_for(lambda: vip_holder(LBS) not in (holder, None), 10, f"the VIP did not leave {holder}")
+            moved = time.monotonic()
+            wait_for(lambda: served(client, moved) >= 20, 10, "no answers once the VIP moved")
         assert vip_holder(LBS) not in (holder, None)
         assert client.longest_outage() <= 1.0, f"outage {client.longest_outage():.2f}s"
         assert client.results[-1][1]

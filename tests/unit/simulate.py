@@ -70,8 +70,11 @@ def _fact(host: Any, cls: type, kwargs: dict[str, Any], down: frozenset[str] = f
         return {"system_id": system, "state": "in production", "standby_signal": not primary, "running": running,
                 "in_recovery": (not primary) if running else None, "timeline": 1,
                 "user_databases": 1 if running else None}
-    if name == "InterfaceOf":
-        return "host0"
+    if name == "NetworkDevices":  # as parsed from `ip -j addr show` in a lab container
+        address = {m["name"]: m["address"] for m in _machines()}[host.name]
+        return {"lo": {"state": "UNKNOWN", "mtu": 65536, "ipv4": {"address": "127.0.0.1", "mask_bits": 8}},
+                "host0": {"state": "UP", "mtu": 1500, "ether": "02:00:00:00:00:01",
+                          "ipv4": {"address": address, "mask_bits": 24, "netmask": "255.255.255.0"}}}
     if name == "MemTotalMb":
         return 2048
     if name == "Memory":
@@ -220,9 +223,12 @@ def plan(deploy: str, data: dict[str, Any] | None = None, limit: list[str] | Non
                         op = state.ops.get(host, {}).get(op_hash)
                         if op is None:
                             continue
+                        # Commands run as another user (``_sudo_user``) say so: the generator yields them bare.
+                        user = op.global_arguments.get("_sudo_user")
+                        prefix = f"as {user}: " if user else ""
                         with ctx_host.use(host):
                             try:
-                                commands = [_describe(c) for c in op.command_generator()]
+                                commands = [prefix + _describe(c) for c in op.command_generator()]
                             except Exception as exc:  # an invented fact a pyinfra operation cannot use
                                 commands = [f"error {type(exc).__name__}: {exc}"]
                         out.append(f"  [{host.name}]" + ("" if commands else " (no commands)"))

@@ -59,3 +59,10 @@ def test_restore_onto_a_drill_host_wants_confirmation():
     done = plan("restore", {"from": "main", "confirm": "drill1"}, ["drill1", "backup1"])
     assert "== Restore main at the latest archived WAL into /var/lib/postgresql/17/main" in done
     assert "--archive-off" in done
+
+
+def test_sql_runs_as_the_postgres_os_user(site):
+    # pyinfra's postgres.sql connects by peer authentication: as root, psql would be refused.
+    lines = [x.strip() for x in site.splitlines() if "pg_create_physical_replication_slot" in x or "GRANT EXECUTE" in x]
+    assert len(lines) == 5  # two primaries' slots, three primaries' (db1, db3, drill1) pg_rewind grants
+    assert all(x.startswith("as postgres: run psql -d postgres -Ac ") for x in lines), lines

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from pyinfra.facts.hardware import NetworkDevices
 
 from roles._lib import render
+from roles.app import deploy as app_deploy
 from roles.app.deploy import build_release, database_url, env_content
-from roles.lb.deploy import keepalived_peers, site_context
+from roles.lb.deploy import interface_of, keepalived_context, keepalived_peers, site_context
 from tests.unit.conftest import SECRETS
 from webstack.errors import ConfigError
 from webstack.inventory import load
@@ -87,11 +89,40 @@ def test_nginx_site(make_inventory):
 
 
 def test_keepalived_unicast_peers(make_inventory):
-    _inv, cfgs = configs(make_inventory)
+    _inv, cfgs = configs(make_inventory, host_data={"lb1": {"lb__priority": 150}, "lb2": {"lb__nopreempt": True}})
     assert keepalived_peers(cfgs["lb1"]) == ["10.1.0.12"]
-    text = render("lb/etc/keepalived/keepalived.conf.j2", name="lb1", interface="eth0", vrrp_id=7, priority=150,
-                  nopreempt=False, address="10.1.0.11", peers=["10.1.0.12"], vip="10.1.0.100", vip_prefix=24)
+    # The role's own context, as apply() renders it.
+    text = render("lb/etc/keepalived/keepalived.conf.j2", **keepalived_context(cfgs["lb1"], "eth0"))
+    assert "router_id lb1\n" in text and "interface eth0\n" in text and "virtual_router_id 7\n" in text
+    assert "priority 150\n" in text and "nopreempt" not in text and "unicast_src_ip 10.1.0.11\n" in text
     assert "unicast_peer {\n        10.1.0.12\n    }" in text and "10.1.0.100/24 dev eth0" in text
+    other = render("lb/etc/keepalived/keepalived.conf.j2", **keepalived_context(cfgs["lb2"], "ens3"))
+    assert "priority 100\n" in other and "    nopreempt\n" in other and "unicast_src_ip 10.1.0.12\n" in other
+    assert "unicast_peer {\n        10.1.0.11\n    }" in other and "10.1.0.100/24 dev ens3" in other
+
+
+# `ip -j addr show` on a load balancer holding the VIP (a lab container: veth host0), plus a second network.
+IP_ADDR_JSON = (
+    '[{"ifindex":1,"ifname":"lo","flags":["LOOPBACK","UP","LOWER_UP"],"mtu":65536,"operstate":"UNKNOWN",'
+    '"link_type":"loopback","address":"00:00:00:00:00:00","addr_info":[{"family":"inet","local":"127.0.0.1",'
+    '"prefixlen":8,"scope":"host","label":"lo"},{"family":"inet6","local":"::1","prefixlen":128,"scope":"host"}]},'
+    '{"ifindex":2,"link_index":12,"ifname":"host0","flags":["BROADCAST","MULTICAST","UP","LOWER_UP"],"mtu":1500,'
+    '"operstate":"UP","link_type":"ether","address":"9a:1c:2e:44:01:0b","link_netnsid":0,"addr_info":['
+    '{"family":"inet","local":"10.77.0.11","prefixlen":24,"broadcast":"10.77.0.255","scope":"global","label":"host0"},'
+    '{"family":"inet","local":"10.77.0.100","prefixlen":24,"scope":"global","secondary":true,"label":"host0"},'
+    '{"family":"inet6","local":"fe80::981c:2eff:fe44:10b","prefixlen":64,"scope":"link"}]},'
+    '{"ifindex":3,"ifname":"eth1","flags":["BROADCAST","MULTICAST","UP","LOWER_UP"],"mtu":1500,"operstate":"UP",'
+    '"link_type":"ether","address":"52:54:00:12:34:56","addr_info":[{"family":"inet","local":"192.168.5.2",'
+    '"prefixlen":24,"broadcast":"192.168.5.255","scope":"global","label":"eth1"}]}]'
+)
+
+
+def test_keepalived_interface_from_pyinfra_network_devices():
+    devices = NetworkDevices().process(IP_ADDR_JSON.splitlines())
+    assert interface_of(devices, "10.77.0.11") == "host0"
+    assert interface_of(devices, "10.77.0.100") == "host0"  # a secondary address counts too
+    assert interface_of(devices, "192.168.5.2") == "eth1"
+    assert interface_of(devices, "10.77.0.1") is None  # a prefix of 10.77.0.11 is not its address
 
 
 def test_database_url_and_env_file(make_inventory):
@@ -110,16 +141,24 @@ def test_release_is_reproducible():
     assert tar1 == tar2
 
 
-def test_release_from_a_git_ref_matches_the_committed_tree():
+def test_release_from_a_git_ref_matches_the_committed_tree(tmp_path, monkeypatch):
+    """In a repository of its own, so the answer depends on no state of this checkout."""
+    import shutil
     import subprocess
 
-    from roles.app.deploy import ROOT
-
-    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "examples/demoapp"],
-                           capture_output=True, text=True, check=True).stdout
-    release, _ = build_release("examples/demoapp", "HEAD")
+    shutil.copytree(app_deploy.ROOT / "examples" / "demoapp", tmp_path / "examples" / "demoapp",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=test", "-c", "user.email=test@unit"]
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "demoapp"]):
+        subprocess.run([*git, *args], check=True, capture_output=True)
+    monkeypatch.setattr(app_deploy, "ROOT", tmp_path)
+    build = build_release.__wrapped__  # uncached: the cache holds this checkout's answers
+    release, _ = build("examples/demoapp", "HEAD")
     assert len(release) == 12
-    if not dirty:  # same content, same id, whichever way it was packed
-        assert release == build_release("examples/demoapp")[0]
+    assert build("examples/demoapp")[0] == release  # same content, same id, whichever way it was packed
+    with open(tmp_path / "examples" / "demoapp" / "app.py", "a") as f:
+        f.write("# an uncommitted change\n")
+    assert build("examples/demoapp")[0] != release  # the working tree is a new release...
+    assert build("examples/demoapp", "HEAD")[0] == release  # ...the ref still packs the committed tree
     with pytest.raises(Exception, match="no-such-ref"):
-        build_release("examples/demoapp", "no-such-ref")
+        build("examples/demoapp", "no-such-ref")
