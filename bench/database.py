@@ -36,7 +36,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lab.probe import Writer, host, sql  # noqa: E402
+from lab.probe import PGPASS, Writer, conninfo, host  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
@@ -88,18 +88,26 @@ def failover_trial(inv: Path, group: str, primary: str, replica: str, tag: str) 
         time.sleep(0.2)
     sh(str(BIN / "python"), "-m", "lab", "poweroff", primary)
     acked = writer.stop()
-    # The clock starts with the failover command; a probe tries an INSERT on the
-    # replica every 0.2 s meanwhile, so the figure is when writes work again,
-    # not when the command (which goes on configuring) returns.
-    t0 = time.monotonic()
+    # The clock starts with the failover command. A loop on app1 tries an INSERT on the
+    # replica every 50 ms meanwhile and stamps the first that succeeds with app1's clock
+    # (lab machines share the control machine's kernel clock), so the figure is when writes
+    # work again, not when the command (which goes on configuring) returns, and not blurred
+    # by an SSH round trip per attempt.
+    stamp = f"/root/first-write-{tag}"
+    info = conninfo(replica, connect_timeout="1")
+    app1.run(f"rm -f {stamp}; systemd-run --unit=first-write-{tag} --collect sh -c "
+             f"'until PGPASSFILE={PGPASS} psql \"{info}\" -XAtqc \"insert into writes_{tag} (id) values (-1)\" "
+             f"2>/dev/null; do sleep 0.05; done; date +%s.%N > {stamp}'")
+    t0 = time.time()
     command = subprocess.Popen([str(BIN / "pyinfra"), "-y", str(inv), "deploys/failover.py", "--limit", replica,
                                 "--data", "write_inventory=yes"], cwd=ROOT, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     first_write = None
     while first_write is None:
-        if sql(app1, replica, f"insert into writes_{tag} (id) values (-1)", check=False).rc == 0:
-            first_write = time.monotonic() - t0
-        elif time.monotonic() - t0 > 120:
+        written = app1.run(f"cat {stamp} 2>/dev/null").stdout.strip()
+        if written:
+            first_write = float(written) - t0
+        elif time.time() - t0 > 120:
             sys.exit("no write succeeded within 120 s of the failover command")
         else:
             time.sleep(0.2)

@@ -102,14 +102,14 @@ def primary_probe(address: str) -> str:
 
     A powered-off host sends nothing back, so psql alone would wait out its whole
     connect timeout (libpq's minimum is 2 s). The port is tried first: four TCP
-    handshakes of 0.15 s each (a live host on the database network answers in
+    handshakes of 0.12 s each (a live host on the database network answers in
     milliseconds, even with PostgreSQL overloaded: the kernel answers the SYN).
     Any host that completes one gets the full authenticated question with the
     same 3 s timeout as before, so an answering primary is never missed.
     """
     return (
         "for i in 1 2 3 4; do "
-        f"if timeout 0.15 bash -c 'exec 3<>/dev/tcp/{address}/5432' 2>/dev/null; then "
+        f"if timeout 0.12 bash -c 'exec 3<>/dev/tcp/{address}/5432' 2>/dev/null; then "
         "runuser -u postgres -- env PGPASSFILE=/var/lib/postgresql/.pgpass PGCONNECT_TIMEOUT=3 "
         f"psql 'host={address} user=replicator dbname=postgres sslmode=require' "
         "-XAtc 'select pg_is_in_recovery()' 2>/dev/null; break; fi; done; true"

@@ -256,12 +256,14 @@ def failover() -> None:
                        f"then postgres__primary: {old} -> {target}")
 
     def promote() -> None:
-        answer = _sh(new_host, f"answer=$({primary_probe(old_address)}); echo \"answer=$answer\"; "
-                               "[ \"$answer\" = f ] || runuser -u postgres -- psql -XAt -c 'select pg_promote(true, 60)'")
-        if "answer=f" in answer.splitlines():
+        # One round trip: ask the old primary, then promote unless it answered as a primary.
+        # pg_promote(wait => true) returns true only once the server has left recovery.
+        out = _sh(new_host, f"answer=$({primary_probe(old_address)}); echo \"old=$answer\"; [ \"$answer\" = f ] || "
+                            "runuser -u postgres -- psql -XAt -c 'select pg_promote(true, 60)'").splitlines()
+        if "old=f" in out:
             raise OperationError(f"failover: {old} is alive and primary; use deploys/switchover.py")
-        if _psql(new_host, "select pg_is_in_recovery()") != "f":
-            raise OperationError(f"{target} did not leave recovery")
+        if out[-1:] != ["t"]:
+            raise OperationError(f"{target} did not leave recovery within 60 s")
         logger.info(f"    [{target}] promoted; {old} is fenced by pg-fence if it comes back")
 
     if host.name == target:
