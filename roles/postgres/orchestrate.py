@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import gevent
 from pyinfra import host, inventory, logger
 from pyinfra.api import OperationError
 from pyinfra.operations import python, server
@@ -218,6 +219,26 @@ def _start_as_standby(version: str, conf: Any, hint: str = "") -> None:
     owed_action("reload-postgres", reload_command(version), [conf])
 
 
+class _Probe:
+    """How the old primary answers (``primary_probe``), asked from ``target`` in a greenlet."""
+
+    FRESH_S = 2.0
+
+    def __init__(self, target: Any, address: str) -> None:
+        self.target, self.command = target, primary_probe(address)
+        self.greenlet = gevent.spawn(self._ask)
+
+    def _ask(self) -> tuple[float, str]:
+        return time.monotonic(), _sh(self.target, self.command, timeout=30)
+
+    def answer(self) -> str:
+        """The answer, asked again if the background one is stale."""
+        asked_at, answer = self.greenlet.get()
+        if time.monotonic() - asked_at > self.FRESH_S:
+            asked_at, answer = self._ask()
+        return answer
+
+
 def failover() -> None:
     """Emergency failover: the primary is dead; promote this replica.
 
@@ -248,21 +269,20 @@ def failover() -> None:
         raise OperationError(f"failover: {target} is not a running standby")
     new_host = inventory.get_host(target)
     # The old primary is usually outside --limit: it is asked over the network, from the
-    # replica being promoted, right before pg_promote (not while preparing: a confirmation
-    # prompt can take minutes) and in the same command, so nothing runs in between.
+    # replica being promoted. The question starts now, in the background, so it overlaps the
+    # preparation of the steps below; the answer is used only if it is at most 2 s old when
+    # pg_promote runs (a confirmation prompt can take minutes: then it is asked again).
     old_address = topology(cfg).primary(cfg.name).address
     if host.name == target:  # printed while preparing, so --dry shows the plan too
         logger.warning(f"webstack: plan: promote {target} unless {old} answers as a primary; "
                        f"then postgres__primary: {old} -> {target}")
+        probe = _Probe(new_host, old_address)
 
     def promote() -> None:
-        # One round trip: ask the old primary, then promote unless it answered as a primary.
-        # pg_promote(wait => true) returns true only once the server has left recovery.
-        out = _sh(new_host, f"answer=$({primary_probe(old_address)}); echo \"old=$answer\"; [ \"$answer\" = f ] || "
-                            "runuser -u postgres -- psql -XAt -c 'select pg_promote(true, 60)'").splitlines()
-        if "old=f" in out:
+        if probe.answer() == "f":
             raise OperationError(f"failover: {old} is alive and primary; use deploys/switchover.py")
-        if out[-1:] != ["t"]:
+        # pg_promote(wait => true) answers t only once the server has left recovery.
+        if _psql(new_host, "select pg_promote(true, 60)") != "t":
             raise OperationError(f"{target} did not leave recovery within 60 s")
         logger.info(f"    [{target}] promoted; {old} is fenced by pg-fence if it comes back")
 

@@ -98,8 +98,6 @@ def _fact(host: Any, cls: type, kwargs: dict[str, Any], down: frozenset[str] = f
         return f"/usr/bin/{kwargs.get('command', 'x')}"
     if name == "Os":
         return "Linux"
-    if name in ("PrimaryAt",):
-        return None
     instance = cls()
     default = getattr(instance, "default", None)
     return default() if callable(default) else None
