@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from lab.probe import PGPASS, Writer, conninfo, host  # noqa: E402
+from webstack.inventory import load  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
@@ -138,6 +139,9 @@ def main() -> int:
     replica = next(m["name"] for m in fleet["machines"] if group in m["groups"] and m["name"] != primary)
     app1 = host("app1")
     app1.run("DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql-client >/dev/null")
+    # The probes connect as the application does: its password in a private pgpass file on app1.
+    db = next(c for c in load(ROOT / "inventories" / "lab") if "postgres" in c.roles)
+    app1.run(f"umask 077; echo '*:5432:app:app:{db.secret('postgres_password_app').unmask()}' > {PGPASS}")
 
     print(f"cluster {args.cluster}: primary {primary}, replica {replica}", flush=True)
     lag = measure_lag(primary, replica, args.rate, args.seconds)

@@ -247,6 +247,13 @@ def failover() -> None:
     primary is fenced: every member's postgresql unit runs pg-fence before
     starting, which refuses to start a primary while a peer is one.
     """
+    # The old primary is usually outside --limit: it is asked over the network, from the
+    # replica being promoted. The question starts first, in the background, so it overlaps
+    # the preparation below; the answer is used only if it is at most 2 s old when
+    # pg_promote runs (a confirmation prompt can take minutes: then it is asked again).
+    me = config()
+    if "postgres" in me.roles and host.name != me.settings(PostgresSettings).primary:
+        probe = _Probe(inventory.get_host(host.name), topology(me).primary(me.name).address)
     setup = _setup()
     if setup is None:
         return
@@ -268,21 +275,30 @@ def failover() -> None:
     if target not in candidates:
         raise OperationError(f"failover: {target} is not a running standby")
     new_host = inventory.get_host(target)
-    # The old primary is usually outside --limit: it is asked over the network, from the
-    # replica being promoted. The question starts now, in the background, so it overlaps the
-    # preparation of the steps below; the answer is used only if it is at most 2 s old when
-    # pg_promote runs (a confirmation prompt can take minutes: then it is asked again).
-    old_address = topology(cfg).primary(cfg.name).address
     if host.name == target:  # printed while preparing, so --dry shows the plan too
         logger.warning(f"webstack: plan: promote {target} unless {old} answers as a primary; "
                        f"then postgres__primary: {old} -> {target}")
-        probe = _Probe(new_host, old_address)
+    # With synchronous replication and no other standby alive, the new primary
+    # would wait forever for an acknowledgement: it runs asynchronously until
+    # the old primary has rejoined and a site run restores the inventory's mode.
+    live_standbys = [m for m in candidates if m != target]
+    degrade = pg.synchronous and not live_standbys
+    future = with_primary(cfg, target, synchronous=False if degrade else None)
+    # Degrading: the new configuration is written before the promotion and read right after it,
+    # in the promoting command, so the first write after pg_promote does not wait for the
+    # acknowledgement of a dead standby until the reload below.
+    staged = _configure(future, version) if degrade else None
 
     def promote() -> None:
+        reload = staged is not None and staged.did_change()
         if probe.answer() == "f":
-            raise OperationError(f"failover: {old} is alive and primary; use deploys/switchover.py")
+            hint = "; its configuration file was rewritten for the promotion but not loaded: " \
+                   "deploys/site.py puts it back" if reload else ""
+            raise OperationError(f"failover: {old} is alive and primary; use deploys/switchover.py{hint}")
         # pg_promote(wait => true) answers t only once the server has left recovery.
-        if _psql(new_host, "select pg_promote(true, 60)") != "t":
+        reload_now = " -c 'select pg_reload_conf()'" if reload else ""
+        out = _sh(new_host, f"runuser -u postgres -- psql -XAt -c 'select pg_promote(true, 60)'{reload_now}")
+        if out.splitlines()[:1] != ["t"]:
             raise OperationError(f"{target} did not leave recovery within 60 s")
         logger.info(f"    [{target}] promoted; {old} is fenced by pg-fence if it comes back")
 
@@ -290,12 +306,7 @@ def failover() -> None:
         python.call(name=f"Promote {target} ({old} is {'unreachable' if states.get(old) == UNREACHABLE else 'down'})",
                     function=promote)
     barrier(name="New primary promoted", label=f"failover {old} -> {target}")
-    # With synchronous replication and no other standby alive, the new primary
-    # would wait forever for an acknowledgement: it runs asynchronously until
-    # the old primary has rejoined and a site run restores the inventory's mode.
-    live_standbys = [m for m in candidates if m != target]
-    degrade = pg.synchronous and not live_standbys
-    conf = _configure(with_primary(cfg, target, synchronous=False if degrade else None), version)
+    conf = staged or _configure(future, version)
     owed_action("reload-postgres", reload_command(version), [conf])
     if host.name == target:
         if degrade:
