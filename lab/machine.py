@@ -338,6 +338,41 @@ def login_user(m: Machine) -> str:
     return LOGIN_USERS[0]
 
 
+def _init_pid(name: str) -> int | None:
+    """PID 1 of the machine, as the host sees it (the child of systemd-nspawn)."""
+    nsp = nspawn_pid(name)
+    if not nsp:
+        return None
+    try:
+        children = Path(f"/proc/{nsp}/task/{nsp}/children").read_text().split()
+    except OSError:
+        return None
+    return int(children[0]) if children else None
+
+
+# Units that failed at boot because systemd could not spawn them (result "resources": seen
+# on this kind of host as "Failed to spawn executor: No such file or directory" for one unit
+# in a few hundred boots). Such a failure is the container's, never the tested software's; when
+# it hits systemd-user-sessions, /run/nologin stays and every login but root's is refused.
+_RETRY_SPAWN_FAILURES = (
+    "for u in $(systemctl list-units --state=failed --plain --no-legend | awk '{print $1}'); do "
+    "[ \"$(systemctl show -P Result \"$u\")\" = resources ] && systemctl restart \"$u\" && echo \"$u\"; done; true"
+)
+
+
+def retry_spawn_failures(m: Machine) -> list[str]:
+    """Start again the units that failed to spawn at boot (from the host, as logins may be refused)."""
+    init = _init_pid(m.name)
+    if not init:
+        return []
+    cp = subprocess.run(["nsenter", "-t", str(init), "-a", "sh", "-c", _RETRY_SPAWN_FAILURES],
+                        capture_output=True, text=True, timeout=60)
+    retried = cp.stdout.split()
+    if retried:
+        log(f"{m.name}: started again after a spawn failure at boot: {', '.join(retried)}")
+    return retried
+
+
 def wait_ssh(m: Machine, timeout: float = 120.0) -> tuple[float, str]:
     """Wait until `ssh root@ADDR` (or `ops@ADDR` once onboarded) works and boot has finished.
 
@@ -359,8 +394,10 @@ def wait_ssh(m: Machine, timeout: float = 120.0) -> tuple[float, str]:
         except subprocess.TimeoutExpired:
             break
         sysstate = cp.stdout.strip()
-        if sysstate in ("running", "degraded"):
+        if sysstate == "running" or (sysstate == "degraded" and not retry_spawn_failures(m)):
             return time.monotonic() - t0, sysstate
+        if cp.returncode != 0 and not sysstate:  # no login: maybe /run/nologin left by a spawn failure
+            retry_spawn_failures(m)
         time.sleep(0.3)
     raise LabError(f"{m.name}: no SSH on {m.address} (or boot unfinished) after {timeout:.0f}s; "
                    f"console.log tail:\n{console_tail(m.name)}")

@@ -115,6 +115,8 @@ def _journal(name: str, since: float) -> str:
 
 
 _STARTED = pytest.StashKey[float]()
+_SESSION_START = time.time()
+_KEPT_SETUP: list[str] = []
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -129,9 +131,13 @@ def pytest_runtest_makereport(item, call):
     from the test's start: the evidence is gone once a later test powers machines off."""
     outcome = yield
     report = outcome.get_result()
-    if report.when != "call" or not report.failed or _STARTED not in item.stash or "lab" not in item.keywords:
+    if not report.failed or "lab" not in item.keywords or report.when not in ("setup", "call"):
         return
-    since = item.stash[_STARTED] - 5
+    if report.when == "setup":  # a fixture (the lab, the converge): kept once, from the session's start
+        if _KEPT_SETUP:
+            return
+        _KEPT_SETUP.append(item.nodeid)
+    since = item.stash.get(_STARTED, _SESSION_START) - 5
     with ThreadPoolExecutor(len(MACHINES)) as pool:
         journals = dict(zip(MACHINES, pool.map(lambda n: _journal(n, since), MACHINES), strict=True))
     keep = Path("/var/lib/webstack-lab/failures") / re.sub(r"[^\w.-]+", "_", item.nodeid)
