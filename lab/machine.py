@@ -351,9 +351,9 @@ def _init_pid(name: str) -> int | None:
 
 
 # Units that failed at boot because systemd could not spawn them (result "resources": seen
-# on this kind of host as "Failed to spawn executor: No such file or directory" for one unit
-# in a few hundred boots). Such a failure is the container's, never the tested software's; when
-# it hits systemd-user-sessions, /run/nologin stays and every login but root's is refused.
+# once on this kind of host, on backup1 (trixie), as "Failed to spawn executor: No such file or
+# directory" for systemd-user-sessions). Such a failure is the container's, never the tested
+# software's; there it left /run/nologin, and every login but root's was refused.
 _RETRY_SPAWN_FAILURES = (
     "for u in $(systemctl list-units --state=failed --plain --no-legend | awk '{print $1}'); do "
     "[ \"$(systemctl show -P Result \"$u\")\" = resources ] && systemctl restart \"$u\" && echo \"$u\"; done; true"
