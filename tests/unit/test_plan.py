@@ -28,7 +28,7 @@ def site() -> str:
 
 def test_site_prepares_every_host_without_error(site):
     hosts = set(re.findall(r"^  \[(\S+)\]", site, re.M))
-    assert len(hosts) == 13
+    assert len(hosts) == 15
     assert not re.search(r"^    error ", site, re.M)
 
 

@@ -54,7 +54,7 @@ def hosts(tmp_path_factory):
 def test_every_shipped_inventory_loads(hosts):
     names = {env for env, _ in hosts}
     assert names == {"lab", "example-production"}
-    assert len(hosts) == 13 + 8
+    assert len(hosts) == 15 + 8
 
 
 @pytest.mark.parametrize("release", _release.SSH_KEX)

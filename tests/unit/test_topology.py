@@ -37,7 +37,8 @@ def test_lab_load_balancers(lab):
 
 def test_lab_database_clients_and_owner(lab):
     assert [(g, h.name) for g, h in lab.database_clients("db3")] == [("app", "app1"), ("app", "app2"),
-                                                                     ("worker", "worker1")]
+                                                                     ("worker", "worker1"),
+                                                                     ("worker", "worker2")]
     found = lab.app_database("app2")
     assert found is not None and (found.database.name, found.database.owner, found.cluster) == ("app", "app", "main")
 
@@ -53,11 +54,11 @@ def test_lab_backups(lab):
 
 
 def test_lab_scheduler_and_tiers(lab):
-    assert lab.scheduler().name == "worker1" and names(lab.takeover_order()) == ["worker1"]
+    assert lab.scheduler().name == "worker1" and names(lab.takeover_order()) == ["worker1", "worker2"]
     assert lab.scheduler("nobody") is None
     order = names(lab.in_tier_order())
-    assert order == ["lb1", "lb2", "app1", "app2", "worker1", "db1", "db2", "db3", "db4", "drill1", "backup1",
-                     "spare1", "spare2"]
+    assert order == ["lb1", "lb2", "app1", "app2", "worker1", "worker2", "db1", "db2", "db3", "db4", "drill1", "backup1",
+                     "mail1", "spare1", "spare2"]
     assert TIERS == ("lb", "app", "worker", "postgres", "backup")
 
 
