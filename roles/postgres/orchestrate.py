@@ -87,7 +87,8 @@ def _inventory_change(cfg: HostConfig, old: str, new: str, write: bool) -> None:
     inv = Path(cfg.inventory_dir)
     candidates = [inv / "group_data" / "all.yml"]
     candidates += [inv / "group_data" / f"{g}.yml" for g in (*cfg.roles, *cfg.groups)]
-    candidates.append(inv / "host_data" / f"{cfg.name}.yml")
+    # The line may sit in any member's host file (usually the old primary's, not the caller's).
+    candidates += [inv / "host_data" / f"{m.name}.yml" for m in topology(cfg).cluster_of(cfg.name)]
     pattern = re.compile(rf"^(postgres__primary:\s*)['\"]?{re.escape(old)}['\"]?(\s*(#.*)?)$", re.M)
     files = [f for f in candidates if f.exists() and pattern.search(f.read_text())]
     where = ", ".join(str(f) for f in files) or f"{inv}/group_data (postgres__primary)"
@@ -251,8 +252,10 @@ def failover() -> None:
     # replica being promoted. The question starts first, in the background, so it overlaps
     # the preparation below; the answer is used only if it is at most 2 s old when
     # pg_promote runs (a confirmation prompt can take minutes: then it is asked again).
+    # Only the replica to promote asks (every standby in --limit when none is named).
     me = config()
-    if "postgres" in me.roles and host.name != me.settings(PostgresSettings).primary:
+    named = options(FailoverOptions).to
+    if "postgres" in me.roles and host.name != me.settings(PostgresSettings).primary and named in ("", host.name):
         probe = _Probe(inventory.get_host(host.name), topology(me).primary(me.name).address)
     setup = _setup()
     if setup is None:

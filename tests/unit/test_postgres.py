@@ -6,6 +6,7 @@ import pytest
 
 from roles.postgres import scram
 from roles.postgres.deploy import config_context, hba_rules
+from roles.postgres.orchestrate import _inventory_change
 from tests.unit.conftest import SECRETS
 from webstack.errors import ConfigError
 from webstack.inventory import load
@@ -91,3 +92,14 @@ def test_scram_verifier_round_trip():
     assert not scram.matches("wrong", stored)
     assert not scram.matches("correct horse", "md5abcdef")
     assert not scram.matches("correct horse", None)
+
+
+def test_inventory_change_finds_the_primary_in_the_old_primarys_host_file(make_inventory):
+    # A switchover writes the change from the new primary's context; the line lives in db1's file.
+    group = {k: v for k, v in DB_GROUP.items() if k != "postgres__primary"}
+    inv = make_inventory(hosts=DB_HOSTS, groups={"db": group},
+                         host_data={"db1": {"postgres__primary": "db1"}, "db2": {"postgres__primary": "db1"}})
+    cfgs = {c.name: c for c in load(inv, secrets=SECRETS)}
+    _inventory_change(cfgs["db2"], "db1", "db2", write=True)
+    assert (inv / "host_data" / "db1.yml").read_text() == "postgres__primary: db2\n"
+    assert (inv / "host_data" / "db2.yml").read_text() == "postgres__primary: db2\n"
