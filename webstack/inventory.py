@@ -127,6 +127,9 @@ def _locator(source: _Source, role: str, fallback: str) -> Callable[[str], str]:
     return lambda key: source.origin.get(f"{role}__{key}", fallback)
 
 
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def read_yaml(path: Path, *, required: bool = True) -> Any:
     """Parse one YAML file, turning syntax errors into a ConfigError naming the file."""
     if not path.exists():
@@ -134,7 +137,12 @@ def read_yaml(path: Path, *, required: bool = True) -> Any:
             raise ConfigError(str(path), None, "file not found")
         return None
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        try:
+            # libyaml's safe loader when PyYAML has it: about 10x faster, same results.
+            return yaml.load(text, Loader=_LOADER)  # noqa: S506 - a safe loader
+        except yaml.YAMLError:
+            return yaml.safe_load(text)  # raises again, with the pure-Python parser's clearer message
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)

@@ -54,8 +54,18 @@ def archive_command(pg: PostgresSettings) -> str:
 
 
 def restore_command(pg: PostgresSettings) -> str:
-    """restore_command, so a standby that fell behind its slot can catch up from the archive."""
-    return f'pgbackrest --stanza={pg.cluster} archive-get %f "%p"' if enabled(pg) else ""
+    """restore_command, so a standby that fell behind its slot can catch up from the archive.
+
+    PostgreSQL asks the archive for a timeline's history file even when pg_wal holds it
+    (promotion does twice: the new timeline's, to avoid one already taken, and the parent's,
+    to write the new one). History files never change once written, so one found in pg_wal
+    is used as is: a promotion then waits for one repository round trip instead of two
+    (0.2-0.9 s each over SFTP). A file pg_wal lacks is still looked up in the archive.
+    """
+    if not enabled(pg):
+        return ""
+    local = 'case "%f" in *.history) test -f "pg_wal/%f" && cp "pg_wal/%f" "%p" && exit 0;; esac; '
+    return local + f'pgbackrest --stanza={pg.cluster} archive-get %f "%p"'
 
 
 def repo_context(pg: PostgresSettings, release: str, version: str, backup_peer: Peer | None,

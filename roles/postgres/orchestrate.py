@@ -309,14 +309,21 @@ def failover() -> None:
         python.call(name=f"Promote {target} ({old} is {'unreachable' if states.get(old) == UNREACHABLE else 'down'})",
                     function=promote)
     barrier(name="New primary promoted", label=f"failover {old} -> {target}")
-    conf = staged or _configure(future, version)
-    owed_action("reload-postgres", reload_command(version), [conf])
-    if host.name == target:
-        if degrade:
-            logger.warning(f"webstack: {target} runs asynchronously until a replica rejoins; then run deploys/site.py")
-        ensure_slots(cfg)
-        python.call(name="Inventory change", function=_inventory_change, cfg=cfg, old=old, new=target,
-                    write=request.write_inventory)
+
+    # pyinfra reads every fact of every prepared operation before it runs the first one. The
+    # steps after the promotion are therefore prepared only once it is done (operations called
+    # from a callback run at once, "nested"): their facts do not delay the promotion.
+    def follow() -> None:
+        conf = staged or _configure(future, version)
+        owed_action("reload-postgres", reload_command(version), [conf])
+        if host.name == target:
+            if degrade:
+                logger.warning(f"webstack: {target} runs asynchronously until a replica rejoins; "
+                               "then run deploys/site.py")
+            ensure_slots(cfg)
+            _inventory_change(cfg, old, target, request.write_inventory)
+
+    python.call(name=f"Configure for {target} as the primary, reload, slots, inventory change", function=follow)
 
 
 def rejoin() -> None:

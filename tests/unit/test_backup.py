@@ -233,14 +233,23 @@ def test_postgres_archives_into_the_stanza_pgbackrest_is_configured_with(cfgs, t
     fake_bin(tmp_path / "bin", "pgbackrest", 'printf "%s\\n" "$@" > "$ARGV"\n')
     segment = "000000010000000A000000FF"
 
-    def argv_of(setting: str, path: str) -> list[str]:
+    def argv_of(setting: str, path: str, file: str = segment) -> list[str]:
+        (tmp_path / "argv").unlink(missing_ok=True)
         env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", "ARGV": str(tmp_path / "argv")}
-        subprocess.run(["/bin/sh", "-c", as_postgres_runs(pg_setting(conf, setting), path, segment)], env=env, check=True)
-        return (tmp_path / "argv").read_text().splitlines()
+        subprocess.run(["/bin/sh", "-c", as_postgres_runs(pg_setting(conf, setting), path, file)], env=env, check=True,
+                       cwd=tmp_path)  # PostgreSQL runs it in the data directory
+        return (tmp_path / "argv").read_text().splitlines() if (tmp_path / "argv").exists() else []
 
     assert argv_of("archive_command", f"pg_wal/{segment}") == [f"--stanza={stanza}", "archive-push", f"pg_wal/{segment}"]
     assert argv_of("restore_command", "pg_wal/RECOVERY XLOG") == [f"--stanza={stanza}", "archive-get", segment,
                                                                  "pg_wal/RECOVERY XLOG"]
+    # A timeline history file pg_wal holds is copied from there, one it lacks comes from the archive.
+    (tmp_path / "pg_wal").mkdir()
+    (tmp_path / "pg_wal" / "00000003.history").write_text("2\t0/9000028\tno recovery target specified\n")
+    assert argv_of("restore_command", "pg_wal/RECOVERYHISTORY", "00000003.history") == []
+    assert (tmp_path / "pg_wal" / "RECOVERYHISTORY").read_text().startswith("2\t0/9000028")
+    assert argv_of("restore_command", "pg_wal/RECOVERYHISTORY", "00000004.history") == [
+        f"--stanza={stanza}", "archive-get", "00000004.history", "pg_wal/RECOVERYHISTORY"]
     assert stanza == "main"
     assert config_context(cfgs["drill"], memory_mb=4096)["archive_command"] == ""
 
