@@ -254,7 +254,7 @@ with claimed as materialized (
     limit %s
     for update skip locked
 )
-select id, kind, args, attempts, pg_try_advisory_xact_lock({LOCK_CLASS}, (id % 2147483647)::int) from claimed
+select id, kind, args, attempts, pg_try_advisory_xact_lock({LOCK_CLASS}, (id %% 2147483647)::int) from claimed
 order by id
 """
 
