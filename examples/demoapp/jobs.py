@@ -337,6 +337,8 @@ class Worker:
     def step(self) -> bool:
         """Claim and run one batch; False when nothing was due."""
         conn = self.conn
+        if self.stopping:
+            return False
         with conn.cursor() as cur:
             cur.execute(CLAIM, (self.s.batch,))
             rows = [Job(r[0], r[1], r[2], r[3]) for r in cur.fetchall()]
