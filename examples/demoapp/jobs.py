@@ -162,13 +162,12 @@ class Settings:
 def connect(dsn: str, lock_timeout: float | None = None) -> Any:
     """A connection with keepalives (a dead peer is noticed in ~25 s) and, for workers, the lock timeout."""
     conn = psycopg2.connect(dsn, connect_timeout=5, keepalives=1, keepalives_idle=10, keepalives_interval=5,
-                            keepalives_count=3, application_name="webstack-jobs")
+                            keepalives_count=3, application_name="webstack-jobs" if lock_timeout else "webstack-jobs-admin")
     with conn.cursor() as cur:
-        cur.execute("set tcp_keepalives_idle = 10; set tcp_keepalives_interval = 5; set tcp_keepalives_count = 3;"
-                    "set statement_timeout = '30s'")
-        if lock_timeout is not None:
-            cur.execute("select set_config('idle_in_transaction_session_timeout', %s, false)",
-                        (f"{int(lock_timeout * 1000)}ms",))
+        cur.execute("set tcp_keepalives_idle = 10; set tcp_keepalives_interval = 5; set tcp_keepalives_count = 3")
+        if lock_timeout is not None:  # a worker: no statement may hang, no silent session may keep its claims
+            cur.execute("select set_config('idle_in_transaction_session_timeout', %s, false), "
+                        "set_config('statement_timeout', '30s', false)", (f"{int(lock_timeout * 1000)}ms",))
     conn.commit()
     return conn
 
