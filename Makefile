@@ -55,8 +55,9 @@ demo: site
 	@echo "  converge:  $(PYINFRA) inventories/lab.py deploys/site.py"
 
 lint: setup
-	$(VENV)/bin/ruff check webstack webstack_agent roles lab deploys inventories tests bench
+	$(VENV)/bin/ruff check webstack webstack_agent roles lab deploys inventories tests bench examples
 	$(VENV)/bin/mypy webstack webstack_agent roles lab
+	$(VENV)/bin/mypy examples/demoapp  # separately: a release directory of modules, not a package
 	$(PY) -m webstack.cli docs --check
 
 unit: setup

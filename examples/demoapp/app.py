@@ -4,6 +4,7 @@ Pages say which application server answered; /signup writes to PostgreSQL;
 a session cookie counts visits per browser; /healthz checks the database.
 Configuration comes from the environment (the app role writes it from the
 inventory and secrets): DATABASE_URL (a libpq connection string), SECRET_KEY.
+A sign-up enqueues its welcome_email job in the same transaction (jobs.py runs it).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import socket
 from http.cookies import SimpleCookie
 from urllib.parse import parse_qs
 
+import jobs
 import psycopg2
 
 HOST = socket.gethostname()
@@ -32,6 +34,7 @@ def db():
 
 def ensure_schema() -> None:
     with db() as conn, conn.cursor() as cur:
+        jobs.ensure_schema(cur)  # first: its advisory lock serialises the creation when all workers start at once
         cur.execute("create table if not exists signups (id serial primary key, email text not null, "
                     "served_by text not null, at timestamptz not null default now())")
 
@@ -80,9 +83,16 @@ def application(environ, start_response):
         if "@" not in email:
             start_response("400 Bad Request", headers)
             return [page("Sign up", "<p>That is not an e-mail address.</p>")]
-        with db() as conn, conn.cursor() as cur:
-            cur.execute("insert into signups (email, served_by) values (%s, %s) returning id", (email, HOST))
-            new_id = cur.fetchone()[0]
+        # One transaction: no welcome mail for a sign-up that rolls back, no sign-up without its mail;
+        # the NOTIFY in it wakes a worker at commit.
+        conn = db()
+        try:
+            with conn, conn.cursor() as cur:
+                cur.execute("insert into signups (email, served_by) values (%s, %s) returning id", (email, HOST))
+                new_id = cur.fetchone()[0]
+                jobs.enqueue(cur, "welcome_email", {"email": email, "signup_id": new_id})
+        finally:
+            conn.close()
         start_response("201 Created", headers)
         return [page("Thanks", f"<p>Signed up as #{new_id}.</p>")]
     if path in ("/app", "/signup"):
