@@ -29,8 +29,6 @@ if TYPE_CHECKING:
 # at the edge first, state is touched last. A host takes its first matching
 # tier (a role or a group); hosts in none come last.
 TIERS = ("lb", "app", "worker", "postgres", "backup")
-# Hosts of this role or group run the scheduled jobs (one of them at a time).
-WORKER = "worker"
 
 
 @dataclass(frozen=True)
@@ -102,7 +100,10 @@ class Topology:
     def app_database(self, host: str) -> AppDatabase | None:
         """The database application server ``host`` uses (``app__database``): the first postgres host
         declaring it names its owner and cluster. None when no postgres host has it."""
-        wanted = self.host(host).settings(AppSettings).database
+        app = self.app_of(host)
+        if app is None:
+            return None
+        wanted = app.settings(AppSettings).database
         for h in self.hosts:
             if "postgres" in h.roles:
                 pg = h.settings(PostgresSettings)
@@ -162,17 +163,22 @@ class Topology:
         """The application servers load balancer ``host`` sends requests to (``lb__upstream_group``)."""
         return self.members(self.host(host).settings(LbSettings).upstream_group)
 
-    # --- what the worker tier and rolling work will ask ---------------------------------------------------------
+    # --- the worker tier -----------------------------------------------------------------------------------------
 
-    def takeover_order(self, group: str = WORKER) -> list[Peer]:
-        """Hosts of ``group`` in the order they take over the scheduled jobs: by name, so adding
-        or reordering hosts in hosts.yml never moves the jobs by accident."""
-        return sorted(self.members(group), key=lambda h: h.name)
+    def workers(self) -> list[Peer]:
+        """Every host with role worker. Each has every scheduled job's timer; the database decides
+        which one runs a period (webstack_agent/once.py), so any live one takes over."""
+        return [h for h in self.hosts if "worker" in h.roles]
 
-    def scheduler(self, group: str = WORKER) -> Peer | None:
-        """The one host of ``group`` that runs the scheduled jobs (None when the group is empty)."""
-        order = self.takeover_order(group)
-        return order[0] if order else None
+    def app_of(self, host: str) -> Peer | None:
+        """The host whose app settings (name, source, release, database) ``host`` runs: itself when it
+        is an application server, else the first application server (a worker host runs their release).
+        None when there is none."""
+        me = self.host(host)
+        if "app" in me.roles:
+            return me
+        servers = self.app_servers()
+        return servers[0] if servers else None
 
     def tier(self, host: Peer) -> int:
         """Position of the host's tier in :data:`TIERS` (``len(TIERS)`` for the rest)."""

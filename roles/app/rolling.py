@@ -27,6 +27,8 @@ from roles.base.deploy import codename
 from roles.lb.deploy import nginx_site
 from roles.lb.settings import LbSettings
 from roles.topology import topology
+from roles.worker import deploy as worker
+from roles.worker.settings import WorkerSettings
 from webstack.inventory import HostConfig
 
 
@@ -37,6 +39,7 @@ class Step:
     host: str
     release: str
     reasons: tuple[str, ...]
+    worker: bool = False
 
 
 def _sha(text: str) -> str:
@@ -52,35 +55,49 @@ def _wanted_release(cfg: HostConfig, current: dict, requested: str) -> str:
         return earlier[-1]
     if requested:
         return requested
-    app = cfg.settings(AppSettings)
+    app = worker.app_settings(cfg)  # a worker host runs the application servers' release
     return build_release(app.source, app.git_ref)[0]
 
 
 def plan(requested: str = "") -> list[Step]:
-    """Every application server of the run that needs a change, in inventory order."""
+    """Every worker host, then every application server, of the run that needs a change, in inventory
+    order. Workers go first: a job enqueued by the new release must find workers that know it."""
     steps = []
     me = config()
-    for peer in topology(me).app_servers():
+    # A host with both roles (stage 1 on one box) has a worker step and an application step.
+    top = topology(me)
+    for peer, is_worker in [*((p, True) for p in top.workers()), *((p, False) for p in top.app_servers())]:
         other = inventory.get_host(peer.name, default=None)
         if other is None or other not in state.active_hosts:
             continue
         cfg = config(other)
-        name = cfg.settings(AppSettings).name
+        if is_worker:
+            name = worker.app_settings(cfg).name
+            wanted = worker.wanted_files(cfg)
+            owed = "restart-worker"
+        else:
+            name = cfg.settings(AppSettings).name
+            wanted = {f"/etc/webstack/{name}.env": env_content(cfg),
+                      f"/etc/systemd/system/{name}.service": unit_content(cfg)}
+            owed = "restart-app"
         current = other.get_fact(AppState, app=name)
         release = _wanted_release(cfg, current, requested)
         reasons = []
         if current["current"] != release:
             reasons.append("release")
-        env = other.get_fact(Sha1File, path=f"/etc/webstack/{name}.env")
-        unit = other.get_fact(Sha1File, path=f"/etc/systemd/system/{name}.service")
-        if env != _sha(env_content(cfg)) or unit != _sha(unit_content(cfg)):
+        if any(other.get_fact(Sha1File, path=path) != _sha(text) for path, text in wanted.items()):
             reasons.append("configuration")
-        if "restart-app" in other.get_fact(PendingActions):
+        if owed in other.get_fact(PendingActions):
             reasons.append("owed restart")
-        if not current["active"]:
+        if is_worker:
+            units = other.get_fact(worker.WorkerUnits, app=name)
+            count = cfg.settings(WorkerSettings).processes
+            if units["active"] != list(range(1, count + 1)) or units["enabled"] != units["active"]:
+                reasons.append("not running")
+        elif not current["active"]:
             reasons.append("not running")
         if reasons:
-            steps.append(Step(peer.name, release, tuple(reasons)))
+            steps.append(Step(peer.name, release, tuple(reasons), is_worker))
     return steps
 
 
@@ -134,7 +151,7 @@ def converge(release: str = "") -> None:
     working tree (the deploys pass their ``--data release`` option).
     """
     cfg = config()
-    if not {"app", "lb"} & set(cfg.roles):
+    if not {"app", "lb", "worker"} & set(cfg.roles):
         return
     steps = plan(release)
     if not steps:
@@ -143,15 +160,18 @@ def converge(release: str = "") -> None:
     app_servers = topology(cfg).app_servers()
     distro = codename() if "lb" in cfg.roles else ""
     for step in host.loop(steps):
-        # With a single application server there is nothing to drain to.
-        drain = len(app_servers) > 1
+        # With a single application server there is nothing to drain to; workers take no requests.
+        drain = len(app_servers) > 1 and not step.worker
         if "lb" in cfg.roles and drain:
             site = nginx_site(cfg, distro, [*cfg.settings(LbSettings).drained, step.host], force=True,
                               name=f"Drain {step.host} ({', '.join(step.reasons)})")
             owed_action("reload-nginx", "nginx -t -q && systemctl reload nginx", [site])
         barrier(name=f"{step.host} drained", label=step.host)
         if cfg.name == step.host:
-            _switch(cfg, step)
+            if step.worker:
+                worker.switch(cfg, step.release, step.reasons)
+            else:
+                _switch(cfg, step)
         barrier(name=f"{step.host} switched", label=step.host)
         if "lb" in cfg.roles and drain:
             site = nginx_site(cfg, distro, cfg.settings(LbSettings).drained, force=True, name=f"Put {step.host} back")

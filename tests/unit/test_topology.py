@@ -54,8 +54,9 @@ def test_lab_backups(lab):
 
 
 def test_lab_scheduler_and_tiers(lab):
-    assert lab.scheduler().name == "worker1" and names(lab.takeover_order()) == ["worker1", "worker2"]
-    assert lab.scheduler("nobody") is None
+    assert names(lab.workers()) == ["worker1", "worker2"]
+    assert lab.app_of("worker2").name == "app1" and lab.app_of("app2").name == "app2"
+    assert lab.app_database("worker1").database.name == "app"
     order = names(lab.in_tier_order())
     assert order == ["lb1", "lb2", "app1", "app2", "worker1", "worker2", "db1", "db2", "db3", "db4", "drill1", "backup1",
                      "mail1", "spare1", "spare2"]
@@ -75,7 +76,7 @@ def test_one_box_stage_1(make_inventory):
     assert names(top.upstreams("box")) == ["box"]
     assert [(g, h.name) for g, h in top.database_clients("box")] == [("app", "box"), ("worker", "box")]
     assert top.addresses((h for _g, h in top.database_clients("box")), besides="box") == []
-    assert top.scheduler().name == "box" and names(top.in_tier_order()) == ["box"]
+    assert top.workers() == [] and top.app_of("box").name == "box" and names(top.in_tier_order()) == ["box"]
 
 
 def test_two_clusters_and_a_worker_pair(make_inventory):
@@ -106,7 +107,5 @@ def test_two_clusters_and_a_worker_pair(make_inventory):
     assert top.app_database("a1").cluster == "one"
     assert top.backup_clients("vault") == {"one": ["10.1.0.31", "10.1.0.32"]}
     assert top.backup_host("two") is None
-    # The scheduler is chosen by name, not by position in hosts.yml; w2 takes over when w1 is gone.
-    assert top.scheduler().name == "w1" and names(top.takeover_order()) == ["w1", "w2"]
-    assert Topology(peers[::-1]).scheduler().name == "w1"
+    assert top.workers() == [] and top.app_of("w1").name == "a1"
     assert names(top.in_tier_order()) == ["a1", "w1", "w2", "p1", "p2", "q1", "vault"]

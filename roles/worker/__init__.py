@@ -1,0 +1,1 @@
+"""The worker role: ``settings.py`` (pyinfra-free), ``deploy.py`` (units, timers, releases)."""
