@@ -27,9 +27,11 @@ SENDMAIL = "/usr/sbin/sendmail"
 
 
 def journal(unit: str, lines: int, invocation: str = "") -> str:
-    """The unit's last ``lines`` journal lines (of the failed run when its invocation id is known)."""
+    """The unit's last ``lines`` journal lines: of the failed run (its output and systemd's words
+    about it) when the invocation id is known, else the unit's."""
     argv = ["journalctl", "--no-pager", "-o", "short-iso", "-n", str(lines)]
-    argv += [f"_SYSTEMD_INVOCATION_ID={invocation}"] if invocation else ["-u", unit]
+    argv += [f"_SYSTEMD_INVOCATION_ID={invocation}", "+", f"INVOCATION_ID={invocation}"] if invocation \
+        else ["-u", unit]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=30)
     text = proc.stdout.strip()
     if invocation and not text:  # the invocation logged nothing itself: the unit's lines then
@@ -52,7 +54,7 @@ def message(to: str, host: str, unit: str, env: dict[str, str], log: str) -> Ema
         if env.get(key):
             facts.append(f"{label + ':':7} {env[key]}")
     msg.set_content("\n".join(facts) + f"\n\nsystemctl status {unit} / journalctl -u {unit} on {host}.\n"
-                    f"Last journal lines:\n\n{log}\n")
+                    f"Last journal lines:\n\n{log}\n", cte="8bit")
     return msg
 
 

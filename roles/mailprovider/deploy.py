@@ -4,7 +4,7 @@ Postfix listens on submission (587) only, requires STARTTLS before AUTH (certifi
 from the lab CA, in the secret ``mailprovider_tls_<host>``: key and chain in one PEM),
 authenticates against Dovecot's SASL service (logins from ``Topology.mail_accounts``,
 passwords from the secrets ``smtp_password_<login>``, stored as SHA512-CRYPT), and
-delivers every accepted message into a Maildir per recipient. ``mail-fault 4xx|down|off``
+delivers every accepted message into one catch-all Maildir (``maildir()``). ``mail-fault 4xx|down|off``
 switches the two faults the tests need. Configuration is checked (``postfix check``,
 ``doveconf``) before it takes effect; changes reload.
 """
@@ -28,6 +28,12 @@ from webstack_agent import mailfault
 VMAIL_UID = 5000  # owner of the Maildirs (Postfix's virtual(8) delivers as this uid/gid)
 USERS_FILE = "/etc/dovecot/webstack-users"
 FAULT_SCRIPT = "/usr/local/sbin/mail-fault"
+CATCHALL = "all"  # the Maildir under mailprovider__mailbox_root every accepted message lands in
+
+
+def maildir(mp: MailproviderSettings) -> str:
+    """The catch-all Maildir the tests read (``new/`` holds the delivered messages)."""
+    return f"{mp.mailbox_root.rstrip('/')}/{CATCHALL}"
 
 
 def password_entry(login: str, password: str) -> str:
@@ -84,8 +90,10 @@ def apply() -> None:
     swaps = [validated_file(name="TLS key and certificate chain", dest="/etc/postfix/tls/webstack.pem",
                             content=cfg.secret(f"mailprovider_tls_{cfg.name}").unmask().strip() + "\n",
                             mode="600", owes=owes)]
-    for table in ("webstack-domains.pcre", "webstack-mailboxes.pcre"):
-        swaps.append(template_file(f"mailprovider/etc/postfix/{table}.j2", f"/etc/postfix/{table}", owes=owes))
+    swaps.append(template_file("mailprovider/etc/postfix/webstack-domains.pcre.j2", "/etc/postfix/webstack-domains.pcre",
+                               owes=owes))
+    swaps.append(template_file("mailprovider/etc/postfix/webstack-mailboxes.pcre.j2",
+                               "/etc/postfix/webstack-mailboxes.pcre", owes=owes, catchall=CATCHALL))
     # The fault table belongs to mail-fault: created healthy once, never reset by a deploy.
     files.file(name="Fault table (mail-fault)", path=mailfault.FAULT_TABLE, present=True, touch=False)
     files.put(name=f"Install {FAULT_SCRIPT}", src=mailfault.__file__, dest=FAULT_SCRIPT, mode="755")

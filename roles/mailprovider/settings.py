@@ -11,7 +11,7 @@ from webstack.settings import setting
 
 @dataclass(frozen=True)
 class MailproviderSettings:
-    """Lab only: Postfix submission (587, STARTTLS + AUTH) delivering every accepted mail into Maildirs."""
+    """Lab only: Postfix submission (587, STARTTLS + AUTH) delivering every accepted mail into one Maildir."""
 
     accounts: tuple[str, ...] = setting(
         ("app",), "SMTP logins besides the hosts' relay logins (`base__mail_relay_user`, added automatically); "
@@ -20,7 +20,9 @@ class MailproviderSettings:
     client_networks: tuple[str, ...] = setting(
         (), "networks besides the inventory's hosts that may reach submission (587), e.g. the control machine"
     )
-    mailbox_root: str = setting("/var/mail/webstack", "Maildirs, one per recipient: <root>/<domain>/<local part>/")
+    mailbox_root: str = setting(
+        "/var/mail/webstack", "where mail is delivered: the catch-all Maildir <root>/all/ (recipient in Delivered-To)"
+    )
     max_message_kb: int = setting(10240, "largest message accepted (KiB)")
 
     def check(self) -> tuple[str, str] | None:
