@@ -14,6 +14,7 @@ from roles.app import rolling
 from roles.backup import deploy as backup
 from roles.base import deploy as base
 from roles.lb import deploy as lb
+from roles.mailprovider import deploy as mailprovider
 from roles.options import RolloutOptions
 from roles.postgres import deploy as postgres
 
@@ -27,6 +28,8 @@ if "app" in mine:  # an application server on a database host (stage 1) finds it
     app.apply()
 if "lb" in mine:
     lb.apply()
+if "mailprovider" in mine:  # lab only: the stand-in email provider
+    mailprovider.apply()
 
 # Application releases and restarts roll through the application servers one
 # at a time, drained from the load balancers (all app and lb hosts take part).

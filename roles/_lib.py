@@ -201,3 +201,38 @@ def root_shell(target: Any, command: str | StringCommand, timeout: int = 120) ->
     sudo = target.data.get("ssh_user", "root") != "root"
     cmd = command if isinstance(command, StringCommand) else StringCommand(command)
     return target.run_shell_command(cmd, _sudo=sudo, _timeout=timeout)
+
+
+ALERT_DROP_IN = "webstack-alert.conf"
+
+
+def alert_on_failure(*units: str) -> list[OperationMeta]:
+    """Mail the operator when one of ``units`` fails (``base__operator_email``).
+
+    + units: unit names (``webstack-backup-check.service``); a template unit's instances
+      (``worker@.service``) are named by prefix and instance
+
+    Each unit gets the drop-in ``/etc/systemd/system/<unit>.d/webstack-alert.conf`` with
+    ``OnFailure=webstack-alert@%n.service``; without an operator address the drop-ins are
+    removed. A daemon-reload follows when one changed. Call it after installing the units:
+    ``alert_on_failure("webstack-backup.service", "webstack-backup-check.service")``
+    """
+    from pyinfra.operations import files
+
+    from roles.base.settings import BaseSettings
+
+    enabled = bool(config().settings(BaseSettings).operator_email)
+    swaps = []
+    for unit in units:
+        # A template's instance name holds an "@", which an instance name may not: prefix-instance then.
+        instance = "%p-%i" if unit.endswith("@.service") else "%n"
+        path = f"/etc/systemd/system/{unit}.d/{ALERT_DROP_IN}"
+        if enabled:
+            swaps.append(validated_file(
+                name=f"Alert the operator when {unit} fails", dest=path, owes="daemon-reload",
+                content=f"# {MANAGED}\n[Unit]\nOnFailure=webstack-alert@{instance}.service\n",
+            ))
+        else:
+            swaps.append(files.file(name=f"No alert drop-in for {unit}", path=path, present=False))
+    swaps.append(owed_action("daemon-reload", "systemctl daemon-reload", swaps))
+    return swaps

@@ -23,6 +23,7 @@ from roles.app.settings import AppSettings
 from roles.backup.settings import BackupSettings
 from roles.base.settings import BaseSettings
 from roles.lb.settings import LbSettings
+from roles.mailprovider.settings import MailproviderSettings
 from roles.options import (
     FailoverOptions,
     RejoinOptions,
@@ -64,7 +65,22 @@ class Role:
 def _base_secrets(cfg: HostConfig) -> list[str]:
     # A console password per operator: SSH stays key-only, but a broken
     # network or sshd config must not lock the operator out of the console.
-    return [f"password_hash_{u.name}" for u in cfg.settings(BaseSettings).admin_users]
+    base = cfg.settings(BaseSettings)
+    out = [f"password_hash_{u.name}" for u in base.admin_users]
+    if base.mail_relay and not topology(cfg).relays_locally(cfg.name):
+        out.append(f"smtp_password_{base.mail_relay_user}")
+    return out
+
+
+def _mailprovider_secrets(cfg: HostConfig) -> list[str]:
+    # Its logins' passwords (the relays' and the application's share these secrets: one
+    # name, one value), and its TLS key + certificate chain in one PEM.
+    return [*(f"smtp_password_{a}" for a in topology(cfg).mail_accounts(cfg.name)), f"mailprovider_tls_{cfg.name}"]
+
+
+def _mailprovider_openings(cfg: HostConfig) -> list[Derived]:
+    return [Derived(587, "tcp", tuple(topology(cfg).mail_clients(cfg.name)),
+                    "smtp submission (STARTTLS + AUTH) from the hosts' relays and senders")]
 
 
 def backup_secrets(cluster: str, s3: bool) -> list[str]:
@@ -139,6 +155,8 @@ ROLES: dict[str, Role] = {
                 secrets=_app_secrets, openings=_app_openings),
     "lb": Role("lb", "nginx TLS terminator, keepalived pair with a floating IP", LbSettings,
                secrets=lambda cfg: ["tls_cert", "tls_key"], openings=_lb_openings),
+    "mailprovider": Role("mailprovider", "lab only: stand-in email provider (Postfix submission, SASL, Maildirs)",
+                         MailproviderSettings, secrets=_mailprovider_secrets, openings=_mailprovider_openings),
 }
 
 DEPLOYS: dict[str, DeployInfo] = {d.name: d for d in (
@@ -196,6 +214,11 @@ def check_fleet(configs: Sequence[HostConfig], where: str) -> None:
     _check_postgres_clusters(top, where)
     _check_lb_pairs(top, where)
     for cfg in configs:
+        target = top.mail_provider(cfg.name)
+        if target is not None and "mailprovider" not in target.roles:
+            raise ConfigError(where, f"hosts.{cfg.name}: base__mail_relay",
+                              f"{cfg.settings(BaseSettings).mail_relay!r} names inventory host {target.name}, "
+                              "which has no role mailprovider")
         if "app" in cfg.roles and top.app_database(cfg.name) is None:
             raise ConfigError(where, f"hosts.{cfg.name}: app__database",
                               f"no postgres host has database {cfg.settings(AppSettings).database!r}")

@@ -20,6 +20,7 @@ from roles.app.settings import AppSettings
 from roles.backup.settings import BackupSettings
 from roles.base.settings import BaseSettings
 from roles.lb.settings import LbSettings
+from roles.mailprovider.settings import MailproviderSettings
 from roles.postgres.settings import Database, PostgresSettings
 
 if TYPE_CHECKING:
@@ -162,6 +163,37 @@ class Topology:
     def upstreams(self, host: str) -> list[Peer]:
         """The application servers load balancer ``host`` sends requests to (``lb__upstream_group``)."""
         return self.members(self.host(host).settings(LbSettings).upstream_group)
+
+    # --- mail: every host relays through the provider; the lab's provider is an inventory host ---------------
+
+    def mail_provider(self, host: str) -> Peer | None:
+        """The inventory host ``host``'s relay (``base__mail_relay``) names, by name or address; None when
+        the relay is unset or outside the inventory (a real provider)."""
+        relay = self.host(host).settings(BaseSettings).relay
+        if relay is None:
+            return None
+        return next((h for h in self.hosts if relay[0] in (h.name, h.address)), None)
+
+    def relays_locally(self, host: str) -> bool:
+        """True for a mail provider host: its own Postfix delivers its mail, no null client."""
+        return "mailprovider" in self.host(host).roles
+
+    def mail_accounts(self, provider: str) -> list[str]:
+        """SMTP logins of mail provider ``provider``, sorted: its ``mailprovider__accounts`` and the
+        relay login of every other host relaying through it."""
+        logins = set(self.host(provider).settings(MailproviderSettings).accounts)
+        for h in self.hosts:
+            target = self.mail_provider(h.name)
+            if h.name != provider and target is not None and target.name == provider:
+                logins.add(h.settings(BaseSettings).mail_relay_user)
+        return sorted(logins)
+
+    def mail_clients(self, provider: str) -> list[str]:
+        """Addresses that may reach ``provider``'s submission port: every other inventory host (relays,
+        and senders such as the workers) and ``mailprovider__client_networks``."""
+        extra = self.host(provider).settings(MailproviderSettings).client_networks
+        return [*self.addresses(self.hosts, besides=provider), *extra]
+
 
     # --- the worker tier -----------------------------------------------------------------------------------------
 

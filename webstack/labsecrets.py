@@ -22,8 +22,16 @@ from webstack.errors import ConfigError
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def generate(key: str) -> str:
-    """A value for a missing lab secret, by naming convention."""
+def generate(key: str, data: dict[str, str] | None = None, addresses: dict[str, str] | None = None) -> str:
+    """A value for a missing lab secret, by naming convention (``data``: the secrets so far, for the
+    lab CA; ``addresses``: host name -> address, for certificates naming a host)."""
+    if key.startswith("mailprovider_tls_") and data is not None:
+        # Key and chain in one PEM, as Postfix's smtpd_tls_chain_files takes them: the
+        # relays check the name they connect to (the host name) against the lab CA.
+        name = key.removeprefix("mailprovider_tls_")
+        ip = (addresses or {}).get(name)
+        pem_key, chain = tls.issue(data["lab_ca_key"], data["lab_ca_cert"], [name], [ip] if ip else [])
+        return pem_key + chain
     if key.startswith("password_hash_"):
         password = pysecrets.token_urlsafe(18)
         return subprocess.run(
@@ -58,13 +66,16 @@ def main(inv: Path) -> int:
         data["tls_key"], data["tls_cert"] = tls.issue(data["lab_ca_key"], data["lab_ca_cert"], names, ips)
         added += ["tls_key", "tls_cert"]
     (inv / "ca.crt").write_text(data["lab_ca_cert"])
+    hosts_file = inv / "hosts.yml"
+    hosts = (yaml.safe_load(hosts_file.read_text()) or {}).get("hosts", {}) if hosts_file.exists() else {}
+    addresses = {name: h["address"] for name, h in hosts.items() if isinstance(h, dict) and "address" in h}
     while True:
         try:
             load(inv, secrets=data)
             break
         except ConfigError as exc:
             if exc.message.startswith("missing secret") and exc.key:
-                data[exc.key] = generate(exc.key)
+                data[exc.key] = generate(exc.key, data, addresses)
                 added.append(exc.key)
                 continue
             raise

@@ -3,7 +3,8 @@
 Admin users with SSH keys and passwordless sudo, hardened sshd (validated with
 ``sshd -t`` before a reload), nftables default-deny inbound with openings
 derived from the inventory, unattended security upgrades, chrony, persistent
-journal, sysctl hardening, hostname and /etc/hosts from the inventory.
+journal, sysctl hardening, hostname and /etc/hosts from the inventory; a
+Postfix null client and alerts of failed units mailed to the operator (``mail.py``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pyinfra.facts.server import LinuxDistribution, Sysctl
 from pyinfra.operations import apt, files, server, systemd
 
 from roles._lib import config, owed_action, template_file
-from roles.base import _release
+from roles.base import _release, mail
 from roles.base.facts import Container, ShadowHash, WeakSshModuli
 from roles.base.settings import BaseSettings
 from roles.registry import ROLES
@@ -239,6 +240,7 @@ def apply() -> None:
     identity_and_accounts()
     sshd()
     firewall_and_sysctl()
+    mail.apply()
 
 
 def _text(value: str):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -53,6 +54,16 @@ class BaseSettings:
     ntp_servers: tuple[str, ...] = setting(("2.debian.pool.ntp.org",), "NTP pools/servers for chrony")
     journal_max_use: str = setting("500M", "disk cap of the persistent journal")
     extra_packages: tuple[str, ...] = setting((), "more Debian packages to install everywhere")
+    mail_relay: str = setting(
+        "", "the mail provider's submission server `host:port` (STARTTLS + AUTH); empty = no mail relay installed"
+    )
+    mail_relay_user: str = setting("", "SMTP login at the relay (password: secret `smtp_password_<user>`)")
+    mail_ca: str = setting(
+        "", "PEM file on the control machine (relative to the repository) the relay's certificate is checked "
+        "against; empty = the server's system CA store"
+    )
+    mail_domain: str = setting("", "mail domain of the hosts: they send as root@<host>.<domain> (empty: <host>.localdomain)")
+    operator_email: str = setting("", "where alerts of failed units go (needs mail_relay); empty = no alerts")
 
     def check(self) -> tuple[str, str] | None:
         """Field-level consistency; returns (key, message) on a problem."""
@@ -73,6 +84,19 @@ class BaseSettings:
                     return f"firewall_openings[{i}].from_networks", f"not a network: {net!r}"
         if not 0 < self.ssh_port < 65536:
             return "ssh_port", f"not a port: {self.ssh_port}"
+        if self.mail_relay:
+            host_part, _, port = self.mail_relay.rpartition(":")
+            if not host_part or not port.isdigit() or not 0 < int(port) < 65536 or "[" in host_part:
+                return "mail_relay", f"expected host:port, e.g. smtp.example.com:587, got {self.mail_relay!r}"
+            if not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", self.mail_relay_user):
+                return "mail_relay_user", f"a login name is needed with a relay, got {self.mail_relay_user!r}"
+        if self.operator_email:
+            if not re.fullmatch(r"[^@\s]+@[^@\s]+", self.operator_email):
+                return "operator_email", f"not an email address: {self.operator_email!r}"
+            if not self.mail_relay:
+                return "operator_email", "alerts are mailed through base__mail_relay: set it too"
+        if self.mail_domain and not re.fullmatch(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?", self.mail_domain):
+            return "mail_domain", f"not a domain name: {self.mail_domain!r}"
         names = [u.name for u in self.admin_users]
         if len(set(names)) != len(names):
             return "admin_users", "a user is listed twice"
@@ -80,3 +104,11 @@ class BaseSettings:
         if overlap:
             return "removed_users", f"also listed in admin_users: {', '.join(sorted(overlap))}"
         return None
+
+    @property
+    def relay(self) -> tuple[str, int] | None:
+        """(host, port) of ``mail_relay``, None when unset."""
+        if not self.mail_relay:
+            return None
+        host_part, _, port = self.mail_relay.rpartition(":")
+        return host_part, int(port)

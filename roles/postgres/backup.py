@@ -18,7 +18,7 @@ from pyinfra.api import FactBase, OperationError, operation
 from pyinfra.facts.files import File
 from pyinfra.operations import apt, files, systemd
 
-from roles._lib import owed_action, render, root_shell, template_file, validated_file
+from roles._lib import alert_on_failure, owed_action, render, root_shell, template_file, validated_file
 from roles.base.settings import BaseSettings
 from roles.postgres._release import PGBACKREST_SFTP, paths
 from roles.postgres.settings import PostgresSettings
@@ -282,6 +282,8 @@ def apply(cfg: HostConfig, release: str, version: str, is_primary: bool, restori
                     mount_unit + swaps[:2])
     for timer in TIMERS:
         systemd.service(name=f"{timer} enabled", service=timer, enabled=True, running=True)
+    # A failed backup, check or verify mails the operator (base__operator_email).
+    alert_on_failure(*(t.replace(".timer", ".service") for t in TIMERS))
     # The TLS server lets the member running a backup read data files from a standby.
     systemd.service(name="pgBackRest TLS server", service="pgbackrest", enabled=True, running=True)
     owed_action("restart-pgbackrest-server", "systemctl restart pgbackrest", swaps)

@@ -1,0 +1,81 @@
+#!/usr/bin/python3
+"""webstack-alert: mail the operator that a unit failed (installed by webstack, do not edit).
+
+    webstack-alert --to OPERATOR [--lines N] UNIT
+
+Run by ``webstack-alert@UNIT.service``, which the drop-in ``OnFailure=webstack-alert@%n.service``
+starts when UNIT fails. systemd (252+) tells the failed unit, its result and invocation in
+``$MONITOR_UNIT``, ``$MONITOR_SERVICE_RESULT``, ``$MONITOR_EXIT_CODE``, ``$MONITOR_EXIT_STATUS`` and
+``$MONITOR_INVOCATION_ID``; the instance name (UNIT) is the fallback. The mail names the host and
+the unit in its subject and carries the unit's last N journal lines; it goes through the local
+``sendmail`` (the host's Postfix null client), which queues it while the provider is away.
+
+Plain Python 3 standard library. Source: webstack_agent/alert.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+from email.message import EmailMessage
+from email.utils import formatdate
+
+SENDMAIL = "/usr/sbin/sendmail"
+
+
+def journal(unit: str, lines: int, invocation: str = "") -> str:
+    """The unit's last ``lines`` journal lines: of the failed run (its output and systemd's words
+    about it) when the invocation id is known, else the unit's."""
+    argv = ["journalctl", "--no-pager", "-o", "short-iso", "-n", str(lines)]
+    argv += [f"_SYSTEMD_INVOCATION_ID={invocation}", "+", f"INVOCATION_ID={invocation}"] if invocation \
+        else ["-u", unit]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    text = proc.stdout.strip()
+    if invocation and not text:  # the invocation logged nothing itself: the unit's lines then
+        return journal(unit, lines)
+    return text or f"(no journal lines: {proc.stderr.strip() or 'journalctl printed nothing'})"
+
+
+def message(to: str, host: str, unit: str, env: dict[str, str], log: str) -> EmailMessage:
+    """The alert mail for ``unit`` failing on ``host``."""
+    msg = EmailMessage()
+    msg["To"] = to
+    msg["Subject"] = f"[webstack] {host}: {unit} failed"
+    msg["Date"] = formatdate(localtime=True)
+    msg["Auto-Submitted"] = "auto-generated"
+    msg["X-Webstack-Host"] = host
+    msg["X-Webstack-Unit"] = unit
+    facts = [f"host:   {host}", f"unit:   {unit}"]
+    for key, label in (("MONITOR_SERVICE_RESULT", "result"), ("MONITOR_EXIT_CODE", "exit"),
+                       ("MONITOR_EXIT_STATUS", "status"), ("MONITOR_INVOCATION_ID", "run")):
+        if env.get(key):
+            facts.append(f"{label + ':':7} {env[key]}")
+    msg.set_content("\n".join(facts) + f"\n\nsystemctl status {unit} / journalctl -u {unit} on {host}.\n"
+                    f"Last journal lines:\n\n{log}\n", cte="8bit")
+    return msg
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="webstack-alert", description=__doc__.split("\n")[0])
+    parser.add_argument("--to", required=True, help="the operator's address")
+    parser.add_argument("--lines", type=int, default=30, help="journal lines to include")
+    parser.add_argument("unit", help="the failed unit (the instance name of webstack-alert@.service)")
+    args = parser.parse_args(argv)
+    env = dict(os.environ)
+    unit = env.get("MONITOR_UNIT") or args.unit
+    host = socket.gethostname()
+    msg = message(args.to, host, unit, env, journal(unit, args.lines, env.get("MONITOR_INVOCATION_ID", "")))
+    proc = subprocess.run([SENDMAIL, "-oi", "-t"], input=msg.as_bytes(), capture_output=True, timeout=60)
+    if proc.returncode != 0:
+        print(f"webstack-alert: sendmail exited {proc.returncode}: {proc.stderr.decode(errors='replace')}",
+              file=sys.stderr)
+        return 1
+    print(f"webstack-alert: mailed {args.to}: {host}: {unit} failed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
