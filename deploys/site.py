@@ -17,6 +17,7 @@ from roles.lb import deploy as lb
 from roles.mailprovider import deploy as mailprovider
 from roles.options import RolloutOptions
 from roles.postgres import deploy as postgres
+from roles.worker import deploy as worker
 
 mine = _lib.config().roles
 base.apply()
@@ -26,11 +27,14 @@ if "postgres" in mine:
     postgres.apply()
 if "app" in mine:  # an application server on a database host (stage 1) finds its database
     app.apply()
+if "worker" in mine:
+    worker.apply()
 if "lb" in mine:
     lb.apply()
 if "mailprovider" in mine:  # lab only: the stand-in email provider
     mailprovider.apply()
 
-# Application releases and restarts roll through the application servers one
-# at a time, drained from the load balancers (all app and lb hosts take part).
+# Application releases and restarts roll through the worker hosts, then the
+# application servers, one at a time; application servers are drained from the
+# load balancers (all worker, app and lb hosts take part).
 rolling.converge(_lib.options(RolloutOptions).release)

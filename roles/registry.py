@@ -34,6 +34,7 @@ from roles.options import (
 )
 from roles.postgres.settings import PostgresSettings
 from roles.topology import Topology, topology
+from roles.worker.settings import WorkerSettings
 from webstack.catalog import Catalog, DeployInfo
 from webstack.errors import ConfigError
 
@@ -145,6 +146,11 @@ def _app_openings(cfg: HostConfig) -> list[Derived]:
     return [Derived(cfg.settings(AppSettings).port, "tcp", lbs, "application from the load balancers")] if lbs else []
 
 
+def _worker_secrets(cfg: HostConfig) -> list[str]:
+    user = cfg.settings(WorkerSettings).smtp_user
+    return [*_app_secrets(cfg), *([f"smtp_password_{user}"] if user else [])]
+
+
 ROLES: dict[str, Role] = {
     "base": Role("base", "every host: users, SSH, firewall, updates, time, journal", BaseSettings, secrets=_base_secrets),
     "backup": Role("backup", "off-site pgBackRest repository host (chrooted SFTP, ciphertext only)", BackupSettings,
@@ -153,6 +159,8 @@ ROLES: dict[str, Role] = {
                      secrets=_postgres_secrets, openings=_postgres_openings),
     "app": Role("app", "WSGI application servers (gunicorn), rolling releases", AppSettings,
                 secrets=_app_secrets, openings=_app_openings),
+    "worker": Role("worker", "background job workers and scheduled jobs, on the application's release",
+                   WorkerSettings, secrets=_worker_secrets),
     "lb": Role("lb", "nginx TLS terminator, keepalived pair with a floating IP", LbSettings,
                secrets=lambda cfg: ["tls_cert", "tls_key"], openings=_lb_openings),
     "mailprovider": Role("mailprovider", "lab only: stand-in email provider (Postfix submission, SASL, Maildirs)",
@@ -222,6 +230,21 @@ def check_fleet(configs: Sequence[HostConfig], where: str) -> None:
         if "app" in cfg.roles and top.app_database(cfg.name) is None:
             raise ConfigError(where, f"hosts.{cfg.name}: app__database",
                               f"no postgres host has database {cfg.settings(AppSettings).database!r}")
+
+
+def _check_workers(top: Topology, where: str) -> None:
+    """Worker hosts run the application servers' release: there is one, and app servers agree on it."""
+    releases = {(h.settings(AppSettings).name, h.settings(AppSettings).source, h.settings(AppSettings).git_ref)
+                for h in top.app_servers()}
+    if len(releases) > 1:
+        raise ConfigError(where, "app__name / app__source / app__git_ref",
+                          f"application servers disagree on the application: {sorted(releases)}")
+    for h in top.workers():
+        if top.app_of(h.name) is None:
+            raise ConfigError(where, f"hosts.{h.name}.roles",
+                              "a worker runs the application's release: the inventory needs an app server")
+        if top.app_database(h.name) is None:
+            raise ConfigError(where, f"hosts.{h.name}: app__database", "no postgres host has the application's database")
 
 
 def _check_lb_pairs(top: Topology, where: str) -> None:

@@ -255,6 +255,8 @@ def load(inv_dir: str | Path, *, secrets: Mapping[str, str] | None = None,
 
     all_path, all_data = _settings_files(inv, "group_data", "all")
     all_settings: dict[str, dict[str, Any]] = {}
+    # (file, role) -> (a key, whether some host taking it from that file has the role)
+    used: dict[tuple[str, str], tuple[str, bool]] = {}
     for name, entry in hosts.items():
         source = _Source()
         source.update(all_data, str(all_path))
@@ -269,6 +271,10 @@ def load(inv_dir: str | Path, *, secrets: Mapping[str, str] | None = None,
             role, fieldname = split_key(key, source.origin[key])
             per_role.setdefault(role, {})[fieldname] = value
         applied = ("base", *entry.get("roles", []))
+        for key, origin in source.origin.items():
+            role = key.partition("__")[0]
+            seen = used.get((origin, role), (key, False))
+            used[(origin, role)] = (seen[0], seen[1] or role in applied)
         settings: dict[str, Any] = {}
         for role in applied:
             settings[role] = parse(
@@ -284,6 +290,12 @@ def load(inv_dir: str | Path, *, secrets: Mapping[str, str] | None = None,
                 parse(known_roles[role].settings, data, _locator(source, role, hosts_path), prefix=f"{role}__")
         all_settings[name] = settings
 
+    # Settings for a role no host of their group (or the host itself) has are a mistake: a scheduled
+    # job in the app group's file would never run anywhere. all.yml may hold any role's defaults.
+    for (origin, role), (key, has_role) in used.items():
+        if not has_role and origin != str(all_path) and origin != hosts_path:
+            raise ConfigError(origin, key, f"no host this file applies to has role {role!r}: "
+                                           "the setting would never be used")
     peers = tuple(
         Peer(name, str(e["address"]), tuple(e.get("roles", [])), tuple(e.get("groups", [])), all_settings[name],
              str(e.get("release") or ""))

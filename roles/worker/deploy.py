@@ -79,6 +79,10 @@ def job_units(cfg: HostConfig, job: ScheduledJob) -> tuple[str, str]:
 class WorkerUnits(FactBase):
     """Instance numbers of ``<app>-worker@N.service``: (active ones, enabled ones)."""
 
+    @staticmethod
+    def default() -> dict[str, list[int]]:
+        return {"active": [], "enabled": []}
+
     def command(self, app: str) -> str:
         return (f"systemctl list-units --plain --no-legend --state=active '{app}-worker@*.service' | "
                 "sed -n 's/^[^@]*@\\([0-9]*\\)[.]service.*/active=\\1/p'; "
