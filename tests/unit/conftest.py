@@ -19,6 +19,10 @@ SECRETS = {
     "tls_cert": "CERT",
     "tls_key": "KEY",
     "app_secret_key": "k3y",
+    # The lab's hosts relay through mail1 (login relay); mail1 has the app's login too.
+    "smtp_password_relay": "relay-pw",
+    "smtp_password_app": "app-smtp-pw",
+    "mailprovider_tls_mail1": "KEY AND CHAIN",
     # The lab inventory's two clusters back up to backup1.
     **{f"pgbackrest_cipher_pass_{c}": f"cipher-{c}" for c in ("main", "legacy")},
     **{f"pgbackrest_sftp_key_{c}": new_private_key() for c in ("main", "legacy")},

@@ -62,7 +62,7 @@ def test_unknown_role_prefix(make_inventory):
     inv = make_inventory(groups={"web": {"nginx__workers": 2}})
     assert error_of(inv) == (
         f"{inv}/group_data/web.yml: nginx__workers: unknown key: "
-        "settings are '<role>__<setting>' with role one of app, backup, base, lb, postgres"
+        "settings are '<role>__<setting>' with role one of app, backup, base, lb, mailprovider, postgres"
     )
 
 
@@ -102,7 +102,7 @@ def test_field_check_bad_network(make_inventory):
 
 def test_unknown_role_on_host(make_inventory):
     inv = make_inventory(hosts={"web1": {"address": "10.1.0.11", "roles": ["nginx"]}})
-    assert error_of(inv) == f"{inv}/hosts.yml: hosts.web1.roles: unknown role 'nginx' (known: app, backup, lb, postgres)"
+    assert error_of(inv) == f"{inv}/hosts.yml: hosts.web1.roles: unknown role 'nginx' (known: app, backup, lb, mailprovider, postgres)"
 
 
 def test_unknown_host_key(make_inventory):

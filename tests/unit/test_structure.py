@@ -18,7 +18,7 @@ def test_declarations_import_without_pyinfra_or_jinja2():
             + "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pyinfra', 'jinja2')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
-    assert len(PYINFRA_FREE) == 5 + 5
+    assert len(PYINFRA_FREE) == 5 + 6
 
 
 def test_tooling_imports_nothing_from_roles():
@@ -35,5 +35,5 @@ def test_roles_reach_the_tooling_through_the_entry_point():
     from webstack.catalog import discover
 
     assert discover() is CATALOG
-    assert list(CATALOG.roles) == ["base", "backup", "postgres", "app", "lb"]
+    assert list(CATALOG.roles) == ["base", "backup", "postgres", "app", "lb", "mailprovider"]
     assert sorted(CATALOG.deploys) == sorted(p.stem for p in (ROOT / "deploys").glob("*.py"))
