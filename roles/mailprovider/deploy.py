@@ -74,7 +74,7 @@ def apply() -> None:
     server.user(name="User vmail (owner of the Maildirs)", user="vmail", uid=VMAIL_UID, group="vmail",
                 home=mp.mailbox_root, shell="/usr/sbin/nologin", system=True, create_home=False, ensure_home=False)
     files.directory(name=f"Maildirs under {mp.mailbox_root}", path=mp.mailbox_root, user="vmail", group="vmail",
-                    mode="750")
+                    mode="2750")  # setgid as /var/mail passes it on (GNU chmod keeps it)
 
     dovecot = [
         validated_file(name="SMTP logins (Dovecot passwd-file)", dest=USERS_FILE, content=users_file(cfg),

@@ -102,7 +102,8 @@ def test_field_check_bad_network(make_inventory):
 
 def test_unknown_role_on_host(make_inventory):
     inv = make_inventory(hosts={"web1": {"address": "10.1.0.11", "roles": ["nginx"]}})
-    assert error_of(inv) == f"{inv}/hosts.yml: hosts.web1.roles: unknown role 'nginx' (known: app, backup, lb, mailprovider, postgres, worker)"
+    assert error_of(inv) == (f"{inv}/hosts.yml: hosts.web1.roles: unknown role 'nginx' "
+                             "(known: app, backup, lb, mailprovider, postgres, worker)")
 
 
 def test_unknown_host_key(make_inventory):
