@@ -62,3 +62,10 @@ class RestoreOptions:
     confirm: str = option("", "the target's name: it already holds a data directory, replace it")
     check_sql: str = option("", "query run on the restored server and printed (default: list the databases)")
     check_db: str = option("postgres", "database the check query runs in")
+
+
+@dataclass(frozen=True)
+class JobsOptions:
+    """deploys/jobs.py: the job queue's dead letters."""
+
+    requeue: str = option("", "job ids to put back in the queue (comma-separated), or `all`; empty = only list them")

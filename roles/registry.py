@@ -26,6 +26,7 @@ from roles.lb.settings import LbSettings
 from roles.mailprovider.settings import MailproviderSettings
 from roles.options import (
     FailoverOptions,
+    JobsOptions,
     RejoinOptions,
     RestoreOptions,
     RollbackOptions,
@@ -171,7 +172,8 @@ DEPLOYS: dict[str, DeployInfo] = {d.name: d for d in (
     DeployInfo("site", "build or converge every host, then the rolling application step", RolloutOptions),
     DeployInfo("rollout", "the rolling application step alone", RolloutOptions),
     DeployInfo("rollback", "every application server back to its previous release", RollbackOptions),
-    DeployInfo("check", "certificate expiry, backup freshness"),
+    DeployInfo("check", "certificate expiry, backup freshness, job queue depth, age and dead letters"),
+    DeployInfo("jobs", "list the job queue's dead letters, re-queue some", JobsOptions),
     DeployInfo("switchover", "planned change of a cluster's primary, no data loss", SwitchoverOptions),
     DeployInfo("failover", "promote a replica when the primary is dead", FailoverOptions),
     DeployInfo("rejoin", "make a former primary a replica of the current one", RejoinOptions),
@@ -221,6 +223,7 @@ def check_fleet(configs: Sequence[HostConfig], where: str) -> None:
     top = topology(configs[0])
     _check_postgres_clusters(top, where)
     _check_lb_pairs(top, where)
+    _check_workers(top, where)
     for cfg in configs:
         target = top.mail_provider(cfg.name)
         if target is not None and "mailprovider" not in target.roles:

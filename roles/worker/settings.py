@@ -55,6 +55,7 @@ class WorkerSettings:
     stop_timeout: int = setting(30, "seconds a stopping worker gets to finish its current job (then SIGKILL)")
     max_attempts: int = setting(5, "tries of a job before it is dead-lettered")
     retry_base: int = setting(10, "first retry delay in seconds (doubles per attempt, with jitter)")
+    retry_max: int = setting(3600, "longest retry delay in seconds")
     lock_timeout: int = setting(60, "seconds after which a silent worker's job is released to others")
     smtp_host: str = setting("", "mail provider's submission host (its certificate must name it); empty = no mail")
     smtp_port: int = setting(587, "submission port (STARTTLS required)")
@@ -71,6 +72,8 @@ class WorkerSettings:
         """Field-level consistency; returns (key, message) on a problem."""
         if not 1 <= self.processes <= 64:
             return "processes", f"must be 1-64, got {self.processes}"
+        if self.lock_timeout < 10:
+            return "lock_timeout", "at least 10 s (an SMTP dialogue gets half of it)"
         if self.stop_timeout < 5:
             return "stop_timeout", "give a job at least 5 s to finish"
         if self.smtp_host and not self.smtp_user:
