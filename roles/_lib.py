@@ -234,5 +234,6 @@ def alert_on_failure(*units: str) -> list[OperationMeta]:
             ))
         else:
             swaps.append(files.file(name=f"No alert drop-in for {unit}", path=path, present=False))
-    swaps.append(owed_action("daemon-reload", "systemctl daemon-reload", swaps))
+    # A copy: the reload must not wait on its own result (the list gets the reload appended).
+    swaps.append(owed_action("daemon-reload", "systemctl daemon-reload", list(swaps)))
     return swaps

@@ -15,8 +15,9 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from gevent.lock import Semaphore
 from pyinfra import host, inventory, state
-from pyinfra.api import OperationError
+from pyinfra.api import Host, OperationError
 from pyinfra.facts.files import Sha1File
 from pyinfra.operations import server
 
@@ -40,6 +41,9 @@ class Step:
     release: str
     reasons: tuple[str, ...]
     worker: bool = False
+
+
+_LOCKS: dict[str, Semaphore] = {}
 
 
 def _sha(text: str) -> str:
@@ -71,34 +75,48 @@ def plan(requested: str = "") -> list[Step]:
         if other is None or other not in state.active_hosts:
             continue
         cfg = config(other)
-        if is_worker:
-            name = worker.app_settings(cfg).name
-            wanted = worker.wanted_files(cfg)
-            owed = "restart-worker"
-        else:
-            name = cfg.settings(AppSettings).name
-            wanted = {f"/etc/webstack/{name}.env": env_content(cfg),
-                      f"/etc/systemd/system/{name}.service": unit_content(cfg)}
-            owed = "restart-app"
-        current = other.get_fact(AppState, app=name)
-        release = _wanted_release(cfg, current, requested)
-        reasons = []
-        if current["current"] != release:
-            reasons.append("release")
-        if any(other.get_fact(Sha1File, path=path) != _sha(text) for path, text in wanted.items()):
-            reasons.append("configuration")
-        if owed in other.get_fact(PendingActions):
-            reasons.append("owed restart")
-        if is_worker:
-            units = other.get_fact(worker.WorkerUnits, app=name)
-            count = cfg.settings(WorkerSettings).processes
-            if units["active"] != list(range(1, count + 1)) or units["enabled"] != units["active"]:
-                reasons.append("not running")
-        elif not current["active"]:
-            reasons.append("not running")
-        if reasons:
-            steps.append(Step(peer.name, release, tuple(reasons), is_worker))
+        # Every lb, app and worker host of the run asks the same facts of ``other`` at once; one
+        # at a time, so the rest read pyinfra's cache instead of opening more SSH channels than
+        # sshd's MaxSessions (10) allows on one connection.
+        with _LOCKS.setdefault(peer.name, Semaphore()):
+            step = _step(other, cfg, peer.name, is_worker, requested)
+        if step:
+            steps.append(step)
     return steps
+
+
+def _step(other: Host, cfg: HostConfig, name: str, is_worker: bool, requested: str) -> Step | None:
+    """The change host ``other`` needs, from its facts; None when it needs none."""
+    if is_worker:
+        app = worker.app_settings(cfg).name
+        wanted = worker.wanted_files(cfg)
+        owed = "restart-worker"
+    else:
+        app = cfg.settings(AppSettings).name
+        wanted = {f"/etc/webstack/{app}.env": env_content(cfg),
+                  f"/etc/systemd/system/{app}.service": unit_content(cfg)}
+        owed = "restart-app"
+    current = other.get_fact(AppState, app=app)
+    release = _wanted_release(cfg, current, requested)
+    reasons = []
+    if current["current"] != release:
+        reasons.append("release")
+    if any(other.get_fact(Sha1File, path=path) != _sha(text) for path, text in wanted.items()):
+        reasons.append("configuration")
+    if owed in other.get_fact(PendingActions):
+        reasons.append("owed restart")
+    if is_worker:
+        units = other.get_fact(worker.WorkerUnits, app=app)
+        count = cfg.settings(WorkerSettings).processes
+        if units["active"] != list(range(1, count + 1)) or units["enabled"] != units["active"]:
+            reasons.append("not running")
+    elif not current["active"]:
+        reasons.append("not running")
+    if reasons:
+        return Step(name, release, tuple(reasons), is_worker)
+    return None
+
+
 
 
 def _switch(cfg: HostConfig, step: Step) -> None:
