@@ -33,6 +33,8 @@ def make_ca(name: str = "webstack lab CA", days: int = 3650) -> tuple[str, str]:
         .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
                                      content_commitment=False, key_encipherment=False, data_encipherment=False,
                                      key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+        # Key identifiers: Python 3.13's default TLS context (VERIFY_X509_STRICT) refuses chains without.
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
     return _pem_key(key), cert.public_bytes(serialization.Encoding.PEM).decode()
@@ -54,6 +56,9 @@ def issue(ca_key_pem: str, ca_cert_pem: str, names: list[str], ips: list[str], d
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()),  # type: ignore[arg-type]
+                       critical=False)
         .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
     )
     chain = cert.public_bytes(serialization.Encoding.PEM).decode() + ca_cert_pem

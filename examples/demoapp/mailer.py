@@ -77,14 +77,17 @@ class _DeadlineSMTP(smtplib.SMTP):
             raise TimeoutError("SMTP dialogue took longer than SMTP_TIMEOUT")
         return left
 
-    def send(self, s: Any) -> None:
-        if self.sock:
+    def _arm(self) -> None:
+        # A socket closed by a failed STARTTLS has fileno -1: smtplib itself reports that one.
+        if self.sock and self.sock.fileno() != -1:
             self.sock.settimeout(self._left())
+
+    def send(self, s: Any) -> None:
+        self._arm()
         super().send(s)
 
     def getreply(self) -> tuple[int, bytes]:
-        if self.sock:
-            self.sock.settimeout(self._left())
+        self._arm()
         return super().getreply()
 
 

@@ -96,7 +96,7 @@ def wait_for(predicate, seconds: float, what: str) -> None:
 
 
 # Units whose journal a failed test keeps (globs, as journalctl -u takes them).
-JOURNAL_UNITS = ("postgresql*", "pgbackrest*", "webstack*", "keepalived*", "nginx*", "app*", "ssh*")
+JOURNAL_UNITS = ("postgresql*", "pgbackrest*", "webstack*", "keepalived*", "nginx*", "app*", "webapp*", "postfix*", "ssh*")
 SERVER_LOGS = ("/var/log/postgresql", "/var/log/pgbackrest")
 
 

@@ -102,3 +102,19 @@ def test_cli_set_list_rotate(inv, monkeypatch, tmp_path):
     monkeypatch.setenv("WEBSTACK_AGE_KEY_FILE", str(tmp_path / "prod.agekey.old"))
     with pytest.raises(ConfigError):
         secrets.decrypt(inv)
+
+
+def test_lab_certificates_pass_strict_verification(tmp_path):
+    """Python 3.13's default TLS context verifies strictly (key identifiers required): the worker on
+    Debian 13 checks mail1's certificate that way."""
+    import subprocess
+
+    from webstack import tls
+
+    ca_key, ca_cert = tls.make_ca()
+    _key, chain = tls.issue(ca_key, ca_cert, ["mail1"], ["10.77.0.81"])
+    (tmp_path / "ca.pem").write_text(ca_cert)
+    (tmp_path / "chain.pem").write_text(chain)
+    out = subprocess.run(["openssl", "verify", "-x509_strict", "-CAfile", str(tmp_path / "ca.pem"),
+                          str(tmp_path / "chain.pem")], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
