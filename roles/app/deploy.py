@@ -142,3 +142,18 @@ def install_release(app: str, release: str, tarball: bytes):
     yield FileUploadCommand(io.BytesIO(tarball), tmp)
     yield StringCommand(f"d=/srv/{app}/releases/{release}; rm -rf $d.new && mkdir $d.new && "
                         f"tar -xzf {tmp} -C $d.new && chmod -R a+rX $d.new && mv $d.new $d && rm -f {tmp}")
+
+
+def use_release(cfg: HostConfig, app: AppSettings, release: str, current: dict) -> None:
+    """Put ``release`` on disk (only the one built here can be uploaded) and point ``current`` at it,
+    recording the switch in the history (rollbacks read it). ``current``: the host's AppState."""
+    if release not in current["releases"]:
+        built = build_release(app.source, app.git_ref)
+        if release != built[0]:
+            raise OperationError(f"{cfg.name}: release {release} is not on this server")
+        install_release(name=f"Release {release}", app=app.name, release=release, tarball=built[1])
+    if current["current"] != release:
+        server.shell(name=f"Switch current -> {release}", commands=[
+            f"ln -sfn releases/{release} /srv/{app.name}/current.new && "
+            f"mv -T /srv/{app.name}/current.new /srv/{app.name}/current && echo {release} >> /srv/{app.name}/history"
+        ])

@@ -22,7 +22,7 @@ from pyinfra.facts.files import Sha1File
 from pyinfra.operations import server
 
 from roles._lib import PendingActions, barrier, config, owed_action, validated_file
-from roles.app.deploy import AppState, build_release, env_content, install_release, unit_content
+from roles.app.deploy import AppState, build_release, env_content, unit_content, use_release
 from roles.app.settings import AppSettings
 from roles.base.deploy import codename
 from roles.lb.deploy import nginx_site
@@ -131,16 +131,7 @@ def _switch(cfg: HostConfig, step: Step) -> None:
                           validate=f"d=$(mktemp -d) && cp {{}} $d/{name}.service && "
                                    f"systemd-analyze verify $d/{name}.service; r=$?; rm -rf $d; exit $r")
     owed_action("daemon-reload", "systemctl daemon-reload", [unit])
-    if step.release not in current["releases"]:
-        if step.release != build_release(app.source, app.git_ref)[0]:
-            raise OperationError(f"{cfg.name}: release {step.release} is not on this server")
-        install_release(name=f"Release {step.release}", app=name, release=step.release,
-                        tarball=build_release(app.source, app.git_ref)[1])
-    if current["current"] != step.release:
-        server.shell(name=f"Switch current -> {step.release}", commands=[
-            f"ln -sfn releases/{step.release} /srv/{name}/current.new && mv -T /srv/{name}/current.new /srv/{name}/current"
-            f" && echo {step.release} >> /srv/{name}/history"
-        ])
+    use_release(cfg, app, step.release, current)
     if "configuration" in step.reasons or "owed restart" in step.reasons or not current["active"]:
         owed_action("restart-app", f"systemctl enable -q {name} && systemctl restart {name}", [env, unit])
     else:

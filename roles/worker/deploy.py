@@ -145,7 +145,7 @@ def apply() -> None:
 
 def switch(cfg: HostConfig, release: str, reasons: Sequence[str]) -> None:
     """On the worker host being changed (rolling step): files, release, graceful restart, all running."""
-    from roles.app.deploy import AppState, build_release, install_release
+    from roles.app.deploy import AppState, use_release
 
     app = app_settings(cfg)
     w = cfg.settings(WorkerSettings)
@@ -162,16 +162,7 @@ def switch(cfg: HostConfig, release: str, reasons: Sequence[str]) -> None:
                           validate=f"d=$(mktemp -d) && cp {{}} $d/{name}-worker@.service && "
                                    f"systemd-analyze verify $d/{name}-worker@1.service; r=$?; rm -rf $d; exit $r")
     owed_action("daemon-reload", "systemctl daemon-reload", [unit])
-    built = build_release(app.source, app.git_ref)
-    if release not in current["releases"]:
-        if release != built[0]:
-            raise OperationError(f"{cfg.name}: release {release} is not on this server")
-        install_release(name=f"Release {release}", app=name, release=release, tarball=built[1])
-    if current["current"] != release:
-        server.shell(name=f"Switch current -> {release}", commands=[
-            f"ln -sfn releases/{release} /srv/{name}/current.new && mv -T /srv/{name}/current.new /srv/{name}/current"
-            f" && echo {release} >> /srv/{name}/history"
-        ])
+    use_release(cfg, app, release, current)
     instances = " ".join(f"{name}-worker@{i}" for i in range(1, w.processes + 1))
     units = host.get_fact(WorkerUnits, app=name)
     extra = [i for i in sorted({*units["active"], *units["enabled"]}) if i > w.processes]

@@ -1,0 +1,92 @@
+"""The worker tier on the lab (make demo first); a script, not a test.
+
+    .venv/bin/python bench/worker.py --jobs 50000 --signups 50
+
+- no-op jobs per second through the queue, drained by the running workers of both worker
+  hosts (2 per host): N jobs enqueued in one transaction on worker1, the clock runs from
+  its commit until jobs.py stats shows nothing ready or running;
+- sign-up to inbox: POST /signup through the VIP, one at a time; the latency of each is the
+  delivered file's time in mail1's Maildir minus the moment the request was sent (the lab
+  machines share the control machine's kernel clock). p50 / p99 / max.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import urlencode
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lab.probe import host, https  # noqa: E402
+
+MAILDIR = "/var/mail/webstack/all/new"
+JOBS = ("cd /srv/webapp/current && set -a && . /etc/webstack/webapp.env && set +a && "
+        "runuser -u webapp -- python3 jobs.py ")
+
+
+def noop(n: int) -> dict[str, float]:
+    w1 = host("worker1")
+    out = w1.check_output(f"{JOBS} enqueue-noop {n} >/dev/null && date +%s.%N")
+    committed = float(out.split()[-1])
+    while True:
+        stats = json.loads(w1.check_output(f"{JOBS} stats"))
+        if stats["ready"] == 0 and stats["running"] == 0:
+            done = float(w1.check_output("date +%s.%N"))
+            break
+        time.sleep(0.2)
+    seconds = done - committed
+    return {"jobs": n, "seconds": round(seconds, 2), "jobs_per_s": round(n / seconds)}
+
+
+def signups(count: int) -> dict[str, float]:
+    sent: dict[str, float] = {}
+    for _ in range(count):
+        email = f"bench-{uuid.uuid4().hex[:12]}@customer.test"
+        sent[email] = time.time()
+        status, _, _ = https("/signup", "POST", urlencode({"email": email}), timeout=10)
+        assert status in (200, 201), status
+        time.sleep(0.2)
+    mail1 = host("mail1")
+    arrived: dict[str, float] = {}
+    deadline = time.time() + 60
+    while len(arrived) < count and time.time() < deadline:
+        listing = mail1.check_output(
+            f"cd {MAILDIR} && grep -l -r -e '^To: bench-' . | xargs -r stat -c '%.9Y %n' 2>/dev/null; "
+            f"grep -r -H -m1 -e '^To: bench-' . || true")
+        times = {}
+        for line in listing.splitlines():
+            if line[:1].isdigit() and " " in line:
+                stamp, name = line.split(" ", 1)
+                times[name] = float(stamp)
+            elif ":To: " in line:
+                name, _, to = line.partition(":To: ")
+                if to.strip() in sent and name in times:
+                    arrived[to.strip()] = times[name]
+        time.sleep(1)
+    latencies = sorted(arrived[e] - sent[e] for e in arrived)
+    if not latencies:
+        sys.exit("no welcome mail arrived")
+    return {"count": count, "arrived": len(latencies), "p50_s": round(statistics.median(latencies), 3),
+            "p99_s": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 3),
+            "max_s": round(latencies[-1], 3)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=50000)
+    parser.add_argument("--signups", type=int, default=50)
+    args = parser.parse_args()
+    print("no-op throughput, 4 workers on worker1 + worker2:", noop(args.jobs))
+    print("sign-up to inbox:", signups(args.signups))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
