@@ -66,12 +66,18 @@ def smtp_password(cfg: HostConfig) -> str:
     return cfg.secret(f"smtp_password_{w.smtp_user}").unmask() + "\n" if w.smtp_user else ""
 
 
+def exec_word(text: str) -> str:
+    """``text`` as one word of a unit's ExecStart: shell-quoted (systemd splits on the same quotes),
+    with systemd's own expansions escaped (``%`` specifiers, ``$VAR``), so the shell gets it intact."""
+    return shlex.quote(text).replace("%", "%%").replace("$", "$$")
+
+
 def job_units(cfg: HostConfig, job: ScheduledJob) -> tuple[str, str]:
     """(service, timer) unit files of a scheduled job."""
     verdict = calendar_gaps(job.schedule)
     lookback = int(verdict[2]) + 60 if verdict and verdict[2] != float("inf") else 31 * 86400
     context = {"name": app_settings(cfg).name, "job": job, "once": ONCE, "lookback": lookback,
-               "command": shlex.quote(job.command)}
+               "calendar": exec_word(job.schedule), "command": exec_word(job.command)}
     return (render("worker/etc/systemd/system/job.service.j2", **context),
             render("worker/etc/systemd/system/job.timer.j2", **context))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from roles.worker.deploy import job_units, unit_content, worker_env
+from roles.worker.deploy import exec_word, job_units, unit_content, worker_env
 from roles.worker.settings import WorkerSettings
 from tests.unit.conftest import SECRETS
 from webstack.errors import ConfigError
@@ -43,7 +43,7 @@ def test_workers_load_and_render(make_inventory):
     assert SECRETS["smtp_password_app"] not in env  # the password has a file of its own
     service, timer = job_units(w1, w1.settings(WorkerSettings).scheduled_jobs[0])
     assert "OnCalendar=daily" in timer and "Persistent=true" in timer and "AccuracySec=1s" in timer
-    assert "--job cleanup --calendar 'daily' --lookback 86460" in service
+    assert "--job cleanup --calendar daily --lookback 86460" in service
     assert "ConditionPathExists=/srv/webapp/current/" in service
 
 
@@ -86,3 +86,10 @@ def test_missing_smtp_secret_is_refused(make_inventory):
     groups = {**GROUPS, "jobs": {**GROUPS["jobs"], "worker__smtp_user": "mailer"}}
     inv = make_inventory(hosts=HOSTS, groups=groups)
     assert "smtp_password_mailer: missing secret (needed by host w1)" in error_of(inv)
+
+
+def test_job_command_reaches_the_shell_intact():
+    # systemd expands %specifiers and $VARIABLES in ExecStart: both are doubled, and the shell quoting
+    # (which systemd's word splitting understands) keeps the command one argument of sh -c.
+    assert exec_word('logger -t tick "tick $(hostname)" 50%') == "'logger -t tick \"tick $$(hostname)\" 50%%'"
+    assert exec_word("*:*:0/10") == "'*:*:0/10'"
