@@ -2,13 +2,13 @@
 
 No-op throughput: start K worker processes, enqueue N no-op jobs in one statement, time
 until all are done:
-    python bench/queue.py noop --local --jobs 20000 --workers 2
-    DATABASE_URL='host=... dbname=app user=app password=...' python bench/queue.py noop --workers 4
+    python bench/jobqueue.py noop --local --jobs 20000 --workers 2
+    DATABASE_URL='host=... dbname=app user=app password=...' python bench/jobqueue.py noop --workers 4
 (--local starts a throwaway PostgreSQL 15 with fsync on, like a server's.)
 
 Sign-up to inbox latency: POST /signup to the app, watch a Maildir for the welcome mail
 (matched by its To: address), print p50/p99:
-    python bench/queue.py signup --app-url https://www.webstack.test/app --cacert inventories/lab/ca.crt \\
+    python bench/jobqueue.py signup --app-url https://www.webstack.test/app --cacert inventories/lab/ca.crt \\
         --maildir /path/to/Maildir --count 50
 ``signup_latency(url, arrived)`` takes any mailbox reader: ``arrived(address)`` returns the
 arrival time (time.time()) of that address's mail, or None while it has not come.
