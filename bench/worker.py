@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT))
 from lab.probe import host, https  # noqa: E402
 
 MAILDIR = "/var/mail/webstack/all/new"
-JOBS = ("cd /srv/webapp/current && set -a && . /etc/webstack/webapp.env && set +a && "
-        "runuser -u webapp -- python3 jobs.py ")
+JOBS = ("systemd-run --quiet --wait --pipe --collect --uid=webapp --gid=webapp "
+        "-p EnvironmentFile=/etc/webstack/webapp.env -p WorkingDirectory=/srv/webapp/current /usr/bin/python3 jobs.py ")
 
 
 def noop(n: int) -> dict[str, float]:

@@ -40,25 +40,29 @@ TABLE = """create table if not exists webstack_schedule_runs (
     job text not null, period timestamptz not null, host text not null,
     started_at timestamptz not null default now(), finished_at timestamptz, exit_code int,
     primary key (job, period))"""
-STAMP = re.compile(r"(?:Next elapse|Iter\. #\d+): \w+ (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) UTC")
+STAMP = re.compile(r"\w+ (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) UTC$", re.M)
 
 
 def period(calendar: str, lookback: float, now: float) -> dt.datetime:
-    """The latest elapse of ``calendar`` at or before ``now`` (epoch seconds), searched back ``lookback`` s."""
-    iterations = 2
+    """The latest elapse of ``calendar`` at or before ``now`` (epoch seconds), searched from ``lookback``
+    seconds back. In the server's own time zone, as its timers fire; printed (and compared) in UTC."""
+    base, latest = now - lookback - 1, None
     while True:
         out = subprocess.run(
-            ["systemd-analyze", "calendar", f"--base-time=@{int(now - lookback - 1)}",
-             f"--iterations={iterations}", calendar],
-            capture_output=True, text=True, env={"TZ": "UTC", "LC_ALL": "C", "PATH": "/usr/bin:/bin"}, check=True)
+            ["systemd-analyze", "calendar", f"--base-time=@{int(base)}", "--iterations=64", calendar],
+            capture_output=True, text=True, env={"LC_ALL": "C", "PATH": "/usr/bin:/bin"}, check=True)
+        # Local times are followed by "(in UTC): ..." unless the zone is UTC: the UTC stamps are the ones.
         stamps = [dt.datetime.strptime(s, "%Y-%m-%d %H:%M:%S").replace(tzinfo=dt.UTC)
                   for s in STAMP.findall(out.stdout)]
         due = [s for s in stamps if s.timestamp() <= now]
-        if len(due) < len(stamps) or iterations >= 4096:
-            if not due:
-                raise SystemExit(f"webstack-once: no elapse of {calendar!r} in the last {lookback:.0f} s")
-            return due[-1]
-        iterations *= 4
+        if due:
+            latest = due[-1]
+        if len(due) < len(stamps) or not stamps:
+            break
+        base = due[-1].timestamp()  # all 64 were due: go on from the last one
+    if latest is None:
+        raise SystemExit(f"webstack-once: no elapse of {calendar!r} in the last {lookback:.0f} s")
+    return latest
 
 
 def connect(deadline_s: float = 30.0):  # type: ignore[no-untyped-def]
@@ -91,7 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     me = socket.gethostname()
     conn = connect()
     with conn.cursor() as cur:
+        # Two hosts' first runs at once would race on creating the table: one at a time.
+        cur.execute("select pg_advisory_lock(hashtext('webstack_schedule_runs'))")
         cur.execute(TABLE)
+        cur.execute("select pg_advisory_unlock(hashtext('webstack_schedule_runs'))")
         cur.execute("insert into webstack_schedule_runs (job, period, host) values (%s, %s, %s) "
                     "on conflict do nothing returning host", (args.job, slot, me))
         if cur.fetchone() is None:

@@ -111,7 +111,8 @@ def send(cfg: SmtpConfig, msg: EmailMessage) -> None:
     """Submit ``msg``: STARTTLS (verified) is required before AUTH and the mail, never plain text."""
     deadline = time.monotonic() + cfg.timeout
     context = ssl.create_default_context(cafile=cfg.ca_file)
-    with _DeadlineSMTP(deadline, host=cfg.host, port=cfg.port, timeout=cfg.timeout) as smtp:
+    smtp = _DeadlineSMTP(deadline, host=cfg.host, port=cfg.port, timeout=cfg.timeout)
+    try:
         smtp.ehlo()
         smtp.starttls(context=context)  # raises SMTPNotSupportedError when not offered: never send in clear
         smtp.ehlo()
@@ -130,6 +131,12 @@ def send(cfg: SmtpConfig, msg: EmailMessage) -> None:
             raise
         if refused:  # only with several recipients; ours have one
             raise PermanentFailure(f"recipient refused: {_reply(refused)}")
+    finally:
+        # After "250 accepted" nothing may fail the job (it would be sent again): QUIT is a courtesy.
+        try:
+            smtp.quit()
+        except (smtplib.SMTPException, OSError):
+            smtp.close()
 
 
 def _reply(recipients: dict[str, tuple[int, bytes]]) -> str:

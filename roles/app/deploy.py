@@ -157,3 +157,14 @@ def use_release(cfg: HostConfig, app: AppSettings, release: str, current: dict) 
             f"ln -sfn releases/{release} /srv/{app.name}/current.new && "
             f"mv -T /srv/{app.name}/current.new /srv/{app.name}/current && echo {release} >> /srv/{app.name}/history"
         ])
+
+
+def prune_releases(app: AppSettings, release: str, current: dict) -> None:
+    """Keep ``release`` and the newest others by last use (history; never-used ones by age), up to
+    ``app__keep_releases`` in all; remove the rest. ``current``: the host's AppState before the switch."""
+    order = dict.fromkeys([*reversed(current["history"]), *reversed(current["releases"])])
+    recent = [r for r in order if r in current["releases"] and r != release]
+    keep = {release, *recent[:app.keep_releases - 1]}
+    for old in current["releases"]:
+        if old not in keep:
+            server.shell(name=f"Prune release {old}", commands=[f"rm -rf /srv/{app.name}/releases/{old}"])

@@ -22,7 +22,7 @@ from pyinfra.facts.files import Sha1File
 from pyinfra.operations import server
 
 from roles._lib import PendingActions, barrier, config, owed_action, validated_file
-from roles.app.deploy import AppState, build_release, env_content, unit_content, use_release
+from roles.app.deploy import AppState, build_release, env_content, prune_releases, unit_content, use_release
 from roles.app.settings import AppSettings
 from roles.base.deploy import codename
 from roles.lb.deploy import nginx_site
@@ -142,15 +142,7 @@ def _switch(cfg: HostConfig, step: Step) -> None:
         f"sys.exit(0 if r.headers.get('X-Release') == '{step.release}' else 1)\" 2>/dev/null && exit 0; "
         "sleep 0.5; done; echo 'not healthy after 60 s' >&2; exit 1"
     ])
-    # Keep the newest releases by last use (history), the new one included.
-    # Most recently used first; releases never recorded in the history count by age.
-    order = dict.fromkeys([*reversed(current["history"]), *reversed(current["releases"])])
-    recent = [r for r in order if r in current["releases"] and r != step.release]
-    keep = {step.release, *recent[:app.keep_releases - 1]}
-    for old in current["releases"]:
-        if old in keep:
-            continue
-        server.shell(name=f"Prune release {old}", commands=[f"rm -rf /srv/{name}/releases/{old}"])
+    prune_releases(app, step.release, current)
 
 
 def converge(release: str = "") -> None:

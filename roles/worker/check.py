@@ -18,10 +18,12 @@ from webstack.inventory import HostConfig
 
 
 def _jobs(cfg: HostConfig, args: str) -> str:
-    """``jobs.py ARGS`` of the current release, as the application user with its environment."""
+    """``jobs.py ARGS`` of the current release, run by systemd as the application user with the
+    environment file read as the units read it (a shell would expand a ``$`` in a password)."""
     name = app_settings(cfg).name
-    return (f"cd /srv/{name}/current && set -a && . /etc/webstack/{name}.env && set +a && "
-            f"runuser -u {name} -- python3 jobs.py {args}")
+    return (f"systemd-run --quiet --wait --pipe --collect --uid={name} --gid={name} "
+            f"-p EnvironmentFile=/etc/webstack/{name}.env -p WorkingDirectory=/srv/{name}/current "
+            f"/usr/bin/python3 jobs.py {args}")
 
 
 def _first_worker_in_run(cfg: HostConfig) -> bool:

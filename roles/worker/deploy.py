@@ -15,7 +15,7 @@ loses no run. Application servers never get timers.
 
 from __future__ import annotations
 
-import shlex
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -67,15 +67,20 @@ def smtp_password(cfg: HostConfig) -> str:
 
 
 def exec_word(text: str) -> str:
-    """``text`` as one word of a unit's ExecStart: shell-quoted (systemd splits on the same quotes),
-    with systemd's own expansions escaped (``%`` specifiers, ``$VAR``), so the shell gets it intact."""
-    return shlex.quote(text).replace("%", "%%").replace("$", "$$")
+    """``text`` as one double-quoted word of a unit's ExecStart, as systemd parses it: C escapes
+    (backslash, quote) and its own expansions (``%`` specifiers, ``$VAR``) escaped, so ``sh -c``
+    receives the command exactly as the inventory wrote it."""
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%").replace("$", "$$")
+    return f'"{escaped}"'
 
 
 def job_units(cfg: HostConfig, job: ScheduledJob) -> tuple[str, str]:
     """(service, timer) unit files of a scheduled job."""
     verdict = calendar_gaps(job.schedule)
-    lookback = int(verdict[2]) + 60 if verdict and verdict[2] != float("inf") else 31 * 86400
+    longest = verdict[2] if verdict and verdict[2] != float("inf") else 31 * 86400
+    # A power of two above the longest period: the same number whatever the deploy date (DST shifts
+    # a weekly period by an hour), so the unit does not change from one run to the next.
+    lookback = 2 ** math.ceil(math.log2(longest * 1.1))
     context = {"name": app_settings(cfg).name, "job": job, "once": ONCE, "lookback": lookback,
                "calendar": exec_word(job.schedule), "command": exec_word(job.command)}
     return (render("worker/etc/systemd/system/job.service.j2", **context),
@@ -151,7 +156,7 @@ def apply() -> None:
 
 def switch(cfg: HostConfig, release: str, reasons: Sequence[str]) -> None:
     """On the worker host being changed (rolling step): files, release, graceful restart, all running."""
-    from roles.app.deploy import AppState, use_release
+    from roles.app.deploy import AppState, prune_releases, use_release
 
     app = app_settings(cfg)
     w = cfg.settings(WorkerSettings)
@@ -178,13 +183,16 @@ def switch(cfg: HostConfig, release: str, reasons: Sequence[str]) -> None:
     # Graceful: SIGTERM, the current job finishes (TimeoutStopSec), then the new release starts.
     restart = bool({"release", "configuration", "owed restart"} & set(reasons))
     server.shell(name=f"{'Restart' if restart else 'Start'} {w.processes} worker(s) of {name}", commands=[
+        f"systemctl reset-failed {instances} 2>/dev/null; "
         f"systemctl enable -q {instances} && systemctl {'restart' if restart else 'start'} {instances}"
         f" && rm -f /var/lib/webstack/pending/restart-worker"
     ])
     server.shell(name="Wait until every worker runs", commands=[
-        f"for i in $(seq 40); do systemctl is-active -q {instances} && exit 0; sleep 0.25; done; "
+        f"for i in $(seq 40); do n=0; for u in {instances}; do systemctl is-active -q $u || n=1; done; "
+        "[ $n = 0 ] && exit 0; sleep 0.25; done; "
         f"systemctl --no-pager status {instances} >&2; exit 1"
     ])
+    prune_releases(app, release, current)
     _ = (env, wenv, password)
 
 

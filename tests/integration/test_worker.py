@@ -51,8 +51,9 @@ def message_ids(mail1, email: str) -> list[str]:
 
 def jobs(worker: str, args: str) -> str:
     """``jobs.py ARGS`` on a worker host, as the application user with its environment."""
-    cmd = ("cd /srv/webapp/current && set -a && . /etc/webstack/webapp.env && set +a && "
-           f"runuser -u webapp -- python3 jobs.py {args}")
+    cmd = ("systemd-run --quiet --wait --pipe --collect --uid=webapp --gid=webapp "
+           "-p EnvironmentFile=/etc/webstack/webapp.env -p WorkingDirectory=/srv/webapp/current "
+           f"/usr/bin/python3 jobs.py {args}")
     return host(worker).check_output(cmd)
 
 

@@ -43,7 +43,7 @@ def test_workers_load_and_render(make_inventory):
     assert SECRETS["smtp_password_app"] not in env  # the password has a file of its own
     service, timer = job_units(w1, w1.settings(WorkerSettings).scheduled_jobs[0])
     assert "OnCalendar=daily" in timer and "Persistent=true" in timer and "AccuracySec=1s" in timer
-    assert "--job cleanup --calendar daily --lookback 86460" in service
+    assert '--job cleanup --calendar "daily" --lookback 131072 -- /bin/sh -c "python3 jobs.py cleanup"' in service
     assert "ConditionPathExists=/srv/webapp/current/" in service
 
 
@@ -89,7 +89,7 @@ def test_missing_smtp_secret_is_refused(make_inventory):
 
 
 def test_job_command_reaches_the_shell_intact():
-    # systemd expands %specifiers and $VARIABLES in ExecStart: both are doubled, and the shell quoting
-    # (which systemd's word splitting understands) keeps the command one argument of sh -c.
-    assert exec_word('logger -t tick "tick $(hostname)" 50%') == "'logger -t tick \"tick $$(hostname)\" 50%%'"
-    assert exec_word("*:*:0/10") == "'*:*:0/10'"
+    # systemd expands %specifiers and $VARIABLES in ExecStart and reads C escapes inside quotes:
+    # all escaped, the command is one double-quoted word, given to sh -c as written.
+    assert exec_word('logger -t tick "tick $(hostname)" 50% a\\b') == '"logger -t tick \\"tick $$(hostname)\\" 50%% a\\\\b"'
+    assert exec_word("*:*:0/10") == '"*:*:0/10"'
