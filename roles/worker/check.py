@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import shlex
 
-from pyinfra import host
+from pyinfra import host, logger
 from pyinfra.api import OperationError
 from pyinfra.operations import python
 
@@ -51,7 +51,7 @@ def queue() -> None:
             raise OperationError(f"{cfg.name}: jobs.py stats failed: {out.stderr}")
         stats = json.loads(out.stdout)
         age = float(stats.get("oldest_ready_age") or 0)
-        host.noop(f"queue: {stats['ready']} ready, {stats['waiting']} waiting for a retry, {stats['running']} "
+        logger.info(f"    [{cfg.name}] queue: {stats['ready']} ready, {stats['waiting']} waiting for a retry, {stats['running']} "
                   f"running, {stats['dead']} dead; oldest ready job waited {age:.1f} s")
         breaches = []
         if stats["ready"] > w.max_queue_depth:
@@ -81,13 +81,13 @@ def dead_letters() -> None:
             ok, out = root_shell(host, _jobs(cfg, f"requeue {target}"))
             if not ok:
                 raise OperationError(f"{cfg.name}: requeue failed: {out.stderr}")
-            host.noop(f"re-queued: {out.stdout.strip() or requeue}")
+            logger.info(f"    [{cfg.name}] re-queued: {out.stdout.strip() or requeue}")
         ok, out = root_shell(host, _jobs(cfg, "dead"))
         if not ok:
             raise OperationError(f"{cfg.name}: jobs.py dead failed: {out.stderr}")
         lines = [line for line in out.stdout.splitlines() if line.strip()]
-        host.noop(f"{len(lines)} dead-lettered job(s)")
+        logger.info(f"    [{cfg.name}] {len(lines)} dead-lettered job(s)")
         for line in lines:
-            host.noop(line)
+            logger.info(f"    [{cfg.name}] {line}")
 
     python.call(name="Re-queue and list dead-lettered jobs" if requeue else "List dead-lettered jobs", function=run)
