@@ -5,6 +5,8 @@
 - no-op jobs per second through the queue, drained by the running workers of both worker
   hosts (2 per host): N jobs enqueued in one transaction on worker1, the clock runs from
   its commit until jobs.py stats shows nothing ready or running;
+- with --drain N: N welcome mails enqueued while mail1 refuses connections for --outage s,
+  then the time from its return until all are delivered, and mails lost or duplicated;
 - sign-up to inbox: POST /signup through the VIP, one at a time; the latency of each is the
   delivered file's time in mail1's Maildir minus the moment the request was sent (the lab
   machines share the control machine's kernel clock). p50 / p99 / max.
@@ -78,13 +80,46 @@ def signups(count: int) -> dict[str, float]:
             "max_s": round(latencies[-1], 3)}
 
 
+def drain(n: int, outage: int) -> dict[str, float]:
+    """N welcome mails enqueued while the provider is down for ``outage`` s; seconds from its
+    return until all are in the mailbox, mails lost, duplicates."""
+    tag = uuid.uuid4().hex[:8]
+    mail1, w1 = host("mail1"), host("worker1")
+    mail1.check_output("mail-fault down")
+    started = time.time()
+    script = ("import os, jobs; conn = jobs.connect(os.environ['DATABASE_URL']); cur = conn.cursor(); "
+              f"[jobs.enqueue(cur, 'welcome_email', {{'email': 'drain-{tag}-' + str(i) + '@customer.test'}}) for i in range({n})]; "
+              "conn.commit()")
+    w1.check_output(f"{JOBS.replace('/usr/bin/python3 jobs.py ', '/usr/bin/python3 -c ')}\"{script}\"")
+    time.sleep(max(0.0, outage - (time.time() - started)))
+    mail1.check_output("mail-fault off")
+    back = time.time()
+    count = f"grep -l -r -e '^To: drain-{tag}-' {MAILDIR} | wc -l"
+    delivered, last_change, last = 0, time.time(), -1
+    while time.time() - last_change < 60:
+        delivered = int(mail1.check_output(count))
+        if delivered != last:
+            last, last_change = delivered, time.time()
+        if delivered >= n:
+            break
+        time.sleep(2)
+    took = time.time() - back
+    distinct = int(mail1.check_output(f"grep -h -r -e '^To: drain-{tag}-' {MAILDIR} | sort -u | wc -l"))
+    return {"mails": n, "outage_s": outage, "drained_after_s": round(took, 1), "lost": n - distinct,
+            "duplicates": delivered - distinct}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=50000)
     parser.add_argument("--signups", type=int, default=50)
+    parser.add_argument("--drain", type=int, default=0, help="mails queued during a provider outage (0: skip)")
+    parser.add_argument("--outage", type=int, default=40, help="seconds the provider is down")
     args = parser.parse_args()
     print("no-op throughput, 4 workers on worker1 + worker2:", noop(args.jobs))
     print("sign-up to inbox:", signups(args.signups))
+    if args.drain:
+        print("drain after an outage:", drain(args.drain, args.outage))
     return 0
 
 

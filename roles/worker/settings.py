@@ -53,7 +53,8 @@ class WorkerSettings:
 
     processes: int = setting(2, "worker processes per host (units <app>-worker@1..N)")
     stop_timeout: int = setting(30, "seconds a stopping worker gets to finish its current job (then SIGKILL)")
-    max_attempts: int = setting(5, "tries of a job before it is dead-lettered")
+    max_attempts: int = setting(12, "tries of a job before it is dead-lettered (12 with the default delays: "
+                                    "about 3.5 h, a provider outage survived)")
     retry_base: int = setting(10, "first retry delay in seconds (doubles per attempt, with jitter)")
     retry_max: int = setting(3600, "longest retry delay in seconds")
     lock_timeout: int = setting(60, "seconds after which a silent worker's job is released to others")
