@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from pyinfra import host
-from pyinfra.api import FactBase, QuoteString, StringCommand, operation
+from pyinfra.api import FactBase, OperationError, QuoteString, StringCommand, operation
 from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.files import Directory, File, Sha1File
 from pyinfra.operations import server
@@ -237,3 +237,12 @@ def alert_on_failure(*units: str) -> list[OperationMeta]:
     # A copy: the reload must not wait on its own result (the list gets the reload appended).
     swaps.append(owed_action("daemon-reload", "systemctl daemon-reload", list(swaps)))
     return swaps
+
+
+def inventory_file(cfg: HostConfig, key: str, value: str) -> Path:
+    """A file a setting names, relative to the inventory directory (``ca.crt`` beside hosts.yml);
+    OperationError naming the key when it is not there."""
+    path = Path(value) if Path(value).is_absolute() else Path(cfg.inventory_dir) / value
+    if not path.is_file():
+        raise OperationError(f"{key}: {path} not found on the control machine")
+    return path

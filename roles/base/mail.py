@@ -16,17 +16,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from pyinfra import host
-from pyinfra.api import OperationError, deploy
+from pyinfra.api import deploy
 from pyinfra.facts.deb import DebPackages
 from pyinfra.operations import apt, files, systemd
 
-from roles._lib import config, owed_action, template_file, validated_file
+from roles._lib import config, inventory_file, owed_action, template_file, validated_file
 from roles.base.settings import BaseSettings
 from roles.topology import topology
 from webstack.inventory import HostConfig
 from webstack_agent import alert as alert_agent
 
-ROOT = Path(__file__).resolve().parents[2]
 SYSTEM_CA = "/etc/ssl/certs/ca-certificates.crt"
 RELAY_CA = "/etc/postfix/webstack-relay-ca.pem"
 ALERT_SCRIPT = "/usr/local/lib/webstack/webstack-alert"
@@ -39,14 +38,10 @@ def myhostname(cfg: HostConfig) -> str:
     return f"{cfg.name}.{cfg.settings(BaseSettings).mail_domain or 'localdomain'}"
 
 
-def relay_ca(base: BaseSettings) -> str | None:
+def relay_ca(cfg: HostConfig) -> str | None:
     """The CA file content the relay's certificate is checked against (None: the system store)."""
-    if not base.mail_ca:
-        return None
-    path = Path(base.mail_ca) if Path(base.mail_ca).is_absolute() else ROOT / base.mail_ca
-    if not path.is_file():
-        raise OperationError(f"base__mail_ca: {path} not found on the control machine")
-    return path.read_text()
+    base = cfg.settings(BaseSettings)
+    return inventory_file(cfg, "base__mail_ca", base.mail_ca).read_text() if base.mail_ca else None
 
 
 def null_client_context(cfg: HostConfig) -> dict:
@@ -88,7 +83,7 @@ def null_client(cfg: HostConfig, base: BaseSettings) -> None:
     owes = "restart-postfix" if fresh else "reload-postfix"
     apt.packages(name="Install Postfix (null client)", packages=["postfix", "libsasl2-modules", "ca-certificates"])
     swaps = []
-    ca = relay_ca(base)
+    ca = relay_ca(cfg)
     if ca is not None:
         swaps.append(validated_file(name="CA of the mail relay", dest=RELAY_CA, content=ca, owes=owes))
     relay_host, relay_port = base.relay

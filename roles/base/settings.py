@@ -59,7 +59,7 @@ class BaseSettings:
     )
     mail_relay_user: str = setting("", "SMTP login at the relay (password: secret `smtp_password_<user>`)")
     mail_ca: str = setting(
-        "", "PEM file on the control machine (relative to the repository) the relay's certificate is checked "
+        "", "PEM file on the control machine (relative to the inventory directory) the relay's certificate is checked "
         "against; empty = the server's system CA store"
     )
     mail_domain: str = setting("", "mail domain of the hosts: they send as root@<host>.<domain> (empty: <host>.localdomain)")

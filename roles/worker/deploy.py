@@ -25,14 +25,13 @@ from pyinfra.facts.files import FindFiles
 from pyinfra.operations import apt, files, server, systemd
 
 import webstack_agent.once as once_agent
-from roles._lib import alert_on_failure, config, owed_action, render, validated_file
+from roles._lib import alert_on_failure, config, inventory_file, owed_action, render, validated_file
 from roles.app.deploy import env_content
 from roles.app.settings import AppSettings
 from roles.topology import topology
 from roles.worker.settings import ScheduledJob, WorkerSettings, calendar_gaps
 from webstack.inventory import HostConfig
 
-ROOT = Path(__file__).resolve().parents[2]
 ONCE = "/usr/local/lib/webstack/webstack-once"
 JOB_PREFIX = "webstack-job-"
 
@@ -124,10 +123,8 @@ def apply() -> None:
     files.directory(name="/usr/local/lib/webstack", path="/usr/local/lib/webstack", mode="755")
     files.put(name=f"Install {ONCE}", src=once_agent.__file__, dest=ONCE, mode="755")
     if w.smtp_ca:
-        path = Path(w.smtp_ca) if Path(w.smtp_ca).is_absolute() else ROOT / w.smtp_ca
-        if not path.is_file():
-            raise OperationError(f"worker__smtp_ca: {path} not found on the control machine")
-        files.put(name="CA of the mail provider", src=str(path), dest=ca_file(cfg), mode="644")
+        files.put(name="CA of the mail provider", src=str(inventory_file(cfg, "worker__smtp_ca", w.smtp_ca)),
+                  dest=ca_file(cfg), mode="644")
 
     swaps = []
     wanted = set()

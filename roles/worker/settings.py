@@ -61,8 +61,8 @@ class WorkerSettings:
     smtp_host: str = setting("", "mail provider's submission host (its certificate must name it); empty = no mail")
     smtp_port: int = setting(587, "submission port (STARTTLS required)")
     smtp_user: str = setting("", "SMTP user name; the password is the secret smtp_password_<user>")
-    smtp_ca: str = setting("", "PEM file on the control machine (relative to the repository) that verifies the "
-                                "provider's certificate; empty = the server's system CA store")
+    smtp_ca: str = setting("", "PEM file on the control machine (relative to the inventory directory) that "
+                                "verifies the provider's certificate; empty = the server's system CA store")
     mail_from: str = setting("webstack@example.com", "sender address of the application's email")
     max_queue_depth: int = setting(1000, "deploys/check.py fails above this many jobs ready to run")
     max_queue_age: int = setting(300, "deploys/check.py fails when the oldest ready job waited longer (seconds)")

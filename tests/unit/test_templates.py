@@ -19,6 +19,7 @@ from roles.base import _release
 from roles.base.deploy import firewall_rules, sshd_context
 from roles.base.settings import BaseSettings
 from tests.unit.conftest import KEY, SECRETS
+from webstack import tls
 from webstack.inventory import load
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,6 +32,8 @@ def lab_inventory(tmp: Path) -> Path:
     # The lab's key exists only once the lab is up; unit tests need no lab.
     all_yml = inv / "group_data" / "all.yml"
     all_yml.write_text(all_yml.read_text().replace('"file:/var/lib/webstack-lab/ssh/id_ed25519.pub"', f'"{KEY}"'))
+    if not (inv / "ca.crt").exists():  # written by the lab's secrets generator, absent in a fresh clone
+        (inv / "ca.crt").write_text(tls.make_ca()[1])
     fleet = yaml.safe_load((ROOT / "lab" / "fleet.yml").read_text())
     hosts = {m["name"]: {k: m[k] for k in ("address", "release", "roles", "groups")} for m in fleet["machines"]}
     (inv / "hosts.yml").write_text(yaml.safe_dump({"ssh": {"user": "ops"}, "hosts": hosts}))
