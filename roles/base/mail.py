@@ -13,8 +13,6 @@ roles attach it to their units with :func:`roles._lib.alert_on_failure`.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.facts.deb import DebPackages
