@@ -15,7 +15,7 @@ See roles/postgres/restore.py and README "Backups".
 
 from pyinfra import host
 
-from roles._lib import config, options
+from roles._lib import barrier, config, options
 from roles.backup import deploy as backup
 from roles.base import deploy as base
 from roles.options import RestoreOptions
@@ -28,9 +28,13 @@ if "backup" in cfg.roles:
     # address must be in its firewall and in the account's from= list.
     base.apply()
     backup.apply()
-elif "postgres" in cfg.roles:
+# pyinfra runs the hosts' operations side by side, step by step (README "Order of operations"):
+# without this barrier a database host could mount the repository before the backup host
+# admitted it (a longer base role on the backup host was enough to make that happen).
+barrier(name="Backup host converged", label="restore")
+if "postgres" in cfg.roles and "backup" not in cfg.roles:
     request = restore.plan(options(RestoreOptions))
     postgres.apply(restoring=not request.drill)
     restore.restore(request)
-else:
+elif "backup" not in cfg.roles:
     host.noop("neither a backup host nor a postgres host")

@@ -59,6 +59,11 @@ def test_restore_onto_a_drill_host_wants_confirmation():
     done = plan("restore", {"from": "main", "confirm": "drill1"}, ["drill1", "backup1"])
     assert "== Restore main at the latest archived WAL into /var/lib/postgresql/17/main" in done
     assert "--archive-off" in done
+    # Every operation of the backup host runs before the restored host touches the repository.
+    order = steps(done)
+    barrier = order["Backup host converged"]
+    assert all(step < barrier for name, step in order.items() if name.startswith(("Backup host | ", "Base | ")))
+    assert all(step > barrier for name, step in order.items() if name.startswith("PostgreSQL | "))
 
 
 def test_sql_runs_as_the_postgres_os_user(site):
