@@ -124,6 +124,8 @@ def listener(converged):
     """A TCP listener on spare1:9100 (the port the lab inventory opens to the worker group)."""
     spare = host_for("spare1")
     spare.run("systemd-run --unit=webstack-test-listener --collect python3 -m http.server 9100")
+    # systemd-run returns once the process is started, before Python has bound the port.
+    wait_for(lambda: spare.socket("tcp://0.0.0.0:9100").is_listening, 15, "the test listener binds 9100")
     yield spare
     spare.run("systemctl stop webstack-test-listener")
 
