@@ -20,6 +20,7 @@ from tests.integration.conftest import (
     run,
     site,
     ssh_login,
+    wait_for,
 )
 
 pytestmark = pytest.mark.lab
