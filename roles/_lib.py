@@ -178,6 +178,16 @@ def owed_action(name: str, command: str, swaps: Sequence[OperationMeta], hint: s
     )
 
 
+def unit_file(unit: str, content: str, owes: str, instance: str = "") -> OperationMeta:
+    """``/etc/systemd/system/<unit>``, swapped in only if ``systemd-analyze verify`` accepts it
+    (a template unit is verified as its ``instance``, e.g. ``app-worker@1.service``)."""
+    return validated_file(
+        name=f"Unit {unit}", dest=f"/etc/systemd/system/{unit}", content=content, owes=owes,
+        validate=f"d=$(mktemp -d) && cp {{}} $d/{unit} && "
+                 f"systemd-analyze verify $d/{instance or unit}; r=$?; rm -rf $d; exit $r",
+    )
+
+
 def template_file(template: str, dest: str, *, validate: str | None = None, owes: str | None = None,
                   mode: str = "644", user: str = "root", group: str = "root", in_place: bool = False,
                   force: bool = False, **context: Any) -> OperationMeta:

@@ -21,7 +21,7 @@ from pyinfra.api import Host, OperationError
 from pyinfra.facts.files import Sha1File
 from pyinfra.operations import server
 
-from roles._lib import PendingActions, barrier, config, owed_action, validated_file
+from roles._lib import PendingActions, barrier, config, owed_action, unit_file, validated_file
 from roles.app.deploy import AppState, build_release, env_content, prune_releases, unit_content, use_release
 from roles.app.settings import AppSettings
 from roles.base.deploy import codename
@@ -126,10 +126,7 @@ def _switch(cfg: HostConfig, step: Step) -> None:
     current = host.get_fact(AppState, app=name)
     env = validated_file(name="Environment file (secrets)", dest=f"/etc/webstack/{name}.env",
                          content=env_content(cfg), mode="640", group=name, owes="restart-app")
-    unit = validated_file(name=f"Unit {name}.service", dest=f"/etc/systemd/system/{name}.service",
-                          content=unit_content(cfg), owes="restart-app",
-                          validate=f"d=$(mktemp -d) && cp {{}} $d/{name}.service && "
-                                   f"systemd-analyze verify $d/{name}.service; r=$?; rm -rf $d; exit $r")
+    unit = unit_file(f"{name}.service", unit_content(cfg), owes="restart-app")
     owed_action("daemon-reload", "systemctl daemon-reload", [unit])
     use_release(cfg, app, step.release, current)
     if "configuration" in step.reasons or "owed restart" in step.reasons or not current["active"]:

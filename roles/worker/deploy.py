@@ -25,7 +25,7 @@ from pyinfra.facts.files import FindFiles
 from pyinfra.operations import apt, files, server, systemd
 
 import webstack_agent.once as once_agent
-from roles._lib import alert_on_failure, config, inventory_file, owed_action, render, validated_file
+from roles._lib import alert_on_failure, config, inventory_file, owed_action, render, unit_file, validated_file
 from roles.app.deploy import env_content
 from roles.app.settings import AppSettings
 from roles.topology import topology
@@ -159,16 +159,15 @@ def switch(cfg: HostConfig, release: str, reasons: Sequence[str]) -> None:
     w = cfg.settings(WorkerSettings)
     name = app.name
     current = host.get_fact(AppState, app=name)
-    env = validated_file(name="Environment file (secrets)", dest=f"/etc/webstack/{name}.env",
-                         content=env_content(cfg), mode="640", group=name, owes="restart-worker")
-    wenv = validated_file(name="Worker environment file", dest=f"/etc/webstack/{name}-worker.env",
-                          content=worker_env(cfg), mode="640", group=name, owes="restart-worker")
-    password = validated_file(name="SMTP password (secret)", dest=f"/etc/webstack/{name}-smtp.password",
-                              content=smtp_password(cfg), mode="640", group=name, owes="restart-worker")
-    unit = validated_file(name=f"Unit {name}-worker@.service", dest=f"/etc/systemd/system/{name}-worker@.service",
-                          content=unit_content(cfg), owes="restart-worker",
-                          validate=f"d=$(mktemp -d) && cp {{}} $d/{name}-worker@.service && "
-                                   f"systemd-analyze verify $d/{name}-worker@1.service; r=$?; rm -rf $d; exit $r")
+    # A change to any of them is owed a restart (the plan saw it: reasons "configuration").
+    validated_file(name="Environment file (secrets)", dest=f"/etc/webstack/{name}.env",
+                   content=env_content(cfg), mode="640", group=name, owes="restart-worker")
+    validated_file(name="Worker environment file", dest=f"/etc/webstack/{name}-worker.env",
+                   content=worker_env(cfg), mode="640", group=name, owes="restart-worker")
+    validated_file(name="SMTP password (secret)", dest=f"/etc/webstack/{name}-smtp.password",
+                   content=smtp_password(cfg), mode="640", group=name, owes="restart-worker")
+    unit = unit_file(f"{name}-worker@.service", unit_content(cfg), owes="restart-worker",
+                     instance=f"{name}-worker@1.service")
     owed_action("daemon-reload", "systemctl daemon-reload", [unit])
     use_release(cfg, app, release, current)
     instances = " ".join(f"{name}-worker@{i}" for i in range(1, w.processes + 1))
@@ -190,7 +189,6 @@ def switch(cfg: HostConfig, release: str, reasons: Sequence[str]) -> None:
         f"systemctl --no-pager status {instances} >&2; exit 1"
     ])
     prune_releases(app, release, current)
-    _ = (env, wenv, password)
 
 
 def wanted_files(cfg: HostConfig) -> dict[str, str]:
