@@ -398,7 +398,7 @@ class Worker:
             log.error("job %d %s dead after %d attempt(s): %s", job.id, job.kind, attempts, error)
             return
         delay = retry_delay(attempts, self.s.retry_base, self.s.retry_max)
-        cur.execute("update jobs set attempts = %s, last_error = %s, run_at = now() + %s * interval '1 second' "
+        cur.execute("update jobs set attempts = %s, last_error = %s, run_at = clock_timestamp() + %s * interval '1 second' "
                     "where id = %s", (attempts, error[:2000], delay, job.id))
         log.warning("job %d %s failed (attempt %d of %d), retry in %.1fs: %s",
                     job.id, job.kind, attempts, self.s.max_attempts, delay, error)
