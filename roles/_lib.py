@@ -15,8 +15,13 @@ The pattern every configuration file with a validator follows:
 
 from __future__ import annotations
 
+import atexit
+import difflib
 import hashlib
 import io
+import json
+import os
+import re
 import shlex
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,13 +29,14 @@ from typing import Any, TypeVar
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from pyinfra import host
-from pyinfra.api import FactBase, OperationError, QuoteString, StringCommand, operation
+from pyinfra.api import FactBase, HiddenValue, OperationError, QuoteString, StringCommand, operation
 from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.files import Directory, File, Sha1File
 from pyinfra.operations import server
 
 from webstack import options as _options
 from webstack.inventory import HostConfig
+from webstack.reports import DRIFT_ENV
 
 T = TypeVar("T")
 
@@ -53,6 +59,8 @@ def config(target: Any = None) -> HostConfig:
     cfg = target.data.get("webstack")
     if not isinstance(cfg, HostConfig):
         raise RuntimeError(f"{target.name}: not loaded through a webstack inventory (inventories/<env>.py)")
+    if os.environ.get(DRIFT_ENV):
+        _drift_writer()
     return cfg
 
 
@@ -126,6 +134,9 @@ def validated_file(
     if same_content and same_meta and not force:
         host.noop(f"{dest} is up to date")
         return
+    if os.environ.get(DRIFT_ENV) and not force:
+        _record_drift(dest, content, bool(info), same_content,
+                      "" if same_meta else f"{_meta(info)} -> {mode} {user}:{group}")
     staged = f"{dest}.webstack-new"
     parent = str(Path(dest).parent)
     if not host.get_fact(Directory, path=parent):
@@ -154,6 +165,77 @@ def validated_file(
     yield StringCommand("(", chained, ")", "||", "{", "rm", "-f", QuoteString(staged), ";", "exit", "1", ";", "}")
 
 
+# --- drift: `webstack drift` runs site with --dry and this variable set ----------------------------------------
+
+_DRIFT: dict[str, list[dict[str, str]]] = {}
+_DRIFT_WRITER: list[bool] = []
+_SECRET_LINE = re.compile(r"(?i)^([^\n]*?(password|passwd|secret|token|_key|apikey|credential)[^=:\n]*[=:]\s*).+$", re.M)
+_PRIVATE_KEY = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----", re.S)
+
+
+class FileText(FactBase):
+    """A text file's content ('' when absent); asked only by a drift report, for the diff."""
+
+    def command(self, path: str) -> StringCommand:
+        return StringCommand("cat", QuoteString(path), "2>/dev/null", "||", "true")
+
+    def process(self, output: Sequence[str]) -> str:
+        return "\n".join(output) + ("\n" if output else "")
+
+
+def mask(text: str, secrets: Sequence[str] = ()) -> str:
+    """``text`` with the inventory's secret values, private keys and the values of password-, secret-,
+    token- and key-like settings replaced by ``*MASKED*``."""
+    for value in sorted((v for v in secrets if len(v) >= 4), key=len, reverse=True):
+        text = text.replace(value, "*MASKED*")
+    text = _PRIVATE_KEY.sub("*MASKED PRIVATE KEY*", text)
+    return _SECRET_LINE.sub(lambda m: m.group(1) + "*MASKED*", text)
+
+
+def _meta(info: Any) -> str:
+    return f"{info['mode']} {info['user']}:{info['group']}" if isinstance(info, dict) else "absent"
+
+
+def _record_drift(dest: str, content: str, exists: bool, same_content: bool, meta: str) -> None:
+    """Keep what differs in ``dest`` for the drift report: a unified diff (secrets masked), or the mode."""
+    entry = {"path": dest, "diff": "", "meta": meta}
+    if not same_content:
+        current = host.get_fact(FileText, path=dest) if exists else ""
+        secrets = [v.unmask() if isinstance(v, HiddenValue) else str(v) for v in config().secrets.values()]
+        entry["diff"] = "".join(difflib.unified_diff(
+            mask(current, secrets).splitlines(keepends=True), mask(content, secrets).splitlines(keepends=True),
+            f"{dest} (server)", f"{dest} (repository)"))
+    _DRIFT.setdefault(host.name, []).append(entry)
+
+
+def _drift_writer() -> None:
+    """Once per process, in a drift run: write the report when pyinfra exits."""
+    if not _DRIFT_WRITER:
+        from pyinfra.context import ctx_state
+
+        _DRIFT_WRITER.append(True)
+        atexit.register(_write_drift, os.environ[DRIFT_ENV], ctx_state.get())
+
+
+def _write_drift(path: str, run_state: Any) -> None:
+    """At exit: per host, the operations that would change something and the files' diffs (JSON)."""
+    out: dict[str, Any] = {}
+    for target in run_state.inventory:
+        if target not in run_state.activated_hosts:
+            out[target.name] = {"error": "not connected", "changes": [], "files": []}
+            continue
+        changes = []
+        for op_hash in run_state.get_op_order():
+            if op_hash in run_state.ops[target]:
+                data = run_state.get_op_data_for_host(target, op_hash)
+                # What pyinfra's own dry-run summary counts as a change; a conditional one (an owed
+                # reload that depends on a swap) follows from a listed change.
+                if data.operation_meta._maybe_is_change and not data.global_arguments["_if"]:
+                    changes.append(" / ".join(sorted(run_state.op_meta[op_hash].names)))
+        out[target.name] = {"changes": changes, "files": _DRIFT.get(target.name, [])}
+    Path(path).write_text(json.dumps(out, indent=2) + "\n")
+
+
 def _upload(data: bytes, dest: str):
     from pyinfra.api.command import FileUploadCommand
 
@@ -174,7 +256,7 @@ def owed_action(name: str, command: str, swaps: Sequence[OperationMeta], hint: s
     return server.shell(
         name=f"{name} (owed)",
         commands=[run],
-        _if=lambda: owed_before or any(op.did_change() for op in swaps),
+        _if=None if owed_before else (lambda: any(op.did_change() for op in swaps)),
     )
 
 

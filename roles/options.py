@@ -69,3 +69,14 @@ class JobsOptions:
     """deploys/jobs.py: the job queue's dead letters."""
 
     requeue: str = option("", "job ids to put back in the queue (comma-separated), or `all`; empty = only list them")
+
+
+@dataclass(frozen=True)
+class PatchOptions:
+    """deploys/patch.py: the monthly patch run (roles/patch.py)."""
+
+    start_from: str = option("", "resume a stopped run at this host (the error names it)", key="from")
+    switch_back: bool = option(True, "switch each cluster back to its inventory primary after patching it "
+                                     "(no: leave the replica promoted and write postgres__primary)")
+    report: str = option("patch-report.json", "file on the control machine for the run's JSON report")
+    health_timeout: int = option(180, "seconds a patched host has to pass its health checks")

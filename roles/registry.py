@@ -27,6 +27,7 @@ from roles.mailprovider.settings import MailproviderSettings
 from roles.options import (
     FailoverOptions,
     JobsOptions,
+    PatchOptions,
     RejoinOptions,
     RestoreOptions,
     RollbackOptions,
@@ -174,6 +175,7 @@ DEPLOYS: dict[str, DeployInfo] = {d.name: d for d in (
     DeployInfo("rollback", "every application server back to its previous release", RollbackOptions),
     DeployInfo("check", "certificate expiry, backup freshness, job queue depth, age and dead letters"),
     DeployInfo("jobs", "list the job queue's dead letters, re-queue some", JobsOptions),
+    DeployInfo("patch", "the monthly patch run: every host upgraded, rebooted if needed, one at a time", PatchOptions),
     DeployInfo("switchover", "planned change of a cluster's primary, no data loss", SwitchoverOptions),
     DeployInfo("failover", "promote a replica when the primary is dead", FailoverOptions),
     DeployInfo("rejoin", "make a former primary a replica of the current one", RejoinOptions),

@@ -8,6 +8,11 @@
     webstack secrets list INVENTORY_DIR   names only, never values
     webstack secrets rotate INVENTORY_DIR new key; re-encrypt; old key kept as .old
     webstack docs [--check]               regenerate (or check) the README settings tables
+    webstack drift INVENTORY_DIR [--json FILE] [PYINFRA_ARGS...]
+                                          dry-run site: what would change per host, with
+                                          file diffs (secrets masked); exit 1 on drift
+    webstack status INVENTORY_DIR [--json FILE] [PYINFRA_ARGS...]
+                                          the live stack in one table (read-only)
     webstack onboard INVENTORY_DIR [HOST...]
                                           hosts that refuse the admin user but take root
                                           with a key get deploys/site.py as root, once
@@ -168,6 +173,29 @@ def cmd_onboard(inv: Path, hosts: list[str], extra: list[str]) -> int:
     return code
 
 
+def cmd_report(kind: str, inv: Path, json_file: Path | None, extra: list[str]) -> int:
+    """``drift``: 0 none, 1 drift (or a host not reached), 2 the run failed; ``status``: 0, or 2."""
+    import json
+
+    from webstack import reports
+    from webstack.inventory import load
+
+    load(inv.with_suffix("") if inv.suffix == ".py" else inv)  # bad input: reported and named, nothing connected
+    env = reports.DRIFT_ENV if kind == "drift" else reports.STATUS_ENV
+    report, output, code = reports.dry_run(inv, "site" if kind == "drift" else "status", env, extra)
+    if report is None or code != 0:
+        print(output[-4000:], file=sys.stderr)
+        print(f"webstack {kind}: the dry run failed (exit {code})", file=sys.stderr)
+        return 2
+    if json_file:
+        json_file.write_text(json.dumps(report, indent=2) + "\n")
+    if kind == "status":
+        print(reports.format_status(report))
+        return 0
+    print(reports.format_drift(report))
+    return 1 if reports.drifted(report) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="webstack", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -180,6 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     onboard = sub.add_parser("onboard", help="apply site as root to fresh servers")
     onboard.add_argument("inventory", type=Path)
     onboard.add_argument("hosts", nargs="*")
+    for name, helptext in (("drift", "what site would change on each host (dry run), exit 1 on drift"),
+                           ("status", "the live stack in one table (read-only)")):
+        rep = sub.add_parser(name, help=helptext)
+        rep.add_argument("inventory", type=Path)
+        rep.add_argument("--json", type=Path, help="also write the report as JSON to this file")
+        rep.add_argument("pyinfra_args", nargs=argparse.REMAINDER, help="passed to pyinfra (e.g. --limit web)")
     docs = sub.add_parser("docs", help="regenerate the README settings tables")
     docs.add_argument("--check", action="store_true", help="exit 1 if README.md is out of date")
     args = parser.parse_args(argv)
@@ -190,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
             configs = load(args.inventory)
             print(f"{args.inventory}: {len(configs)} hosts OK")
             return 0
+        if args.cmd in ("drift", "status"):
+            return cmd_report(args.cmd, args.inventory, args.json, args.pyinfra_args)
         if args.cmd == "onboard":
             return cmd_onboard(args.inventory, args.hosts, [])
         if args.cmd == "docs":

@@ -15,21 +15,46 @@ import html
 import os
 import secrets
 import socket
+import time
 from http.cookies import SimpleCookie
 from urllib.parse import parse_qs
 
 import jobs
 import psycopg2
+import psycopg2.errors
 
 HOST = socket.gethostname()
 # The release id is the name of the directory this release was unpacked into.
 RELEASE = os.path.basename(os.path.dirname(os.path.realpath(__file__)))
 SECRET = os.environ.get("SECRET_KEY", "dev-only").encode()
+# How long a write waits for a primary while the cluster changes its primary (a switchover
+# stops writes for about a second, a failover for a few): the request waits, it does not fail.
+WRITE_WAIT_S = float(os.environ.get("DB_WRITE_WAIT", "15"))
 
 
 def db():
     """A new connection (libpq picks the read-write member of the cluster)."""
     return psycopg2.connect(os.environ["DATABASE_URL"], connect_timeout=3)
+
+
+def write(work):
+    """Run ``work(cursor)`` in one transaction on the primary and return its result; while there is
+    no primary to write to (connection refused or dropped, a server shutting down, a standby not
+    yet promoted), try again every 0.2 s for up to WRITE_WAIT_S. A connection lost after the
+    commit was sent but before it was acknowledged can make one retry a duplicate."""
+    deadline = time.monotonic() + WRITE_WAIT_S
+    while True:
+        try:
+            conn = db()
+            try:
+                with conn, conn.cursor() as cur:
+                    return work(cur)
+            finally:
+                conn.close()
+        except (psycopg2.OperationalError, psycopg2.errors.ReadOnlySqlTransaction):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def ensure_schema() -> None:
@@ -85,14 +110,13 @@ def application(environ, start_response):
             return [page("Sign up", "<p>That is not an e-mail address.</p>")]
         # One transaction: no welcome mail for a sign-up that rolls back, no sign-up without its mail;
         # the NOTIFY in it wakes a worker at commit.
-        conn = db()
-        try:
-            with conn, conn.cursor() as cur:
-                cur.execute("insert into signups (email, served_by) values (%s, %s) returning id", (email, HOST))
-                new_id = cur.fetchone()[0]
-                jobs.enqueue(cur, "welcome_email", {"email": email, "signup_id": new_id})
-        finally:
-            conn.close()
+        def sign_up(cur) -> int:
+            cur.execute("insert into signups (email, served_by) values (%s, %s) returning id", (email, HOST))
+            new_id = cur.fetchone()[0]
+            jobs.enqueue(cur, "welcome_email", {"email": email, "signup_id": new_id})
+            return new_id
+
+        new_id = write(sign_up)
         start_response("201 Created", headers)
         return [page("Thanks", f"<p>Signed up as #{new_id}.</p>")]
     if path in ("/app", "/signup"):

@@ -44,4 +44,4 @@ SYSCTLS = (
     ("fs.protected_symlinks", "1"),
 )
 
-PACKAGES = ("sudo", "openssh-server", "nftables", "chrony", "unattended-upgrades", "tzdata", "ca-certificates")
+PACKAGES = ("sudo", "openssh-server", "nftables", "chrony", "unattended-upgrades", "needrestart", "tzdata", "ca-certificates")

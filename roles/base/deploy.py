@@ -114,6 +114,9 @@ def packages_and_time() -> None:
     cfg = config()
     base = cfg.settings(BaseSettings)
     apt.update(name="Refresh package lists (hourly at most)", cache_time=3600)
+    files.directory(name="/etc/needrestart/conf.d", path="/etc/needrestart/conf.d")
+    template_file("base/etc/needrestart/conf.d/webstack.conf.j2", "/etc/needrestart/conf.d/webstack.conf",
+                  validate="perl -c {} 2>/dev/null")
     apt.packages(name="Install base packages", packages=[*_release.PACKAGES, *base.extra_packages])
     files.link(
         name=f"Time zone {base.timezone}",

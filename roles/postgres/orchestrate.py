@@ -43,9 +43,6 @@ from roles.postgres.settings import PostgresSettings
 from roles.topology import topology
 from webstack.inventory import HostConfig
 
-# Values handed from one step's callback to a later one (control machine memory).
-_shared: dict[str, Any] = {}
-
 
 def _sh(target: Any, command: str, timeout: int = 120) -> str:
     """Run a command as root on ``target`` (a pyinfra Host) from a callback; return stdout."""
@@ -72,12 +69,12 @@ def with_primary(cfg: HostConfig, primary: str, synchronous: bool | None = None)
     return cfg.with_settings(pg)
 
 
-def _configure(cfg: HostConfig, version: str):
+def _configure(cfg: HostConfig, version: str, force: bool = False):
     """Render conf.d/webstack.conf for ``cfg`` (which may name a new primary)."""
     p = paths(version)
     return template_file(
         "postgres/etc/postgresql/main/conf.d/webstack.conf.j2", f"{p.etc}/conf.d/webstack.conf",
-        owes="reload-postgres", user="postgres", group="postgres",
+        owes="reload-postgres", user="postgres", group="postgres", force=force,
         **config_context(cfg, host.get_fact(MemTotalMb)),
     )
 
@@ -113,7 +110,7 @@ def _setup() -> tuple[HostConfig, str, dict[str, Any]] | None:
 
 
 def switchover() -> None:
-    """Planned switchover with no data loss: both servers alive.
+    """Planned switchover with no data loss: both servers alive (deploys/switchover.py).
 
     The old primary is shut down cleanly (its walsender ships every committed
     transaction and waits for the standby's flush before exiting); the target
@@ -125,10 +122,17 @@ def switchover() -> None:
         return
     cfg, version, states = setup
     request = options(SwitchoverOptions)
-    pg = cfg.settings(PostgresSettings)
-    old = pg.primary
+    old = cfg.settings(PostgresSettings).primary
+    target = switchover_target(cfg, states, request.to)
+    switch(cfg, version, old, target, write_inventory=request.write_inventory, force=request.force)
+
+
+def switchover_target(cfg: HostConfig, states: dict[str, Any], to: str = "") -> str:
+    """The replica a switchover promotes (``to``, or the only other member), checked against the live
+    cluster: the inventory's primary must be a running primary and the target its running standby."""
+    old = cfg.settings(PostgresSettings).primary
     others = [p.name for p in topology(cfg).cluster_of(cfg.name) if p.name != old]
-    target = request.to or (others[0] if len(others) == 1 else None)
+    target = to or (others[0] if len(others) == 1 else None)
     if target not in others:
         raise OperationError(f"switchover: name the new primary with --data to=HOST (one of {', '.join(others)})")
     old_st, new_st = _live(states.get(old)), _live(states.get(target))
@@ -136,16 +140,31 @@ def switchover() -> None:
         raise OperationError(f"switchover: {old} is not a running primary (use failover.py if it is dead)")
     if not (new_st and new_st["running"] and new_st["in_recovery"] and new_st["system_id"] == old_st["system_id"]):
         raise OperationError(f"switchover: {target} is not a running standby of {old}")
+    return target
+
+
+def switch(cfg: HostConfig, version: str, old: str, target: str, write_inventory: bool = False,
+           force: bool = False, again: bool = False, announce: bool = True) -> None:
+    """The switchover's operations on every member (a no-op on the others), ``old`` -> ``target``.
+
+    ``cfg``: this host's configuration while ``old`` is the primary. ``again``: a later
+    switchover of the same run (the patch run's switch back): files are written whatever
+    the facts read before the run say, since the first switchover changed them. ``announce``:
+    name the inventory change to commit (the patch run switching back has none).
+    """
     if host.name not in (old, target):
         host.noop("switchover does not concern this host")
         return
-    if host.name == target:  # printed while preparing, so --dry shows the plan too
+    cfg = with_primary(cfg, old)
+    pg = cfg.settings(PostgresSettings)
+    if host.name == target and announce:  # printed while preparing, so --dry shows the plan too
         logger.warning(f"webstack: plan: switchover {old} -> {target}; then postgres__primary: {old} -> {target}")
     p = paths(version)
     old_host, new_host = inventory.get_host(old), inventory.get_host(target)
+    shared: dict[str, Any] = {}
 
     def stop_old_primary() -> None:
-        if backup.enabled(pg) and not request.force:
+        if backup.enabled(pg) and not force:
             # A promoted standby never archives WAL it did not generate: whatever waits here
             # now would be a gap in the archive. Give asynchronous archiving 30 s to drain.
             waiting = f"ls {p.data}/pg_wal/archive_status | grep -c '[.]ready$' || true"
@@ -161,28 +180,29 @@ def switchover() -> None:
         found = re.search(r"Latest checkpoint location:\s+(\S+)", control)
         if not found:
             raise OperationError(f"{old}: no checkpoint location in pg_controldata output")
-        _shared["checkpoint"] = found.group(1)
-        logger.info(f"    [{old}] stopped cleanly at {_shared['checkpoint']}")
+        shared["checkpoint"] = found.group(1)
+        logger.info(f"    [{old}] stopped cleanly at {shared['checkpoint']}")
 
     def promote_target() -> None:
-        if "checkpoint" not in _shared:
+        if "checkpoint" not in shared:
             raise OperationError(f"{old} was not stopped: nothing to promote")
-        want = _lsn(_shared["checkpoint"])
+        want = _lsn(shared["checkpoint"])
         deadline = time.monotonic() + 120
         while _lsn(_psql(new_host, "select pg_last_wal_replay_lsn()")) < want:
             if time.monotonic() > deadline:
                 # Nothing was promoted: the old primary is still the only one, so it takes writes again.
                 _sh(old_host, f"systemctl start {p.service}", timeout=600)
-                raise OperationError(f"{target} did not replay up to {_shared['checkpoint']} in 120 s; "
+                raise OperationError(f"{target} did not replay up to {shared['checkpoint']} in 120 s; "
                                      f"switchover abandoned, {old} restarted as the primary")
             time.sleep(0.2)
         _psql(new_host, "select pg_promote(true, 60)")
         if _psql(new_host, "select pg_is_in_recovery()") != "f":
             raise OperationError(f"{target} did not leave recovery")
-        logger.info(f"    [{target}] promoted after replaying {_shared['checkpoint']}")
+        logger.info(f"    [{target}] promoted after replaying {shared['checkpoint']}")
         # From here on the inventory must name the new primary, whatever happens next:
         # the steps below are finished by deploys/rejoin.py (or site.py) run with it.
-        _inventory_change(cfg, old, target, request.write_inventory)
+        if announce:
+            _inventory_change(cfg, old, target, write_inventory)
 
     if host.name == old:
         python.call(name=f"Stop writes: clean shutdown of {old}", function=stop_old_primary)
@@ -193,7 +213,7 @@ def switchover() -> None:
 
     # Only reloadable settings differ between the two roles (see webstack.conf.j2): no restart.
     future = with_primary(cfg, target)
-    conf = _configure(future, version)
+    conf = _configure(future, version, force=again)
     if host.name == target:
         owed_action("reload-postgres", reload_command(version), [conf],
                     hint=f"{target} is the primary; finish with deploys/rejoin.py --limit {old} --limit {target}")

@@ -148,8 +148,9 @@ def pytest_runtest_makereport(item, call):
 
 
 def pytest_collection_modifyitems(items):
-    """The backup tests run last: the final one destroys a whole cluster and restores it elsewhere."""
-    items.sort(key=lambda item: item.module.__name__.endswith("test_backup"))
+    """The backup tests run last: the final one destroys a whole cluster and restores it elsewhere.
+    Before them the patch run, which reboots machines."""
+    items.sort(key=lambda item: (item.module.__name__.endswith("test_backup"), item.module.__name__.endswith("test_patch")))
 
 
 @pytest.fixture(scope="session")

@@ -98,6 +98,11 @@ def _fact(host: Any, cls: type, kwargs: dict[str, Any], down: frozenset[str] = f
         return f"/usr/bin/{kwargs.get('command', 'x')}"
     if name == "Os":
         return "Linux"
+    if name == "PendingUpgrades":  # the patch run: one library everywhere, a kernel-ish one on the lb pair
+        extra = [{"package": "libssl3t64", "from": "3.5.1-1", "to": "3.5.1-1+deb13u1"}] if host.name.startswith("lb") else []
+        return [{"package": "tzdata", "from": "2025a-1", "to": "2025b-0+deb13u1"}, *extra]
+    if name == "VipHeld":
+        return host.name == "lb1"
     instance = cls()
     default = getattr(instance, "default", None)
     return default() if callable(default) else None

@@ -71,3 +71,35 @@ def test_sql_runs_as_the_postgres_os_user(site):
     lines = [x.strip() for x in site.splitlines() if "pg_create_physical_replication_slot" in x or "GRANT EXECUTE" in x]
     assert len(lines) == 5  # two primaries' slots, three primaries' (db1, db3, drill1) pg_rewind grants
     assert all(x.startswith("as postgres: run psql -d postgres -Ac ") for x in lines), lines
+
+
+@pytest.fixture(scope="module")
+def patch_run() -> str:
+    return plan("patch")
+
+
+def test_patch_run_goes_tier_by_tier_one_host_at_a_time(patch_run):
+    order = steps(patch_run)
+    patched = {name.removeprefix("Patch step | Patch ").split(":")[0]: step
+               for name, step in order.items() if name.startswith("Patch step | Patch ")}
+    hosts = sorted(patched, key=patched.get)
+    # Load balancers (the VIP holder last), application servers, workers, database replicas before
+    # their primaries, the rest.
+    assert hosts[:2] == ["lb2", "lb1"]
+    assert hosts[2:4] == ["app1", "app2"] and hosts[4:6] == ["worker1", "worker2"]
+    assert hosts.index("db2") < hosts.index("db1") and hosts.index("db4") < hosts.index("db3")
+    assert hosts.index("db1") < hosts.index("backup1") and hosts[-2:] == ["spare1", "spare2"]
+    # The holder gives the VIP away before it is touched; an application server is drained from the
+    # load balancers before and put back after; a primary is switched over before.
+    assert order["Patch step | Stop keepalived: the VIP moves to the peer"] < patched["lb1"]
+    assert order["Patch step | Drain app1"] < patched["app1"] < order["Patch step | Put app1 back"]
+    assert order["Patch step | Stop writes: clean shutdown of db1"] < patched["db1"]
+    assert order["Patch step | Promote db2 once it has replayed everything"] < patched["db1"]
+    assert patched["db2"] < order["Patch step | Stop writes: clean shutdown of db1"]
+
+
+def test_patch_run_switches_back_and_prints_the_plan(patch_run):
+    # db1 is patched as a standby, then the cluster switches back to the inventory's primary.
+    assert "Promote db1 once it has replayed everything" in patch_run
+    assert "Promote db3 once it has replayed everything" in patch_run
+    assert "DEBIAN_FRONTEND=noninteractive apt-get -y" in patch_run and "dist-upgrade" in patch_run

@@ -1,0 +1,85 @@
+"""Day-2 views of the lab: `webstack drift` (what site would change, with diffs, secrets masked) and
+`webstack status` (the live stack in one table). Manual edits are made on real servers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lab.probe import host, vip_holder
+from tests.integration.conftest import BIN, MACHINES, ROOT, run, site
+
+pytestmark = pytest.mark.lab
+INV = "inventories/lab"
+
+
+def webstack(*args: str, check: bool = False):
+    return run(str(BIN / "webstack"), *args, check=check, timeout=900)
+
+
+def secret_values() -> list[str]:
+    from webstack.secrets import decrypt
+
+    values = [str(v) for v in decrypt(ROOT / INV).values()]
+    return [line for v in values for line in v.splitlines() if len(line.strip()) >= 12 and "-----" not in line]
+
+
+def test_drift_shows_manual_edits_with_diffs_and_masks_secrets(converged, tmp_path):
+    clean = webstack("drift", INV)
+    assert clean.returncode == 0, clean.output[-3000:]
+    assert clean.output.count("no drift") == len(MACHINES)
+    # Three manual changes: an sshd setting, the TLS key file and the application's secrets file, and a
+    # stopped nginx on the load balancer not holding the VIP.
+    lbs = sorted(n for n, m in MACHINES.items() if "lb" in m["roles"])
+    spare_lb = next(n for n in lbs if n != vip_holder(lbs))
+    host("app2").check_output("sed -i 's/^MaxAuthTries 3$/MaxAuthTries 6/' /etc/ssh/sshd_config")
+    host("app1").check_output("echo 'DEBUG=1' >> /etc/webstack/webapp.env")
+    host(spare_lb).check_output("echo '# tampered' >> /etc/nginx/tls/webstack.key && systemctl stop nginx")
+    try:
+        report_file = tmp_path / "drift.json"
+        drift = webstack("drift", INV, "--json", str(report_file))
+        out = drift.output
+        assert drift.returncode == 1, out[-3000:]
+        assert "-MaxAuthTries 6" in out and "+MaxAuthTries 3" in out
+        assert "-DEBUG=1" in out and "*MASKED*" in out
+        assert "-# tampered" in out and "*MASKED PRIVATE KEY*" in out
+        report = json.loads(report_file.read_text())
+        assert any("nginx running" in c for c in report[spare_lb]["changes"])
+        assert report["db1"]["changes"] == [] and report["app2"]["files"][0]["path"] == "/etc/ssh/sshd_config"
+        for value in secret_values():
+            assert value not in out, "a secret value is in the drift output"
+    finally:
+        site()
+    after = webstack("drift", INV)
+    assert after.returncode == 0, after.output[-3000:]
+
+
+def test_status_is_one_table_from_the_live_servers(converged, tmp_path):
+    report_file = tmp_path / "status.json"
+    result = webstack("status", INV, "--json", str(report_file), check=True)
+    report = json.loads(report_file.read_text())
+    print(result.output)
+    assert set(report) == set(MACHINES)
+    assert report["lb1"]["vip"] and not report["lb2"]["vip"]
+    assert report["db1"]["pg"] == "primary" and report["db2"]["pg"] == "standby"
+    assert report["db3"]["pg"] == "primary" and report["db4"]["pg"] == "standby"
+    assert float(report["db2"]["replay_lag_s"]) >= 0 and int(report["db1"]["streaming"]) == 1
+    assert report["app1"]["release"] == report["app2"]["release"] and report["app1"]["app_active"] == "active"
+    assert report["db1"]["backups"]["full"], "cluster main has a full backup"
+    queue = next(r["queue"] for r in report.values() if isinstance(r.get("queue"), dict))
+    assert {"ready", "dead"} <= set(queue)
+    assert all(str(r["pending"]).isdigit() and r["reboot_required"] in ("yes", "no") for r in report.values())
+    assert "holds VIP" in result.output and "main primary" in result.output and "job queue" in result.output
+
+
+def test_reports_refuse_a_bad_inventory_before_connecting(tmp_path):
+    inv = tmp_path / "lab"
+    import shutil
+
+    shutil.copytree(ROOT / INV, inv)
+    (inv / "group_data" / "lb.yml").write_text((inv / "group_data" / "lb.yml").read_text() + "lb__no_such_key: 1\n")
+    shutil.copy(ROOT / "inventories" / "lab.py", tmp_path / "lab.py")
+    result = webstack("drift", str(inv))
+    assert result.returncode == 2 and "lb__no_such_key" in result.output and "lb.yml" in result.output
+    assert "Connecting" not in result.output and "Loading" not in result.output

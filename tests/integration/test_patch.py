@@ -1,0 +1,145 @@
+"""The monthly patch run on the lab under live traffic: pages and sign-ups through the VIP, every
+host upgraded (and rebooted when the upgrade needs it) one at a time, nothing failed, nothing lost.
+
+Runs after the other tiers' tests (conftest orders it just before the backup tests), since it
+reboots machines.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from urllib.parse import urlencode
+
+import pytest
+
+from lab.probe import SteadyClient, host, https
+from tests.integration.conftest import BIN, MACHINES, inventory_copy, run, wait_for
+
+pytestmark = pytest.mark.lab
+APPS = sorted(n for n, m in MACHINES.items() if "app" in m["roles"])
+LBS = sorted(n for n, m in MACHINES.items() if "lb" in m["roles"])
+
+
+class SignupClient:
+    """Signs up a new address through the VIP every ``interval`` s; records (start, seconds, ok, email)."""
+
+    def __init__(self, interval: float = 0.2, limit: float = 1800) -> None:
+        self.interval, self.limit, self.tag = interval, limit, f"patch-{uuid.uuid4().hex[:8]}"
+        self.results: list[tuple[float, float, bool, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> SignupClient:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        end, n = time.monotonic() + self.limit, 0
+        while not self._stop.is_set() and time.monotonic() < end:
+            n += 1
+            email = f"{self.tag}-{n}@customer.test"
+            start = time.monotonic()
+            try:
+                status, _, _ = https("/signup", "POST", urlencode({"email": email}), timeout=30)
+                ok = status == 201
+            except OSError:
+                ok = False
+            self.results.append((start, time.monotonic() - start, ok, email))
+            self._stop.wait(max(0.0, self.interval - (time.monotonic() - start)))
+
+    def failures(self) -> list[tuple[float, float, bool, str]]:
+        return [r for r in self.results if not r[2]]
+
+    def acknowledged(self) -> set[str]:
+        return {r[3] for r in self.results if r[2]}
+
+
+def patch(*args: str, check: bool = True, inventory: str = "inventories/lab.py"):
+    return run(str(BIN / "pyinfra"), "-y", inventory, "deploys/patch.py", *args, check=check, timeout=3000)
+
+
+def pending(name: str) -> list[str]:
+    out = host(name).check_output("apt-get -qq update >/dev/null 2>&1; LC_ALL=C apt-get -s dist-upgrade | grep '^Inst ' || true")
+    return [line.split()[1] for line in out.splitlines()]
+
+
+def drained_on(lb: str, app: str) -> bool:
+    conf = host(lb).check_output("cat /etc/nginx/sites-enabled/webstack.conf")
+    return any(line.strip().endswith(f"# {app}") and " down;" in line for line in conf.splitlines())
+
+
+def report_of(name: str) -> dict | None:
+    out = host(name).run("cat /var/lib/webstack/last-patch.json")
+    return json.loads(out.stdout) if out.rc == 0 else None
+
+
+def test_unhealthy_host_stops_the_run_and_stays_out(converged, tmp_path):
+    """app1's application is stopped (a health check that fails after patching): the run stops at app1,
+    app1 stays drained from both load balancers, app2 is not touched; the resume command finishes."""
+    before = report_of(APPS[1])
+    host(APPS[0]).check_output("systemctl stop webapp")
+    report = tmp_path / "report.json"
+    result = patch("--limit", "lb", "--limit", "web", "--data", f"from={APPS[0]}", "--data", "health_timeout=10",
+                   "--data", f"report={report}", check=False)
+    try:
+        assert result.returncode != 0
+        assert f"The patch run stopped at {APPS[0]}" in result.output
+        assert f"deploys/patch.py --data from={APPS[0]}" in result.output
+        assert all(drained_on(lb, APPS[0]) for lb in LBS)
+        assert report_of(APPS[1]) == before  # not touched
+        rows = {r["host"]: r for r in json.loads(report.read_text())}
+        assert rows[APPS[0]]["health"].startswith("failed") and APPS[1] not in rows
+        assert f"not touched: {APPS[1]}" in result.output
+    finally:
+        host(APPS[0]).check_output("systemctl start webapp")
+    patch("--limit", "lb", "--limit", "web", "--data", f"from={APPS[0]}", "--data", f"report={report}")
+    assert not any(drained_on(lb, APPS[0]) for lb in LBS)
+    assert report_of(APPS[0])["health"] == "ok" and report_of(APPS[1])["health"] == "ok"
+
+
+def test_misuse_is_refused_before_anything_is_touched(converged, tmp_path):
+    inv = inventory_copy(tmp_path)
+    group = inv.parent / "lab" / "group_data" / "pg_main.yml"
+    group.write_text(group.read_text().replace("postgres__primary: db1", "postgres__primary: db2"))
+    before = {n: report_of(n) for n in ("lb1", "lb2", "db1", "db2")}
+    result = patch(check=False, inventory=str(inv))
+    assert result.returncode != 0 and "stale inventory" in result.output
+    assert {n: report_of(n) for n in before} == before
+    bad = patch("--data", "from=nosuchhost", check=False)
+    assert bad.returncode != 0 and "from=nosuchhost" in bad.output
+
+
+def test_full_patch_run_under_load_fails_no_request_and_loses_no_row(converged, tmp_path):
+    report = tmp_path / "report.json"
+    with SteadyClient(interval=0.05, limit=3000, timeout=5.0) as pages, SignupClient() as signups:
+        wait_for(lambda: len(signups.acknowledged()) >= 5, 30, "sign-ups never got going")
+        started = time.monotonic()
+        out = patch("--data", f"report={report}").output
+        took = time.monotonic() - started
+    rows = json.loads(report.read_text())
+    print(out[-4000:])
+    latencies = sorted(r[1] for r in signups.results)
+    print(f"patch run {took:.0f} s; {len(pages.results)} page requests, {len(pages.failures())} failed; "
+          f"{len(signups.results)} sign-ups, {len(signups.failures())} failed, slowest {latencies[-1]:.2f} s, "
+          f"p99 {latencies[int(len(latencies) * 0.99)]:.2f} s")
+    for r in rows:
+        print(f"  {r['host']:8} {r['tier']:8} {len(r['upgraded']):3} upgraded, rebooted={r['rebooted']}, "
+              f"{r['seconds']:.0f} s, {r['health']}")
+    assert {r["host"] for r in rows} == set(MACHINES)
+    assert all(r["health"] == "ok" for r in rows)
+    assert pages.failures() == [] and len(pages.results) > 100
+    assert signups.failures() == [] and len(signups.results) > 20
+    # Every acknowledged sign-up is in the database (the primary is the inventory's again).
+    emails = host("db1").check_output(
+        f"runuser -u postgres -- psql -XAt -d app -c \"select email from signups where email like '{signups.tag}-%'\"")
+    assert signups.acknowledged() <= set(emails.splitlines())
+    # Nothing is left to upgrade.
+    for name in MACHINES:
+        assert pending(name) == [], name
