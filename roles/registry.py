@@ -176,6 +176,7 @@ DEPLOYS: dict[str, DeployInfo] = {d.name: d for d in (
     DeployInfo("check", "certificate expiry, backup freshness, job queue depth, age and dead letters"),
     DeployInfo("jobs", "list the job queue's dead letters, re-queue some", JobsOptions),
     DeployInfo("patch", "the monthly patch run: every host upgraded, rebooted if needed, one at a time", PatchOptions),
+    DeployInfo("status", "read-only facts for `webstack status` (run with --dry)"),
     DeployInfo("switchover", "planned change of a cluster's primary, no data loss", SwitchoverOptions),
     DeployInfo("failover", "promote a replica when the primary is dead", FailoverOptions),
     DeployInfo("rejoin", "make a former primary a replica of the current one", RejoinOptions),
@@ -255,6 +256,12 @@ def _check_workers(top: Topology, where: str) -> None:
 def _check_lb_pairs(top: Topology, where: str) -> None:
     """Each VIP: one VRRP id, inside every member's subnet, no host's address; VRRP ids unique per network."""
     addresses = {h.address: h.name for h in top.hosts}
+    for h in top.load_balancers():
+        if not top.upstreams(h.name):
+            group = h.settings(LbSettings).upstream_group
+            raise ConfigError(where, f"hosts.{h.name}: lb__upstream_group",
+                              f"no host is in {group!r}: the load balancer would have no application server "
+                              "(the last one cannot be removed while a load balancer remains)")
     ids: dict[int, str] = {}
     for vip, members in top.lb_pairs().items():
         names = ", ".join(h.name for h in members)

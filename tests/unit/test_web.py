@@ -48,6 +48,12 @@ def test_duplicate_vrrp_id(make_inventory):
                        "duplicate VRRP id 7: also used by the pair with VIP 10.1.0.100")
 
 
+def test_removing_the_last_application_server_is_refused(make_inventory):
+    hosts = {k: v for k, v in HOSTS.items() if not k.startswith("app")}
+    inv, message = error_of(make_inventory, hosts=hosts)
+    assert message.startswith(f"{inv}/hosts.yml: hosts.lb1: lb__upstream_group: no host is in 'app'")
+
+
 def test_vip_outside_subnet(make_inventory):
     inv, message = error_of(make_inventory, groups={**GROUPS, "lb": {"lb__vip": "10.2.0.100"}})
     assert message == f"{inv}/hosts.yml: hosts.lb1: lb__vip: 10.2.0.100 is outside lb1's subnet 10.1.0.0/24"
