@@ -9,7 +9,9 @@ over TLS, as the application does.
 from __future__ import annotations
 
 import tempfile
+import uuid
 from pathlib import Path
+from urllib.parse import urlencode
 
 import testinfra
 import yaml
@@ -171,6 +173,45 @@ class SteadyClient:
 
     def served_by(self) -> set[str]:
         return {detail.split(" ", 1)[1] for _, ok, detail in self.results if ok and " " in detail}
+
+
+class SignupClient:
+    """Signs up a new address through the VIP every ``interval`` s; records (start, seconds, ok, email)."""
+
+    def __init__(self, interval: float = 0.2, limit: float = 1800) -> None:
+        self.interval, self.limit, self.tag = interval, limit, f"patch-{uuid.uuid4().hex[:8]}"
+        self.results: list[tuple[float, float, bool, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> SignupClient:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        end, n = time.monotonic() + self.limit, 0
+        while not self._stop.is_set() and time.monotonic() < end:
+            n += 1
+            email = f"{self.tag}-{n}@customer.test"
+            start = time.monotonic()
+            try:
+                status, _, _ = https("/signup", "POST", urlencode({"email": email}), timeout=30)
+                ok = status == 201
+            except OSError:
+                ok = False
+            self.results.append((start, time.monotonic() - start, ok, email))
+            self._stop.wait(max(0.0, self.interval - (time.monotonic() - start)))
+
+    def failures(self) -> list[tuple[float, float, bool, str]]:
+        return [r for r in self.results if not r[2]]
+
+    def acknowledged(self) -> set[str]:
+        return {r[3] for r in self.results if r[2]}
+
 
 
 def vip_holder(names: list[str]) -> str | None:

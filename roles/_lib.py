@@ -64,6 +64,32 @@ def config(target: Any = None) -> HostConfig:
     return cfg
 
 
+_FACT_LOCKS: dict[str, Any] = {}
+
+
+def peer_fact(name: str, fact: type[FactBase], **kwargs: Any) -> Any:
+    """A fact of another host of the run (``None`` when that host is not in the run).
+
+    Every host of the run may ask the same fact of the same peer at once; they ask one at a
+    time, so the first one's answer is in pyinfra's cache for the rest, instead of opening more
+    SSH channels on one connection than sshd's MaxSessions (10) allows.
+    """
+    from pyinfra import inventory, state
+
+    other = inventory.get_host(name, default=None)
+    if other is None or other not in state.active_hosts:
+        return None
+    with fact_lock(name):
+        return other.get_fact(fact, **kwargs)
+
+
+def fact_lock(name: str) -> Any:
+    """The lock taken while asking host ``name``'s facts from another host's preparation."""
+    from gevent.lock import Semaphore
+
+    return _FACT_LOCKS.setdefault(name, Semaphore())
+
+
 def options(cls: type[T]) -> T:
     """This deploy's ``--data`` options, typed (declared in roles/options.py; unknown keys were refused
     before pyinfra connected)."""

@@ -80,3 +80,4 @@ class PatchOptions:
                                      "(no: leave the replica promoted and write postgres__primary)")
     report: str = option("patch-report.json", "file on the control machine for the run's JSON report")
     health_timeout: int = option(180, "seconds a patched host has to pass its health checks")
+    always_reboot: bool = option(False, "reboot every host whether or not its upgrade needs it")

@@ -38,13 +38,12 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from gevent.lock import Semaphore
 from pyinfra import host, inventory, logger, state
 from pyinfra.api import FactBase, OperationError, deploy
 from pyinfra.api.host import Host
 from pyinfra.operations import apt, python, server, systemd
 
-from roles._lib import barrier, config, options, owed_action, root_shell
+from roles._lib import barrier, config, options, owed_action, peer_fact, root_shell
 from roles.app.deploy import AppState
 from roles.app.settings import AppSettings
 from roles.base.deploy import codename
@@ -127,7 +126,6 @@ class Report:
 # Control machine memory shared by every host's operations (one process, one run).
 _REPORTS: dict[str, Report] = {}
 _STARTED: dict[str, float] = {}
-_LOCKS: dict[str, Semaphore] = {}
 _PRINTED: list[str] = []
 
 
@@ -191,12 +189,10 @@ def plan(cfg: HostConfig, start_from: str = "") -> list[Step]:
     steps: list[Step] = []
     app_servers = [p for p in top.app_servers() if p.name in active]
     for peer in hosts:
-        other = inventory.get_host(peer.name)
         tier = next((t for t in ("lb", "app", "worker", "postgres", "backup") if peer.is_in(t)), "other")
         holds = False
         if tier == "lb" and peer.settings(LbSettings).vip:
-            with _LOCKS.setdefault(peer.name, Semaphore()):
-                holds = other.get_fact(VipHeld, vip=peer.settings(LbSettings).vip)
+            holds = bool(peer_fact(peer.name, VipHeld, vip=peer.settings(LbSettings).vip))
         primary_of = switch_to = ""
         if tier == "postgres":
             pg = peer.settings(PostgresSettings)
@@ -264,7 +260,8 @@ def _wait_healthy(target: Host, checks: Sequence[tuple[str, str]], timeout_s: in
             time.sleep(2)
 
 
-def _finish(cfg: HostConfig, step: Step, version: str, upgraded: list[str], health_timeout: int) -> Callable[[], None]:
+def _finish(cfg: HostConfig, step: Step, version: str, upgraded: list[str], health_timeout: int,
+            always: bool) -> Callable[[], None]:
     """The callback after the upgrade: reboot or restart, health, report."""
 
     def run() -> None:
@@ -274,7 +271,7 @@ def _finish(cfg: HostConfig, step: Step, version: str, upgraded: list[str], heal
         try:
             nr = _sh(target, "needrestart -b -r l 2>/dev/null || true")
             required = _sh(target, "test -e /run/reboot-required && echo yes || true").strip() == "yes"
-            report.reboot_reasons = reboot_reasons(upgraded, nr, required)
+            report.reboot_reasons = reboot_reasons(upgraded, nr, required) + (["always_reboot"] if always else [])
             if report.reboot_reasons:
                 _reboot(target)
                 report.rebooted = True
@@ -300,7 +297,7 @@ def _finish(cfg: HostConfig, step: Step, version: str, upgraded: list[str], heal
     return run
 
 
-def _patch_me(cfg: HostConfig, step: Step, version: str, health_timeout: int) -> None:
+def _patch_me(cfg: HostConfig, step: Step, version: str, health_timeout: int, always_reboot: bool) -> None:
     """On the host being patched: upgrade, then reboot or restart, health (fails the host when unhealthy)."""
     pending = host.get_fact(PendingUpgrades)
     upgraded = sorted({p["package"] for p in pending})
@@ -312,7 +309,7 @@ def _patch_me(cfg: HostConfig, step: Step, version: str, health_timeout: int) ->
     python.call(name=f"Patch {cfg.name}: {len(upgraded)} package(s) to upgrade", function=started)
     apt.dist_upgrade(name=f"Upgrade {len(upgraded)} package(s)")
     python.call(name="Reboot or restart what the upgrade needs, then wait until healthy",
-                function=_finish(cfg, step, version, upgraded, health_timeout))
+                function=_finish(cfg, step, version, upgraded, health_timeout, always_reboot))
 
 
 def _print_report(report_file: str, steps: Sequence[Step]) -> Callable[[], None]:
@@ -363,7 +360,7 @@ def run() -> None:
     drained = list(cfg.settings(LbSettings).drained) if "lb" in cfg.roles else []
     for step in host.loop(steps):
         _one(cfg=cfg, step=step, version=version, drained=drained, distro=distro, switch_back=request.switch_back,
-             health_timeout=request.health_timeout, _if=[go])
+             health_timeout=request.health_timeout, always_reboot=request.always_reboot, _if=[go])
     barrier(name="Patch run finished", label="patch")
     # On every host still in the run (any may have failed); the first to get there prints.
     python.call(name="Patch report", function=_print_report(request.report, steps))
@@ -371,7 +368,7 @@ def run() -> None:
 
 @deploy("Patch step")
 def _one(cfg: HostConfig, step: Step, version: str, drained: list[str], distro: str, switch_back: bool,
-         health_timeout: int) -> None:
+         health_timeout: int, always_reboot: bool) -> None:
     """Every host's operations for one step: out of service, patch, back (``version``: this host's
     PostgreSQL version, if it has one)."""
     label = f"patch {step.host}"
@@ -395,7 +392,7 @@ def _one(cfg: HostConfig, step: Step, version: str, drained: list[str], distro: 
     barrier(name=f"{step.host} out of service", label=label)
     # The host itself.
     if cfg.name == step.host:
-        _patch_me(cfg=cfg, step=step, version=version, health_timeout=health_timeout)
+        _patch_me(cfg=cfg, step=step, version=version, health_timeout=health_timeout, always_reboot=always_reboot)
     barrier(name=f"{step.host} patched", label=label)
     # After: back into service.
     if step.primary_of and step.switch_to and switch_back:

@@ -15,13 +15,12 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from gevent.lock import Semaphore
 from pyinfra import host, inventory, state
 from pyinfra.api import Host, OperationError
 from pyinfra.facts.files import Sha1File
 from pyinfra.operations import server
 
-from roles._lib import PendingActions, barrier, config, owed_action, unit_file, validated_file
+from roles._lib import PendingActions, barrier, config, fact_lock, owed_action, unit_file, validated_file
 from roles.app.deploy import AppState, build_release, env_content, prune_releases, unit_content, use_release
 from roles.app.settings import AppSettings
 from roles.base.deploy import codename
@@ -41,9 +40,6 @@ class Step:
     release: str
     reasons: tuple[str, ...]
     worker: bool = False
-
-
-_LOCKS: dict[str, Semaphore] = {}
 
 
 def _sha(text: str) -> str:
@@ -76,9 +72,8 @@ def plan(requested: str = "") -> list[Step]:
             continue
         cfg = config(other)
         # Every lb, app and worker host of the run asks the same facts of ``other`` at once; one
-        # at a time, so the rest read pyinfra's cache instead of opening more SSH channels than
-        # sshd's MaxSessions (10) allows on one connection.
-        with _LOCKS.setdefault(peer.name, Semaphore()):
+        # at a time, so the rest read pyinfra's cache (see roles._lib.peer_fact).
+        with fact_lock(peer.name):
             step = _step(other, cfg, peer.name, is_worker, requested)
         if step:
             steps.append(step)

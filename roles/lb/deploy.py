@@ -19,7 +19,9 @@ from pyinfra.api import OperationError, deploy
 from pyinfra.facts.hardware import NetworkDevices
 from pyinfra.operations import apt, files, systemd
 
-from roles._lib import TEMPLATES, config, owed_action, render, template_file, validated_file
+from roles._lib import TEMPLATES, config, owed_action, peer_fact, render, template_file, validated_file
+from roles.app.deploy import AppState
+from roles.app.settings import AppSettings
 from roles.base.deploy import codename
 from roles.lb.settings import LbSettings
 from roles.topology import topology
@@ -73,6 +75,21 @@ def nginx_site(cfg: HostConfig, release: str, drained: Sequence[str], force: boo
     )
 
 
+def not_serving(cfg: HostConfig) -> list[str]:
+    """Upstream application servers of the run whose service is not running yet (a server being added):
+    they join drained, and the rolling step puts them in once their health check passes. With a single
+    one there is nothing to drain to (as in the rolling step)."""
+    out: list[str] = []
+    upstreams = topology(cfg).upstreams(cfg.name)
+    if len(upstreams) < 2:
+        return out
+    for peer in upstreams:
+        state = peer_fact(peer.name, AppState, app=peer.settings(AppSettings).name)
+        if state is not None and not state["active"]:
+            out.append(peer.name)
+    return out
+
+
 def keepalived_peers(cfg: HostConfig) -> list[str]:
     """Addresses of the other load balancers sharing this one's VIP."""
     return [p.address for p in topology(cfg).vrrp_peers(cfg.name)]
@@ -115,7 +132,7 @@ def apply() -> None:
                        content=page.read_text())
     files.directory(name="ACME challenge directory", path="/var/www/acme/.well-known/acme-challenge", mode="755")
     files.link(name="No default nginx site", path="/etc/nginx/sites-enabled/default", present=False)
-    site = nginx_site(cfg, release, lb.drained)
+    site = nginx_site(cfg, release, [*lb.drained, *not_serving(cfg)])
     link = files.link(name="Enable the webstack site", path="/etc/nginx/sites-enabled/webstack.conf", target=SITE)
     systemd.service(name="nginx running", service="nginx", enabled=True, running=True)
     owed_action("reload-nginx", "nginx -t -q && systemctl reload nginx", [site, link, *tls])

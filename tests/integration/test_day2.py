@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from lab.probe import host, vip_holder
-from tests.integration.conftest import BIN, MACHINES, ROOT, run, site
+from lab.probe import SteadyClient, host, vip_holder
+from tests.integration.conftest import BIN, MACHINES, ROOT, deploy, inventory_copy, run, site, wait_for
 
 pytestmark = pytest.mark.lab
 INV = "inventories/lab"
@@ -83,3 +83,32 @@ def test_reports_refuse_a_bad_inventory_before_connecting(tmp_path):
     result = webstack("drift", str(inv))
     assert result.returncode == 2 and "lb__no_such_key" in result.output and "lb.yml" in result.output
     assert "Connecting" not in result.output and "Loading" not in result.output
+
+
+def test_onboard_a_spare_as_app_server_under_load_then_remove_it(converged, tmp_path):
+    """spare1 joins as a third application server (inventory change + site) while a client sends
+    requests through the VIP; then the committed inventory (without it) is applied again. No request
+    fails, and afterwards nothing of spare1 remains in the load balancers, pg_hba or the firewalls."""
+    inv = inventory_copy(tmp_path)
+    hosts = inv.parent / "lab" / "hosts.yml"
+    text = hosts.read_text()
+    line = next(x for x in text.splitlines() if x.strip().startswith("spare1:"))
+    hosts.write_text(text.replace(line, line.replace("roles: []", "roles: [app]").replace("groups: [spare]", "groups: [web]")))
+    address = MACHINES["spare1"]["address"]
+    lbs = sorted(n for n, m in MACHINES.items() if "lb" in m["roles"])
+    with SteadyClient(interval=0.05, limit=1200, timeout=5.0) as client:
+        added = deploy(inv, "site")
+        wait_for(lambda: "spare1" in client.served_by(), 30, "spare1 never answered through the VIP")
+        served = len([r for r in client.results if r[1] and r[2].endswith("spare1")])
+        removed = site()
+        after = len(client.results)
+        wait_for(lambda: len(client.results) > after + 40, 30, "no requests after the removal")
+    assert "Drain spare1" in added.output  # it joined drained, then was put in once healthy
+    assert client.failures() == [], client.failures()[:5]
+    assert served > 0 and len(client.results) > 100
+    assert not any(r[1] and r[2].endswith("spare1") for r in client.results[after:])
+    for lb in lbs:
+        assert address not in host(lb).check_output("cat /etc/nginx/sites-enabled/webstack.conf")
+    assert address not in host("db1").check_output("cat /etc/postgresql/17/main/pg_hba.conf")
+    assert address not in host("db1").check_output("nft list ruleset")
+    assert removed.totals()["error"] == "-"
