@@ -200,7 +200,9 @@ _PRIVATE_KEY = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]
 
 
 class FileText(FactBase):
-    """A text file's content ('' when absent); asked only by a drift report, for the diff."""
+    """A text file's content ('' when absent or empty)."""
+
+    default = str
 
     def command(self, path: str) -> StringCommand:
         return StringCommand("cat", QuoteString(path), "2>/dev/null", "||", "true")
@@ -247,6 +249,8 @@ def _write_drift(path: str, run_state: Any) -> None:
     """At exit: per host, the operations that would change something and the files' diffs (JSON)."""
     out: dict[str, Any] = {}
     for target in run_state.inventory:
+        if not run_state.is_host_in_limit(target):
+            continue  # left out by --limit
         if target not in run_state.activated_hosts:
             out[target.name] = {"error": "not connected", "changes": [], "files": []}
             continue

@@ -53,18 +53,28 @@ def archive_command(pg: PostgresSettings) -> str:
     return f"pgbackrest --stanza={pg.cluster} archive-push %p" if enabled(pg) else pg.archive_command
 
 
+# In pg_wal during a failover's promotion, when the archive was found to hold nothing the
+# promoted standby lacks (see restore_command and orchestrate.ArchiveCheck).
+PROMOTING = "webstack-promoting"
+
+
 def restore_command(pg: PostgresSettings) -> str:
     """restore_command, so a standby that fell behind its slot can catch up from the archive.
 
     PostgreSQL asks the archive for a timeline's history file even when pg_wal holds it
     (promotion does twice: the new timeline's, to avoid one already taken, and the parent's,
     to write the new one). History files never change once written, so one found in pg_wal
-    is used as is: a promotion then waits for one repository round trip instead of two
-    (0.2-0.9 s each over SFTP). A file pg_wal lacks is still looked up in the archive.
+    is used as is. A promotion also asks for the segment being streamed when it stopped.
+    During a failover the promoting command checks the archive first, overlapped with its
+    question to the old primary: when the archive holds no segment past what this standby
+    received and no newer timeline, it leaves the marker PROMOTING in pg_wal and the
+    promotion does not wait for the repository (0.2-0.9 s per question over SFTP); the
+    marker counts for 60 s at most, so a forgotten one cannot stop a later catch-up.
     """
     if not enabled(pg):
         return ""
-    local = 'case "%f" in *.history) test -f "pg_wal/%f" && cp "pg_wal/%f" "%p" && exit 0;; esac; '
+    local = ('case "%f" in *.history) test -f "pg_wal/%f" && cp "pg_wal/%f" "%p" && exit 0;; esac; '
+             f'test -n "$(find pg_wal/{PROMOTING} -newermt \'60 seconds ago\' 2>/dev/null)" && exit 1; ')
     return local + f'pgbackrest --stanza={pg.cluster} archive-get %f "%p"'
 
 

@@ -11,6 +11,7 @@ callbacks on the control machine.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import time
 from pathlib import Path
@@ -260,6 +261,73 @@ class _Probe:
         return answer
 
 
+class ArchiveCheck:
+    """Whether the backup archive holds anything a promoting standby lacks, asked in a greenlet
+    (overlapping the failover's preparation and its question to the old primary).
+
+    The archive's newest segment and its timeline history files come from the repository;
+    at promotion time they are compared with what the standby received. A standby that
+    streamed up to the old primary's death is never behind the archive (a segment is
+    archived only once complete); one that had fallen behind is, and then the promotion
+    asks the archive as always. Any doubt (no answer, an error) means: ask the archive.
+    """
+
+    def __init__(self, target: Any, pg: PostgresSettings) -> None:
+        self.target, self.pg = target, pg
+        self.greenlet = gevent.spawn(self._ask) if backup.enabled(pg) else None
+
+    def _ask(self) -> tuple[str, list[int]] | None:
+        q = f"runuser -u postgres -- pgbackrest --stanza={self.pg.cluster} --output=json"
+        ok, out = root_shell(self.target, f"{q} info", 30)
+        if not ok:
+            return None
+        archives = [a for st in json.loads(out.stdout) for a in st.get("archive", [])]
+        if not archives:
+            return None
+        newest = max(archives, key=lambda a: a.get("max") or "")
+        ok, out = root_shell(self.target, f"{q} repo-ls --filter='[.]history$' archive/{self.pg.cluster}/{newest['id']}", 30)
+        if not ok:
+            return None
+        timelines = [int(name.split(".")[0], 16) for name in json.loads(out.stdout) if name.endswith(".history")]
+        return str(newest.get("max") or ""), timelines
+
+    def nothing_newer(self, version: str) -> bool:
+        """True when the archive holds no segment past what the standby received and no timeline past
+        its own (then the promotion need not ask the archive)."""
+        if self.greenlet is None:
+            return False
+        try:
+            answer = self.greenlet.get(timeout=5)
+        except Exception:
+            return False
+        if not answer:
+            return False
+        newest, timelines = answer
+        p = paths(version)
+        ok, out = root_shell(self.target, (
+            "runuser -u postgres -- psql -XAt -c \"select pg_last_wal_receive_lsn(), "
+            "(select setting from pg_settings where name = 'wal_segment_size')\"; "
+            f"ls {p.data}/pg_wal | sed -n 's/^\\([0-9A-F]\\{{8\\}}\\)[.]history$/\\1/p' | tail -n 1"), 30)
+        if not ok or "|" not in out.stdout:
+            return False
+        first, *rest = out.stdout.split("\n")
+        received, segment_size = first.split("|")
+        if not received:
+            return False
+        own_timeline = int(rest[0], 16) if rest and rest[0].strip() else 1
+        return archive_not_ahead(newest, timelines, received, int(segment_size), own_timeline)
+
+
+def archive_not_ahead(newest: str, timelines: list[int], received: str, segment_size: int, own_timeline: int) -> bool:
+    """True when the archive's newest segment (``newest``, a WAL file name, '' for none) ends before
+    the segment holding LSN ``received``, and no archived timeline history is newer than the
+    standby's own timeline."""
+    received_segment = _lsn(received) // segment_size
+    archived_segment = (int(newest[8:16], 16) * (0x100000000 // segment_size) + int(newest[16:24], 16)
+                        if newest else -1)
+    return archived_segment < received_segment and all(t <= own_timeline for t in timelines)
+
+
 def failover() -> None:
     """Emergency failover: the primary is dead; promote this replica.
 
@@ -277,6 +345,7 @@ def failover() -> None:
     named = options(FailoverOptions).to
     if "postgres" in me.roles and host.name != me.settings(PostgresSettings).primary and named in ("", host.name):
         probe = _Probe(inventory.get_host(host.name), topology(me).primary(me.name).address)
+        archive = ArchiveCheck(inventory.get_host(host.name), me.settings(PostgresSettings))
     setup = _setup()
     if setup is None:
         return
@@ -320,7 +389,10 @@ def failover() -> None:
             raise OperationError(f"failover: {old} is alive and primary; use deploys/switchover.py{hint}")
         # pg_promote(wait => true) answers t only once the server has left recovery.
         reload_now = " -c 'select pg_reload_conf()'" if reload else ""
-        out = _sh(new_host, f"runuser -u postgres -- psql -XAt -c 'select pg_promote(true, 60)'{reload_now}")
+        marker = f"{paths(version).data}/pg_wal/{backup.PROMOTING}"
+        mark = f"runuser -u postgres -- touch {marker} && " if archive.nothing_newer(version) else ""
+        out = _sh(new_host, f"{mark}runuser -u postgres -- psql -XAt -c 'select pg_promote(true, 60)'{reload_now}; "
+                            f"r=$?; rm -f {marker}; exit $r")
         if out.splitlines()[:1] != ["t"]:
             raise OperationError(f"{target} did not leave recovery within 60 s")
         logger.info(f"    [{target}] promoted; {old} is fenced by pg-fence if it comes back")

@@ -233,11 +233,12 @@ def test_postgres_archives_into_the_stanza_pgbackrest_is_configured_with(cfgs, t
     fake_bin(tmp_path / "bin", "pgbackrest", 'printf "%s\\n" "$@" > "$ARGV"\n')
     segment = "000000010000000A000000FF"
 
-    def argv_of(setting: str, path: str, file: str = segment) -> list[str]:
+    def argv_of(setting: str, path: str, file: str = segment, rc: int = 0) -> list[str]:
         (tmp_path / "argv").unlink(missing_ok=True)
         env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", "ARGV": str(tmp_path / "argv")}
-        subprocess.run(["/bin/sh", "-c", as_postgres_runs(pg_setting(conf, setting), path, file)], env=env, check=True,
-                       cwd=tmp_path)  # PostgreSQL runs it in the data directory
+        done = subprocess.run(["/bin/sh", "-c", as_postgres_runs(pg_setting(conf, setting), path, file)], env=env,
+                              cwd=tmp_path)  # PostgreSQL runs it in the data directory
+        assert done.returncode == rc
         return (tmp_path / "argv").read_text().splitlines() if (tmp_path / "argv").exists() else []
 
     assert argv_of("archive_command", f"pg_wal/{segment}") == [f"--stanza={stanza}", "archive-push", f"pg_wal/{segment}"]
@@ -250,6 +251,15 @@ def test_postgres_archives_into_the_stanza_pgbackrest_is_configured_with(cfgs, t
     assert (tmp_path / "pg_wal" / "RECOVERYHISTORY").read_text().startswith("2\t0/9000028")
     assert argv_of("restore_command", "pg_wal/RECOVERYHISTORY", "00000004.history") == [
         f"--stanza={stanza}", "archive-get", "00000004.history", "pg_wal/RECOVERYHISTORY"]
+    # A failover's promotion found nothing newer in the archive (a fresh marker): the archive is not
+    # asked, the file is "not found"; a marker older than 60 s is ignored.
+    marker = tmp_path / "pg_wal" / backup.PROMOTING
+    marker.touch()
+    assert argv_of("restore_command", "pg_wal/RECOVERYHISTORY", "00000004.history", rc=1) == []
+    assert argv_of("restore_command", "pg_wal/RECOVERYXLOG", rc=1) == []
+    assert argv_of("restore_command", "pg_wal/RECOVERYHISTORY", "00000003.history") == []  # still from pg_wal
+    os.utime(marker, (time.time() - 61, time.time() - 61))
+    assert argv_of("restore_command", "pg_wal/RECOVERYXLOG")[1:3] == ["archive-get", segment]
     assert stanza == "main"
     assert config_context(cfgs["drill"], memory_mb=4096)["archive_command"] == ""
 
@@ -461,3 +471,21 @@ def test_restore_keeps_the_old_data_directory_until_recovery_is_done(tmp_path, m
     # A copy left by an earlier failed restore is never deleted: the next restore refuses.
     (tmp_path / "17" / "main.webstack-pre-restore").mkdir()
     assert agent.main(["restore", "--stanza", "main", "--data", str(data), "--service", "postgresql@17-main"]) == 1
+
+
+def test_promotion_skips_the_archive_only_when_it_holds_nothing_newer():
+    from roles.postgres.orchestrate import archive_not_ahead
+
+    mb16 = 16 * 1024 * 1024
+    # Received into segment 0/0A (LSN 0/0A000100): the archive's newest is 0/09 -> nothing newer.
+    assert archive_not_ahead("000000020000000000000009", [2], "0/A000100", mb16, 2)
+    # The archive holds the complete segment 0/0A that the standby has only partly: ask it.
+    assert not archive_not_ahead("00000002000000000000000A", [2], "0/A000100", mb16, 2)
+    # Exactly at a segment boundary: segment 0/0A is complete on the standby too.
+    assert archive_not_ahead("00000002000000000000000A", [], "0/B000000", mb16, 2)
+    # Across the 4 GiB boundary of the log number.
+    assert archive_not_ahead("0000000200000000000000FF", [], "1/00000010", mb16, 2)
+    assert not archive_not_ahead("000000020000000100000000", [], "1/00000010", mb16, 2)
+    # A newer timeline in the archive (another promotion happened): ask it.
+    assert not archive_not_ahead("000000020000000000000009", [2, 3], "0/A000100", mb16, 2)
+    assert archive_not_ahead("", [], "0/3000060", mb16, 1)
