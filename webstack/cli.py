@@ -213,10 +213,12 @@ def main(argv: list[str] | None = None) -> int:
         rep = sub.add_parser(name, help=helptext)
         rep.add_argument("inventory", type=Path)
         rep.add_argument("--json", type=Path, help="also write the report as JSON to this file")
-        rep.add_argument("pyinfra_args", nargs=argparse.REMAINDER, help="passed to pyinfra (e.g. --limit web)")
+        rep.epilog = "Other options are passed to pyinfra (e.g. --limit web)."
     docs = sub.add_parser("docs", help="regenerate the README settings tables")
     docs.add_argument("--check", action="store_true", help="exit 1 if README.md is out of date")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.cmd not in ("drift", "status"):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.cmd == "check":
             from webstack.inventory import load
@@ -225,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.inventory}: {len(configs)} hosts OK")
             return 0
         if args.cmd in ("drift", "status"):
-            return cmd_report(args.cmd, args.inventory, args.json, args.pyinfra_args)
+            return cmd_report(args.cmd, args.inventory, args.json, extra)
         if args.cmd == "onboard":
             return cmd_onboard(args.inventory, args.hosts, [])
         if args.cmd == "docs":
