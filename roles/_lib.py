@@ -214,7 +214,7 @@ class FileText(FactBase):
 def mask(text: str, secrets: Sequence[str] = ()) -> str:
     """``text`` with the inventory's secret values, private keys and the values of password-, secret-,
     token- and key-like settings replaced by ``*MASKED*``."""
-    for value in sorted((v for v in secrets if len(v) >= 4), key=len, reverse=True):
+    for value in sorted((v.strip("\n") for v in secrets if len(v.strip()) >= 4), key=len, reverse=True):
         text = text.replace(value, "*MASKED*")
     text = _PRIVATE_KEY.sub("*MASKED PRIVATE KEY*", text)
     return _SECRET_LINE.sub(lambda m: m.group(1) + "*MASKED*", text)
