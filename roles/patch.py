@@ -161,9 +161,10 @@ def health_commands(cfg: HostConfig, version: str = "") -> list[tuple[str, str]]
     if "app" in cfg.roles:
         app = cfg.settings(AppSettings)
         checks.append((f"{app.name} serves its release", (
-            f"r=$(readlink /srv/{app.name}/current | xargs -r basename); "
-            f"curl -fs -D - -o /dev/null http://127.0.0.1:{app.port}{app.health_path} | "
-            "tr -d '\\r' | grep -qix \"x-release: $r\"")))
+            "python3 -c \"import os, sys, urllib.request as u; "
+            f"r = u.urlopen('http://127.0.0.1:{app.port}{app.health_path}', timeout=5); "
+            f"sys.exit(0 if r.headers.get('X-Release') == os.path.basename(os.path.realpath('/srv/{app.name}/current')) "
+            "else 1)\"")))
     if "worker" in cfg.roles:
         checks.append(("workers running", f"systemctl is-active -q {' '.join(worker_units(cfg))}"))
     if "postgres" in cfg.roles and version:

@@ -66,7 +66,10 @@ def status_script(cfg: HostConfig, version: str = "") -> str:
             f"if {q} 'select 1' >/dev/null 2>&1; then "
             f"echo pg=$({q} \"select case when pg_is_in_recovery() then 'standby' else 'primary' end\"); "
             f"echo timeline=$({q} 'select timeline_id from pg_control_checkpoint()'); "
-            f"echo replay_lag_s=$({q} \"select coalesce(case when pg_is_in_recovery() then "
+            # Lag: 0 when everything received is replayed (an idle primary sends nothing), else
+            # the age of the last replayed transaction.
+            f"echo replay_lag_s=$({q} \"select coalesce(case when pg_is_in_recovery() and "
+            "pg_last_wal_receive_lsn() is distinct from pg_last_wal_replay_lsn() then "
             "extract(epoch from now() - pg_last_xact_replay_timestamp()) end, 0)::numeric(10,1)\"); "
             f"echo streaming=$({q} 'select count(*) from pg_stat_replication'); "
             f"echo wal_ready=$(ls {paths(version).data}/pg_wal/archive_status 2>/dev/null "
@@ -75,7 +78,7 @@ def status_script(cfg: HostConfig, version: str = "") -> str:
             " from pg_stat_archiver\"); "
             "else echo pg=down; fi")
         pg = cfg.settings(PostgresSettings)
-        if backup.enabled(pg):
+        if backup.enabled(pg):  # printed for the primary (webstack.reports)
             lines.append(
                 f"echo backups=$(runuser -u postgres -- pgbackrest --stanza={pg.cluster} info --output=json "
                 "2>/dev/null | python3 -c 'import json,sys; d=json.load(sys.stdin)[0].get(\"backup\", []); "

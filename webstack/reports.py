@@ -101,7 +101,7 @@ def format_status(report: dict[str, Any]) -> str:
         patched = f"{patch.get('finished', '-')}" + (f" ({patch['health'][:6]})" if patch.get("health") else "")
         lines.append(f"{name:9} {','.join(row.get('roles', [])):18} {row.get('pending', '?'):>7} "
                      f"{row.get('security', '?'):>4} {row.get('reboot_required', '?'):6} {patched:32} {'; '.join(state)}")
-        if isinstance(row.get("backups"), dict):
+        if isinstance(row.get("backups"), dict) and row.get("pg") == "primary":
             b = row["backups"]
             extra.append(f"backups of {row['cluster']} (from {name}): full {_age(b.get('full'))}, diff {_age(b.get('diff'))}, "
                          f"incr {_age(b.get('incr'))}; WAL archived {_age(row.get('last_archived'))}, "
