@@ -281,6 +281,8 @@ def _finish(cfg: HostConfig, step: Step, version: str, upgraded: list[str], heal
                 if services:
                     _sh(target, "needrestart -b -r a >/dev/null")
                     report.restarted = services
+            if step.tier == "worker":  # stopped before the upgrade; a reboot started them already
+                _sh(target, f"systemctl start {' '.join(worker_units(cfg))}")
             _wait_healthy(target, health_commands(cfg, version), health_timeout)
             report.health = "ok"
         except Exception as exc:
@@ -401,8 +403,6 @@ def _one(cfg: HostConfig, step: Step, version: str, drained: list[str], distro: 
                            again=True, announce=False)
     if cfg.name == step.host and step.holds_vip:
         systemd.service(name="Start keepalived", service="keepalived", running=True)
-    if cfg.name == step.host and step.tier == "worker":
-        server.shell(name="Start the workers", commands=[f"systemctl start {' '.join(worker_units(cfg))}"])
     if lb_here and step.drain:
         site = nginx_site(cfg, distro, drained, force=True, name=f"Put {step.host} back")
         owed_action("reload-nginx", "nginx -t -q && systemctl reload nginx", [site])
