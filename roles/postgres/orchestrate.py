@@ -45,6 +45,10 @@ from roles.topology import topology
 from webstack.inventory import HostConfig
 
 
+# Values handed from one host's callback to another's (control machine memory), per switchover.
+_SHARED: dict[str, dict[str, Any]] = {}
+
+
 def _sh(target: Any, command: str, timeout: int = 120) -> str:
     """Run a command as root on ``target`` (a pyinfra Host) from a callback; return stdout."""
     ok, out = root_shell(target, command, timeout)
@@ -162,7 +166,8 @@ def switch(cfg: HostConfig, version: str, old: str, target: str, write_inventory
         logger.warning(f"webstack: plan: switchover {old} -> {target}; then postgres__primary: {old} -> {target}")
     p = paths(version)
     old_host, new_host = inventory.get_host(old), inventory.get_host(target)
-    shared: dict[str, Any] = {}
+    # One dict for the old primary's callback and the target's (each host prepares its own closures).
+    shared = _SHARED.setdefault(f"{old} -> {target}", {})
 
     def stop_old_primary() -> None:
         if backup.enabled(pg) and not force:
