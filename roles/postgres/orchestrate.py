@@ -44,7 +44,6 @@ from roles.postgres.settings import PostgresSettings
 from roles.topology import topology
 from webstack.inventory import HostConfig
 
-
 # Values handed from one host's callback to another's (control machine memory), per switchover.
 _SHARED: dict[str, dict[str, Any]] = {}
 
