@@ -264,7 +264,10 @@ def ensure_slots(cfg: HostConfig, primary: bool = True) -> None:
     wanted = [slot_name(p.name) for p in topology(cfg).cluster_peers(cfg.name)] if primary else []
     for slot in wanted:
         if slot not in slots:
-            run_sql(name=f"Replication slot for {slot}", sql=f"SELECT pg_create_physical_replication_slot('{slot}')")
+            # Idempotent: a server down while the run was prepared may have the slot after all.
+            run_sql(name=f"Replication slot for {slot}",
+                    sql=f"SELECT pg_create_physical_replication_slot('{slot}') WHERE NOT EXISTS "
+                        f"(SELECT 1 FROM pg_replication_slots WHERE slot_name = '{slot}')")
     listed = host.get_fact(File, path=SLOTS_FILE)
     made = (host.get_fact(FileText, path=SLOTS_FILE).split() if listed
             else [s for s in slots if s in {slot_name(p.name) for p in cfg.peers}])
