@@ -7,7 +7,8 @@ GET /app every 50 ms (pages) and one POST /signup every 200 ms (writes, which wa
 cluster switches its primary). Prints the run's wall time in total and, per tier, the sum of its
 hosts' seconds from the run's JSON report (each host's upgrade, reboot or restarts and health
 check; draining, VIP moves and switchovers are in the total only), how many hosts rebooted,
-failed pages and sign-ups, the slowest sign-up (the longest write pause), and the acknowledged sign-ups missing from the database. ``--always-reboot`` reboots every host
+failed pages and sign-ups, the slowest sign-up (the longest write pause), and the acknowledged
+sign-ups missing from the database. ``--always-reboot`` reboots every host
 (``--data always_reboot=yes``); without it only hosts whose upgrade needs one do. Results are
 also written to bench/results/patch-<time>.json.
 """
