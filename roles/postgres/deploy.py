@@ -9,17 +9,15 @@ if the inventory is stale: a routine run never demotes or clobbers a primary.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from typing import Any
 
 from pyinfra import host, inventory, state
 from pyinfra.api import FactBase, HiddenValue, OperationError, QuoteString, StringCommand, deploy, operation
 from pyinfra.api.operation import OperationMeta
-from pyinfra.facts.files import File
-from pyinfra.operations import apt, files, postgres, server, systemd
+from pyinfra.operations import apt, postgres, server, systemd
 
-from roles._lib import FileText, barrier, config, owed_action, render, template_file, validated_file
+from roles._lib import barrier, config, owed_action, render, template_file, validated_file
 from roles.base.deploy import codename
 from roles.postgres import backup, scram
 from roles.postgres._release import VERSION, paths
@@ -29,7 +27,6 @@ from roles.topology import topology
 from webstack.inventory import HostConfig
 
 PGPASS = "/var/lib/postgresql/.pgpass"
-SLOTS_FILE = "/var/lib/webstack/replication-slots"
 
 
 # Not facts.hardware.Memory: it rounds MiB where this truncates (running clusters' memory settings would move) and needs vmstat.
@@ -254,30 +251,16 @@ def database(db: str, owner: str, extensions: Sequence[str] = ()):
         host.noop(f"database {db} is as wanted")
 
 
-def ensure_slots(cfg: HostConfig, primary: bool = True) -> None:
-    """The primary gets a physical replication slot for every other cluster member; every member drops
-    the slots this role made earlier that are no longer wanted (a member removed from the inventory,
-    or, on a standby, the slots it had as a primary before a switchover: an unused slot keeps WAL for
-    ever). The slots made are listed in SLOTS_FILE; before that file existed, slots named after an
-    inventory host count as made here (another tool's slots are never touched)."""
+def ensure_slots(cfg: HostConfig) -> None:
+    """On the host being primary: a physical replication slot for every other cluster member."""
     slots = host.get_fact(PgReplicationSlots)
-    wanted = [slot_name(p.name) for p in topology(cfg).cluster_peers(cfg.name)] if primary else []
-    for slot in wanted:
-        if slot not in slots:
+    for member in (p.name for p in topology(cfg).cluster_peers(cfg.name)):
+        if slot_name(member) not in slots:
             # Idempotent: a server down while the run was prepared may have the slot after all.
-            run_sql(name=f"Replication slot for {slot}",
+            slot = slot_name(member)
+            run_sql(name=f"Replication slot for {member}",
                     sql=f"SELECT pg_create_physical_replication_slot('{slot}') WHERE NOT EXISTS "
                         f"(SELECT 1 FROM pg_replication_slots WHERE slot_name = '{slot}')")
-    listed = host.get_fact(File, path=SLOTS_FILE)
-    made = (host.get_fact(FileText, path=SLOTS_FILE).split() if listed
-            else [s for s in slots if s in {slot_name(p.name) for p in cfg.peers}])
-    for slot in made:
-        if slot in slots and slot not in wanted:
-            run_sql(name=f"Drop the unused replication slot {slot}",
-                    sql=f"SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
-                        f"WHERE slot_name = '{slot}' AND NOT active")
-    files.put(name="Replication slots made by webstack", src=io.StringIO("".join(f"{s}\n" for s in wanted)),
-              dest=SLOTS_FILE, mode="644")
 
 
 def reload_command(version: str) -> str:
@@ -403,4 +386,3 @@ def apply(restoring: bool = False) -> None:
         server.shell(name=f"Clone from {pg.primary} (pg_basebackup via slot {slot_name(cfg.name)})",
                      commands=[clone_command(version, primary_address, slot_name(cfg.name))])
     owed_action("reload-postgres", reload_command(version), [conf, hba])
-    ensure_slots(cfg, primary=False)
