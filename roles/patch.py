@@ -44,7 +44,6 @@ from pyinfra.api.host import Host
 from pyinfra.operations import apt, python, server, systemd
 
 from roles._lib import barrier, config, options, owed_action, peer_fact, root_shell
-from roles.app.deploy import AppState
 from roles.app.settings import AppSettings
 from roles.base.deploy import codename
 from roles.lb.deploy import nginx_site
@@ -407,6 +406,3 @@ def _one(cfg: HostConfig, step: Step, version: str, drained: list[str], distro: 
         site = nginx_site(cfg, distro, drained, force=True, name=f"Put {step.host} back")
         owed_action("reload-nginx", "nginx -t -q && systemctl reload nginx", [site])
     barrier(name=f"{step.host} back in service", label=label)
-
-
-__all__ = ["AppState", "run"]
