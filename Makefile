@@ -64,7 +64,7 @@ unit: setup
 	$(VENV)/bin/pytest -q tests/unit
 
 integration: setup
-	$(VENV)/bin/pytest -q tests/integration
+	$(VENV)/bin/pytest -q --durations=40 tests/integration
 
 test: lint unit integration
 
