@@ -230,16 +230,20 @@ def switch(cfg: HostConfig, version: str, old: str, target: str, write_inventory
 
 
 def _start_as_standby(version: str, conf: Any, hint: str = "") -> None:
-    """Start this (stopped) server as a standby and wait until it streams."""
+    """Start this (stopped) server as a standby, wait until it streams, then drop the replication
+    slots it kept from its time as the primary: nothing streams from a standby (no cascading), and
+    an unused slot holds back WAL removal on it for ever."""
     p = paths(version)
     fail = f"echo 'not streaming after 60 s{'; ' + hint if hint else ''}' >&2; exit 1"
+    drop = ("runuser -u postgres -- psql -XAtq -c \"select pg_drop_replication_slot(slot_name) "
+            "from pg_replication_slots where slot_type = 'physical' and not active\" >/dev/null")
     server.shell(
-        name="Start as a standby and wait for streaming",
+        name="Start as a standby, wait for streaming, drop the slots kept from its time as primary",
         commands=[
             f"runuser -u postgres -- touch {p.data}/standby.signal && timeout 300 systemctl start {p.service} && "
             "for i in $(seq 120); do s=$(runuser -u postgres -- psql -XAtc "
-            "'select status from pg_stat_wal_receiver'); [ \"$s\" = streaming ] && exit 0; sleep 0.5; done; "
-            + fail
+            f"'select status from pg_stat_wal_receiver'); [ \"$s\" = streaming ] && {{ {drop}; exit $?; }}; "
+            "sleep 0.5; done; " + fail
         ],
     )
     owed_action("reload-postgres", reload_command(version), [conf])

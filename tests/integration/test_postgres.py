@@ -43,6 +43,13 @@ def clusters() -> list[tuple[str, str, str]]:
 CLUSTERS = clusters()
 
 
+def slots(name: str) -> dict[str, str]:
+    """Physical replication slots on a server: name -> active (t/f)."""
+    out = host_for(name).check_output("runuser -u postgres -- psql -XAt -F ' ' -c "
+                                      "\"select slot_name, active from pg_replication_slots where slot_type = 'physical'\"")
+    return dict(line.split() for line in out.splitlines())
+
+
 @pytest.fixture(scope="module")
 def client(converged):
     """app1 with a psql client and the app's password in a private pgpass file."""
@@ -112,6 +119,8 @@ def test_switchover_under_load_loses_nothing(client, tmp_path, cluster, primary,
     # Switch back so the lab matches the committed inventory again.
     deploy(inv, "switchover", "--limit", f"pg_{cluster}", "--data", "write_inventory=yes")
     assert f"postgres__primary: {primary}" in group_file.read_text()
+    assert slots(primary) == {replica: "t"}
+    assert slots(replica) == {}, "the standby kept a slot from its time as primary (it holds back WAL)"
 
 
 # Failover -> fence -> rejoin -> switchover back, repeated: one run of the suite once failed at
@@ -157,6 +166,7 @@ def test_failover_fence_and_rejoin(client, tmp_path, cluster, primary, replica, 
         assert host_for(name).service(f"postgresql@{version}-main").is_running, f"{name}: unit not active"
     assert host_for(replica).check_output(
         "runuser -u postgres -- psql -XAtc 'select status from pg_stat_wal_receiver'") == "streaming"
+    assert slots(replica) == {} and slots(primary) == {replica: "t"}
 
 
 def test_committed_inventory_matches_the_lab_again(converged):
