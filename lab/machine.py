@@ -178,6 +178,20 @@ def ensure_ssh_keypair() -> None:
         run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "webstack-lab", "-f", SSH_KEY])
 
 
+# In these containers systemd cannot move a user manager into its cgroup ("Failed to attach ...
+# to compat systemd cgroup: Permission denied"), and stopping one then hangs until its stop timeout
+# (2 min, "Processes still around after final SIGKILL"). logind stops a user's manager 10 s after
+# their last logout; the next login meanwhile waits for it, and pam_systemd gives up after 25 s: a
+# lab host that answered SSH in 25 s instead of 0.1 s failed a run once (backup1, whose SFTP
+# accounts log in every minute). The user managers are kept instead (a container artifact: on
+# VMs and real servers they stop normally).
+LOGIND_DROPIN = """\
+# Written by the webstack lab (lab/machine.py).
+[Login]
+UserStopDelaySec=infinity
+"""
+
+
 def _personalise(fleet: Fleet, m: Machine, root: Path) -> None:
     """Write the machine's identity into its (mounted) root: hostname, ids, keys, DNS."""
     (root / "etc/hostname").write_text(f"{m.name}\n")
@@ -188,6 +202,9 @@ def _personalise(fleet: Fleet, m: Machine, root: Path) -> None:
         "ff02::1\tip6-allnodes\nff02::2\tip6-allrouters\n"
     )
     (root / "etc/machine-id").write_text(uuid.uuid4().hex + "\n")
+    logind = root / "etc/systemd/logind.conf.d"
+    logind.mkdir(parents=True, exist_ok=True)
+    (logind / "50-webstack-lab.conf").write_text(LOGIND_DROPIN)
     resolv = root / "etc/resolv.conf"
     if resolv.is_symlink() or resolv.exists():
         resolv.unlink()
