@@ -1,0 +1,92 @@
+"""webstack.factcache: a fact asked again on an unchanged host is answered from the first answer."""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+from pyinfra.api import Config, FactBase, FunctionCommand, Inventory, State, StringCommand
+from pyinfra.api import facts as pyinfra_facts
+from pyinfra.api.state import StateStage
+
+from webstack import factcache
+
+
+class Files(FactBase):
+    def command(self, path: str) -> str:
+        return f"ls {path}"
+
+
+class Clock(FactBase):
+    volatile = True
+
+    def command(self) -> str:
+        return "date"
+
+
+@pytest.fixture
+def run():
+    factcache.install()
+    inventory = Inventory((["web1", "web2"], {}))
+    state = State(inventory, Config())
+    asked: list[tuple[str, str, dict]] = []
+
+    def fake(state, host, cls, args=None, kwargs=None, ensure_hosts=None, apply_failed_hosts=True):
+        asked.append((host.name, cls.__name__, dict(kwargs or {})))
+        return [f"answer {len(asked)}"]
+
+    with mock.patch.object(pyinfra_facts, "_get_fact", fake):
+        state.set_stage(StateStage.Prepare)
+        yield state, inventory.get_host("web1"), inventory.get_host("web2"), asked
+
+
+def test_same_fact_same_arguments_is_asked_once_while_preparing(run):
+    state, web1, web2, asked = run
+    first = web1.get_fact(Files, path="/etc")
+    first.append("changed by the caller")
+    assert web1.get_fact(Files, path="/etc") == ["answer 1"]
+    web1.get_fact(Files, path="/srv")
+    web2.get_fact(Files, path="/etc")
+    assert asked == [("web1", "Files", {"path": "/etc"}), ("web1", "Files", {"path": "/srv"}),
+                     ("web2", "Files", {"path": "/etc"})]
+
+
+def test_volatile_facts_are_always_asked(run):
+    state, web1, _web2, asked = run
+    web1.get_fact(Clock)
+    web1.get_fact(Clock)
+    assert len(asked) == 2
+
+
+def test_a_command_run_on_a_host_makes_its_facts_asked_again(run):
+    state, web1, web2, asked = run
+    web1.get_fact(Files, path="/etc")
+    web2.get_fact(Files, path="/etc")
+    state.set_stage(StateStage.Execute)
+    web1.get_fact(Files, path="/etc")  # executing, nothing ran yet: kept
+    assert len(asked) == 2
+    with mock.patch.object(type(web1), "run_shell_command", return_value=(True, [])):
+        StringCommand("touch", "/etc/x").execute(state, web1, {})
+    web1.get_fact(Files, path="/etc")
+    web1.get_fact(Files, path="/etc")
+    web2.get_fact(Files, path="/etc")  # web2 unchanged: kept
+    assert [a[0] for a in asked] == ["web1", "web2", "web1", "web1"]
+
+
+def test_after_a_callback_every_fact_is_asked_again(run):
+    state, web1, web2, asked = run
+    web2.get_fact(Files, path="/etc")
+    state.set_stage(StateStage.Execute)
+    FunctionCommand(lambda: None, (), {}).execute(state, web1, {})
+    web2.get_fact(Files, path="/etc")
+    web2.get_fact(Files, path="/etc")
+    assert len(asked) == 3
+
+
+def test_stats_count_sent_and_kept(run):
+    _state, web1, _web2, _asked = run
+    before = factcache.stats().get("web1", {"sent": 0, "kept": 0})
+    web1.get_fact(Files, path="/opt")
+    web1.get_fact(Files, path="/opt")
+    after = factcache.stats()["web1"]
+    assert (after["sent"] - before["sent"], after["kept"] - before["kept"]) == (1, 1)
