@@ -31,7 +31,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from pyinfra import host
 from pyinfra.api import FactBase, HiddenValue, OperationError, QuoteString, StringCommand, operation
 from pyinfra.api.operation import OperationMeta
-from pyinfra.facts.files import Directory, File, Sha1File
+from pyinfra.facts.files import Directory
 from pyinfra.operations import server
 
 from webstack import options as _options
@@ -152,10 +152,10 @@ def validated_file(
     """
     data = content.encode()
     want = hashlib.sha1(data).hexdigest()
-    info = host.get_fact(File, path=dest)
-    same_content = bool(info) and host.get_fact(Sha1File, path=dest) == want
+    info = host.get_fact(FileState, path=dest)
+    same_content = bool(info) and info["sha1"] == want
     same_meta = isinstance(info, dict) and (
-        str(info['mode']) == mode.lstrip("0") and info["user"] == user and info["group"] == group
+        info["mode"] == mode.lstrip("0") and info["user"] == user and info["group"] == group
     )
     if same_content and same_meta and not force:
         host.noop(f"{dest} is up to date")
@@ -197,6 +197,23 @@ _DRIFT: dict[str, list[dict[str, str]]] = {}
 _DRIFT_WRITER: list[bool] = []
 _SECRET_LINE = re.compile(r"(?i)^([^\n]*?(password|passwd|secret|token|_key|apikey|credential)[^=:\n]*[=:]\s*).+$", re.M)
 _PRIVATE_KEY = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----", re.S)
+
+
+class FileState(FactBase):
+    """A regular file's mode (octal, as ``stat %a``), owner, group and SHA-1, in one command:
+    ``None`` when absent, ``False`` when the path is not a regular file (a link, a directory)."""
+
+    def command(self, path: str) -> StringCommand:
+        q = QuoteString(path)
+        return StringCommand("if", "[", "-L", q, "]", "||", "[", "-e", q, "];", "then",
+                             "stat", "-c", "'%F|%a|%U|%G'", q, "&&",
+                             "{", "[", "!", "-f", q, "]", "||", "[", "-L", q, "]", "||", "sha1sum", q, ";", "};", "fi")
+
+    def process(self, output: Sequence[str]) -> dict[str, str] | bool | None:
+        kind, mode, user, group = output[0].split("|", 3)
+        if kind not in ("regular file", "regular empty file") or len(output) < 2:
+            return False
+        return {"mode": mode, "user": user, "group": group, "sha1": output[1].split()[0]}
 
 
 class FileText(FactBase):

@@ -15,7 +15,8 @@ nothing ran on that host in between, so it is kept:
   A Python callback (``python.call``) may do anything on any host: once one runs,
   nothing more is kept or served for the rest of the run.
 
-A fact class with ``volatile = True`` is never kept. ``WEBSTACK_FACT_STATS=FILE``
+A fact class with ``volatile = True`` is never kept. ``WEBSTACK_FACT_CACHE=0`` keeps
+nothing (to measure the difference). ``WEBSTACK_FACT_STATS=FILE``
 writes, at exit, the fact commands sent per host and the answers served from here
 (``bench/nochange.py`` reads it).
 """
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 STATS_ENV = "WEBSTACK_FACT_STATS"
+SWITCH_ENV = "WEBSTACK_FACT_CACHE"
 _SENT: Counter[str] = Counter()
 _KEPT: Counter[str] = Counter()
 _INSTALLED: list[Any] = []
@@ -78,6 +80,7 @@ def install() -> None:
     from pyinfra.api.state import StateStage
 
     original = facts_module.get_fact
+    enabled = os.environ.get(SWITCH_ENV, "1") != "0"
 
     def get_fact(state: Any, host: Any, cls: Any, args: Any = None, kwargs: Any = None, **more: Any) -> Any:
         if issubclass(cls, ShortFactBase):  # derived from another fact, which comes through here
@@ -85,7 +88,7 @@ def install() -> None:
         cache = _run_cache(state)
         stage = getattr(state, "current_stage", None)
         key = None
-        if stage in (StateStage.Prepare, StateStage.Execute) and not getattr(cls, "volatile", False) \
+        if enabled and stage in (StateStage.Prepare, StateStage.Execute) and not getattr(cls, "volatile", False) \
                 and cache.usable(host.name):
             key = _key(cls, args, kwargs)
         answers = cache.answers.setdefault(host.name, {})
