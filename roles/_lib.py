@@ -34,6 +34,7 @@ from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.files import Directory
 from pyinfra.operations import server
 
+from webstack import factcache
 from webstack import options as _options
 from webstack.inventory import HostConfig
 from webstack.reports import DRIFT_ENV
@@ -339,6 +340,7 @@ def root_shell(target: Any, command: str | StringCommand, timeout: int = 120) ->
     """Run a command as root on ``target`` (a pyinfra Host) from a callback: (ok, CommandOutput)."""
     sudo = target.data.get("ssh_user", "root") != "root"
     cmd = command if isinstance(command, StringCommand) else StringCommand(command)
+    factcache.host_changed(target)  # it may change anything: later facts of ``target`` are asked again
     return target.run_shell_command(cmd, _sudo=sudo, _timeout=timeout)
 
 

@@ -126,6 +126,12 @@ def install() -> None:
         atexit.register(_write_stats, Path(os.environ[STATS_ENV]))
 
 
+def host_changed(target: Any) -> None:
+    """Forget what is kept about pyinfra host ``target`` (a command outside an operation ran on it)."""
+    if target.state is not None:
+        _run_cache(target.state).host_changed(target.name)
+
+
 def stats() -> dict[str, dict[str, int]]:
     """Per host: fact commands sent, and answers served from an identical earlier question."""
     return {name: {"sent": _SENT[name], "kept": _KEPT[name]} for name in sorted(set(_SENT) | set(_KEPT))}

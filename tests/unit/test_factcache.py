@@ -90,3 +90,11 @@ def test_stats_count_sent_and_kept(run):
     web1.get_fact(Files, path="/opt")
     after = factcache.stats()["web1"]
     assert (after["sent"] - before["sent"], after["kept"] - before["kept"]) == (1, 1)
+
+
+def test_a_command_outside_operations_makes_the_hosts_facts_asked_again(run):
+    _state, web1, _web2, asked = run
+    web1.get_fact(Files, path="/etc")
+    factcache.host_changed(web1)  # as roles._lib.root_shell does before running its command
+    web1.get_fact(Files, path="/etc")
+    assert len(asked) == 2
