@@ -251,9 +251,15 @@ def database(db: str, owner: str, extensions: Sequence[str] = ()):
         host.noop(f"database {db} is as wanted")
 
 
-def ensure_slots(cfg: HostConfig) -> None:
-    """On the host being primary: a physical replication slot for every other cluster member."""
-    slots = host.get_fact(PgReplicationSlots)
+def ensure_slots(cfg: HostConfig, unconditional: bool = False) -> None:
+    """On the host being primary: a physical replication slot for every other cluster member.
+
+    ``unconditional``: for the switchover, failover and rejoin deploys, whose earlier steps in
+    the same run change the slots (a server restarted as a standby drops its own), so the
+    slots seen while the run was prepared may be gone by then: the statement creates what is
+    missing when it runs.
+    """
+    slots = [] if unconditional else host.get_fact(PgReplicationSlots)
     for member in (p.name for p in topology(cfg).cluster_peers(cfg.name)):
         if slot_name(member) not in slots:
             # Idempotent: a server down while the run was prepared may have the slot after all.

@@ -222,7 +222,7 @@ def switch(cfg: HostConfig, version: str, old: str, target: str, write_inventory
     if host.name == target:
         owed_action("reload-postgres", reload_command(version), [conf],
                     hint=f"{target} is the primary; finish with deploys/rejoin.py --limit {old} --limit {target}")
-        ensure_slots(cfg)
+        ensure_slots(cfg, unconditional=True)
     barrier(name="New primary ready", label=f"switchover {old} -> {target}")
     if host.name == old:
         _start_as_standby(version, conf, hint=f"{target} is the primary; finish with deploys/rejoin.py "
@@ -420,7 +420,7 @@ def failover() -> None:
             if degrade:
                 logger.warning(f"webstack: {target} runs asynchronously until a replica rejoins; "
                                "then run deploys/site.py")
-            ensure_slots(cfg)
+            ensure_slots(cfg, unconditional=True)
             _inventory_change(cfg, old, target, request.write_inventory)
 
     python.call(name=f"Configure for {target} as the primary, reload, slots, inventory change", function=follow)
@@ -445,7 +445,7 @@ def rejoin() -> None:
         )
     p = paths(version)
     if host.name == pg.primary:
-        ensure_slots(cfg)
+        ensure_slots(cfg, unconditional=True)
     barrier(name="Primary has slots", label=f"rejoin to {pg.primary}")
     if host.name == pg.primary:
         return
