@@ -41,7 +41,7 @@ def one(args: list[str], cache: bool | None) -> dict:
         if proc.returncode != 0:
             sys.exit(f"{' '.join(args)} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
         per_host = json.loads(Path(stats.name).read_text() or "{}")
-    total = next((line for line in proc.stdout.splitlines() if "Grand total" in line), "")
+    total = next((line for line in (proc.stdout + proc.stderr).splitlines() if "Grand total" in line), "")
     cols = re.split(r"\s{2,}", total.strip())
     return {"seconds": seconds, "facts": per_host, "grand_total": cols[1:] if total else []}
 

@@ -347,11 +347,12 @@ def pyinfra_groups(inventory_file: str, catalog: Catalog | None = None) -> dict[
     """
     from pyinfra.api.exceptions import PyinfraError
 
-    from webstack import factcache
+    from webstack import factcache, nodelay
     from webstack.catalog import discover
     from webstack.options import check_command_line
 
     factcache.install()
+    nodelay.install()
     catalog = catalog or discover()
     inv = Path(inventory_file).resolve().with_suffix("")
     try:
