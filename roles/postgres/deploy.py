@@ -260,7 +260,14 @@ def ensure_slots(cfg: HostConfig, unconditional: bool = False) -> None:
     missing when it runs.
     """
     slots = [] if unconditional else host.get_fact(PgReplicationSlots)
-    for member in (p.name for p in topology(cfg).cluster_peers(cfg.name)):
+    members = [p.name for p in topology(cfg).cluster_peers(cfg.name)]
+    # A server removed from the cluster (the inventory) leaves its slot, and an unused slot keeps
+    # every WAL segment from its position on: the primary's disk fills. Dropped unless in use.
+    for stale in sorted(set(slots) - {slot_name(m) for m in members}):
+        run_sql(name=f"Drop replication slot {stale} (no longer a member of the cluster)",
+                sql=f"SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                    f"WHERE slot_name = '{stale}' AND slot_type = 'physical' AND NOT active")
+    for member in members:
         if slot_name(member) not in slots:
             # Idempotent: a server down while the run was prepared may have the slot after all.
             slot = slot_name(member)

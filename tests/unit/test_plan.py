@@ -68,8 +68,9 @@ def test_restore_onto_a_drill_host_wants_confirmation():
 
 def test_sql_runs_as_the_postgres_os_user(site):
     # pyinfra's postgres.sql connects by peer authentication: as root, psql would be refused.
-    lines = [x.strip() for x in site.splitlines() if "pg_create_physical_replication_slot" in x or "GRANT EXECUTE" in x]
-    assert len(lines) == 5  # two primaries' slots, three primaries' (db1, db3, drill1) pg_rewind grants
+    lines = [x.strip() for x in site.splitlines()
+             if "pg_create_physical_replication_slot" in x or "pg_drop_replication_slot" in x or "GRANT EXECUTE" in x]
+    assert len(lines) == 4  # db1's stale slot dropped (the others exist), three primaries' (db1, db3, drill1) pg_rewind grants
     assert all(x.startswith("as postgres: run psql -d postgres -Ac ") for x in lines), lines
 
 
@@ -103,3 +104,9 @@ def test_patch_run_switches_back_and_prints_the_plan(patch_run):
     assert "Promote db1 once it has replayed everything" in patch_run
     assert "Promote db3 once it has replayed everything" in patch_run
     assert "DEBIAN_FRONTEND=noninteractive apt-get -y" in patch_run and "dist-upgrade" in patch_run
+
+
+def test_site_drops_the_slot_of_a_removed_member_and_keeps_the_others(site):
+    assert "Drop replication slot db9 (no longer a member of the cluster)" in site
+    assert "Drop replication slot db2" not in site and "Drop replication slot db4" not in site
+    assert "Replication slot for db2" not in site and "Replication slot for db4" not in site
