@@ -382,13 +382,16 @@ def _init_pid(name: str) -> int | None:
     return int(children[0]) if children else None
 
 
-# Units that failed at boot because systemd could not spawn them (result "resources": seen
+# Units that failed at boot because systemd could not spawn them: result "resources" (seen
 # once on this kind of host, on backup1 (trixie), as "Failed to spawn executor: No such file or
-# directory" for systemd-user-sessions). Such a failure is the container's, never the tested
-# software's; there it left /run/nologin, and every login but root's was refused.
+# directory" for systemd-user-sessions), or exit status 219/CGROUP (db4 (bookworm): "Failed to
+# attach to cgroup /system.slice/systemd-user-sessions.service: No such file or directory").
+# Such a failure is the container's, never the tested software's; there it left /run/nologin,
+# and every login but root's was refused.
 _RETRY_SPAWN_FAILURES = (
     "for u in $(systemctl list-units --state=failed --plain --no-legend | awk '{print $1}'); do "
-    "[ \"$(systemctl show -P Result \"$u\")\" = resources ] && systemctl restart \"$u\" && echo \"$u\"; done; true"
+    "{ [ \"$(systemctl show -P Result \"$u\")\" = resources ] || [ \"$(systemctl show -P ExecMainStatus \"$u\")\" = 219 ]; } "
+    "&& systemctl restart \"$u\" && echo \"$u\"; done; true"
 )
 
 
