@@ -20,15 +20,33 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from email.message import EmailMessage
 from email.utils import formatdate
 
 SENDMAIL = "/usr/sbin/sendmail"
 
 
+def wait_for_own_lines(invocation: str, seconds: float = 2.0, run=subprocess.run) -> bool:
+    """Wait until the journal holds a line the failed run wrote itself. systemd starts this alert
+    as soon as the unit fails, and journald may not have read the unit's last output yet: the
+    mail then carried only systemd's own lines, without the error (seen in the lab). A run that
+    wrote nothing costs ``seconds``."""
+    argv = ["journalctl", "--no-pager", "-q", "-o", "cat", "-n", "1", f"_SYSTEMD_INVOCATION_ID={invocation}"]
+    deadline = time.monotonic() + seconds
+    while True:
+        if run(argv, capture_output=True, text=True, timeout=30).stdout.strip():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+
+
 def journal(unit: str, lines: int, invocation: str = "") -> str:
     """The unit's last ``lines`` journal lines: of the failed run (its output and systemd's words
     about it) when the invocation id is known, else the unit's."""
+    if invocation:
+        wait_for_own_lines(invocation)
     argv = ["journalctl", "--no-pager", "-o", "short-iso", "-n", str(lines)]
     argv += [f"_SYSTEMD_INVOCATION_ID={invocation}", "+", f"INVOCATION_ID={invocation}"] if invocation \
         else ["-u", unit]

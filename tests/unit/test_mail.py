@@ -137,3 +137,16 @@ def test_fault_table():
     rule = mailfault.table(True).splitlines()[-1]
     assert rule.startswith("/./\t451 4.3.0 ")
     assert mailfault.main(["bogus"]) == 2
+
+
+def test_alert_waits_until_the_failed_runs_own_lines_are_in_the_journal():
+    answers = iter(["", "", "the unit's error\n"])
+    calls = []
+
+    def fake_run(argv, **kwargs):
+        calls.append(argv)
+        return subprocess.CompletedProcess(argv, 0, next(answers), "")
+
+    assert alert.wait_for_own_lines("abc", seconds=5, run=fake_run)
+    assert len(calls) == 3 and "_SYSTEMD_INVOCATION_ID=abc" in calls[0]
+    assert not alert.wait_for_own_lines("abc", seconds=0.2, run=lambda argv, **kw: subprocess.CompletedProcess(argv, 0, "", ""))
