@@ -1,9 +1,10 @@
 """One command per distinct fact and host in a run, as long as nothing changed that host.
 
-pyinfra 3 keeps no fact cache, and it runs every operation's function twice: once
-while preparing (to find out whether it changes anything) and again while executing.
-A no-change site run therefore sent the same ``dpkg-query``, ``systemctl show`` or
-``stat`` to a host dozens of times, one SSH round trip each.
+pyinfra 3 keeps no fact cache. It runs every operation's function while executing,
+and without ``-y`` also while preparing (to show what would change); several
+operations ask the same fact. A no-change site run therefore sent the same
+``dpkg-query``, ``systemctl show`` or ``stat`` to a host many times, one SSH round
+trip each.
 
 The answer to a fact asked twice with the same arguments is the same as long as
 nothing ran on that host in between, so it is kept:
