@@ -1,4 +1,4 @@
-"""Command line: python -m lab {up,down,status,ssh,exec,poweroff,start,stop,partition,heal}."""
+"""Command line: python -m lab {up,down,destroy,status,ssh,exec,poweroff,start,stop,partition,heal}."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def render_inventory(fleet: Fleet) -> str:
         f"  known_hosts: {KNOWN_HOSTS}",
         "hosts:",
     ]
-    for m in fleet.machines:
+    for m in fleet.standing:
         lines.append(f"  {m.name}: {{address: {m.address}, release: {m.release}, "
                      f"roles: {_flow(m.roles)}, groups: {_flow(m.groups)}}}")
     return "\n".join(lines) + "\n"
@@ -171,6 +171,20 @@ def cmd_down(fleet: Fleet, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_destroy(fleet: Fleet, args: argparse.Namespace) -> int:
+    """Stop the named machines and remove their disks and links (`up` boots them fresh)."""
+    with lab_lock():
+        names = [m.name for m in fleet.select(args.names)]
+        mach.stop_many(names)
+        for name in names:
+            mach.harvest_apt(name)
+            net.remove_machine_net(name)
+            if mach.mdir(name).exists():
+                mach.destroy(name)
+    print(f"destroyed: {' '.join(names)}")
+    return 0
+
+
 def cmd_status(fleet: Fleet, args: argparse.Namespace) -> int:
     for m in fleet.select(args.names):
         st = mach.state(m.name)
@@ -258,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_up)
     s = sub.add_parser("down", help="remove every machine, mount, netns, veth, bridge and nft table")
     s.set_defaults(func=cmd_down)
+    s = sub.add_parser("destroy", help="stop machines and remove their disks (up boots them fresh)")
+    s.add_argument("names", nargs="+", metavar="NAME")
+    s.set_defaults(func=cmd_destroy)
     s = sub.add_parser("status", help="one line per machine")
     s.add_argument("names", nargs="*", metavar="NAME")
     s.set_defaults(func=cmd_status)

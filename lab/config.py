@@ -26,6 +26,7 @@ class Machine:
     release: str
     roles: tuple[str, ...] = ()
     groups: tuple[str, ...] = ()
+    on_demand: bool = False  # booted only when named (`lab up grow1`), never in the lab inventory
 
     @property
     def veth(self) -> str:
@@ -56,10 +57,15 @@ class Fleet:
         raise LabError(f"no machine called {name!r} in {self.path} "
                        f"(known: {', '.join(m.name for m in self.machines)})")
 
+    @property
+    def standing(self) -> tuple[Machine, ...]:
+        """The machines `lab up` boots and the lab inventory lists (not the on-demand ones)."""
+        return tuple(m for m in self.machines if not m.on_demand)
+
     def select(self, names: list[str]) -> list[Machine]:
-        """Machines named in names (all if empty), in fleet order."""
+        """Machines named in names (all standing machines if empty), in fleet order."""
         if not names:
-            return list(self.machines)
+            return list(self.standing)
         wanted = {self.get(n).name for n in names}
         return [m for m in self.machines if m.name in wanted]
 
@@ -118,6 +124,7 @@ def load_fleet(path: Path) -> Fleet:
             name=name, address=address, release=release,
             roles=tuple(str(r) for r in entry.get("roles") or ()),
             groups=tuple(str(g) for g in entry.get("groups") or ()),
+            on_demand=bool(entry.get("on_demand", False)),
         ))
     if not machines:
         raise LabError(f"fleet file {path}: no machines")

@@ -21,8 +21,10 @@ STATE = Path("/var/lib/webstack-lab")
 KEY = STATE / "ssh" / "id_ed25519"
 KNOWN_HOSTS = STATE / "ssh" / "known_hosts"
 FLEET = yaml.safe_load((ROOT / "lab" / "fleet.yml").read_text())
-MACHINES = {m["name"]: m for m in FLEET["machines"]}
-ADDRESS = {name: m["address"] for name, m in MACHINES.items()}
+# The standing lab (inventories/lab); on-demand machines (booted by the test that uses them) apart.
+MACHINES = {m["name"]: m for m in FLEET["machines"] if not m.get("on_demand")}
+ON_DEMAND = {m["name"]: m for m in FLEET["machines"] if m.get("on_demand")}
+ADDRESS = {m["name"]: m["address"] for m in FLEET["machines"]}
 PGPASS = "/root/.webstack-test-pgpass"
 
 SSH_CONFIG = Path(tempfile.mkdtemp(prefix="webstack-probe-")) / "ssh_config"
@@ -128,8 +130,10 @@ class SteadyClient:
     the answer is 2xx. Bounded: it stops by itself after ``limit`` seconds.
     """
 
-    def __init__(self, path: str = "/app", interval: float = 0.05, limit: float = 300, timeout: float = 2.0):
+    def __init__(self, path: str = "/app", interval: float = 0.05, limit: float = 300, timeout: float = 2.0,
+                 address: str | None = None):
         self.path, self.interval, self.limit, self.timeout = path, interval, limit, timeout
+        self.address = address  # None: the VIP
         self.results: list[tuple[float, bool, str]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -146,7 +150,7 @@ class SteadyClient:
         while not self._stop.is_set() and time.monotonic() < end:
             start = time.monotonic()
             try:
-                status, headers, _ = https(self.path, timeout=self.timeout)
+                status, headers, _ = https(self.path, timeout=self.timeout, address=self.address)
                 self.results.append((start, 200 <= status < 300, f"{status} {headers.get('x-served-by', '')}"))
             except (OSError, http.client.HTTPException) as exc:
                 self.results.append((start, False, type(exc).__name__))
@@ -176,10 +180,12 @@ class SteadyClient:
 
 
 class SignupClient:
-    """Signs up a new address through the VIP every ``interval`` s; records (start, seconds, ok, email)."""
+    """Signs up a new address through the VIP (or ``address``) every ``interval`` s; records (start,
+    seconds, ok, email)."""
 
-    def __init__(self, interval: float = 0.2, limit: float = 1800) -> None:
+    def __init__(self, interval: float = 0.2, limit: float = 1800, address: str | None = None) -> None:
         self.interval, self.limit, self.tag = interval, limit, f"patch-{uuid.uuid4().hex[:8]}"
+        self.address = address  # None: the VIP
         self.results: list[tuple[float, float, bool, str]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -199,7 +205,7 @@ class SignupClient:
             email = f"{self.tag}-{n}@customer.test"
             start = time.monotonic()
             try:
-                status, _, _ = https("/signup", "POST", urlencode({"email": email}), timeout=30)
+                status, _, _ = https("/signup", "POST", urlencode({"email": email}), timeout=30, address=self.address)
                 ok = status == 201
             except OSError:
                 ok = False

@@ -13,9 +13,10 @@
                                           file diffs (secrets masked); exit 1 on drift
     webstack status INVENTORY_DIR [--json FILE] [PYINFRA_ARGS...]
                                           the live stack in one table (read-only)
-    webstack onboard INVENTORY_DIR [HOST...]
-                                          hosts that refuse the admin user but take root
-                                          with a key get deploys/site.py as root, once
+    webstack onboard INVENTORY_DIR [HOST...] [PYINFRA_ARGS...]
+                                          one site run over the inventory in which the hosts
+                                          that refuse the admin user but take root with a key
+                                          (of HOST..., default all) are reached as root, once
 """
 
 from __future__ import annotations
@@ -158,19 +159,15 @@ def cmd_onboard(inv: Path, hosts: list[str], extra: list[str]) -> int:
     if not fresh:
         print("onboard: every host already accepts its admin user; nothing to do")
         return 0
-    print(f"onboard: {', '.join(fresh)} (as root, once)")
-    code = 0
-    # One run per port sshd answers on now; afterwards every host listens on its base__ssh_port.
-    for port in sorted(set(fresh.values())):
-        cmd = [str(Path(sys.executable).parent / "pyinfra"), "-y", str(inv.with_suffix(".py")), "deploys/site.py",
-               "--user", "root"]
-        group = [n for n in fresh if fresh[n] == port]
-        if any(ports[n] != port for n in group):
-            cmd += ["--port", str(port)]
-        for name in group:
-            cmd += ["--limit", name]
-        code = code or subprocess.run(cmd + extra, check=False).returncode
-    return code
+    print(f"onboard: {', '.join(fresh)} (as root, once; the other hosts as the admin user)")
+    # One run over the whole inventory (or the operator's --limit): the hosts already there learn
+    # about the new ones in it (upstreams, pg_hba, firewall openings, backup accounts), and a new
+    # replica finds its primary ready to be cloned from.
+    from webstack.inventory import ROOT_LOGIN_ENV
+
+    env = {**os.environ, ROOT_LOGIN_ENV: ",".join(f"{n}:{p}" for n, p in fresh.items())}
+    cmd = [str(Path(sys.executable).parent / "pyinfra"), "-y", str(inv.with_suffix(".py")), "deploys/site.py"]
+    return subprocess.run(cmd + extra, check=False, env=env).returncode
 
 
 def cmd_report(kind: str, inv: Path, json_file: Path | None, extra: list[str]) -> int:
@@ -205,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     sec.add_argument("action", choices=["init", "edit", "set", "unset", "list", "rotate"])
     sec.add_argument("inventory", type=Path)
     sec.add_argument("key", nargs="?")
-    onboard = sub.add_parser("onboard", help="apply site as root to fresh servers")
+    onboard = sub.add_parser("onboard", help="site over the inventory, fresh servers reached as root")
     onboard.add_argument("inventory", type=Path)
     onboard.add_argument("hosts", nargs="*")
     for name, helptext in (("drift", "what site would change on each host (dry run), exit 1 on drift"),

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -40,6 +41,9 @@ HOST_KEYS = {"address", "roles", "groups", "release"}
 SSH_KEYS = {"user": "ssh_user", "key": "ssh_key", "known_hosts": "ssh_known_hosts_file"}
 # The SSH port has one owner, the base role's ``ssh_port`` setting (sshd, firewall, pyinfra, onboarding).
 PORT_HINT = "the SSH port is the setting base__ssh_port (sshd listens on it, pyinfra connects to it)"
+# Set by `webstack onboard` for its one run: "name:port,..." are fresh servers, reached as root on the
+# port their sshd answers on now; every other host as the inventory's admin user.
+ROOT_LOGIN_ENV = "WEBSTACK_ROOT_LOGIN"
 
 S = TypeVar("S")
 
@@ -213,7 +217,7 @@ def load(inv_dir: str | Path, *, secrets: Mapping[str, str] | None = None,
     """Load and validate an inventory directory; return one HostConfig per host.
 
     ``secrets`` is the decrypted secrets mapping; when None it is read from the
-    inventory's ``secrets.age`` (``webstack.secrets.load``). ``catalog``: the
+    inventory's ``secrets.age`` (``webstack.secrets.decrypt``). ``catalog``: the
     roles (default: the one the roles package registers, ``webstack.catalog``).
     """
     from pyinfra.api import HiddenValue
@@ -337,6 +341,15 @@ def load(inv_dir: str | Path, *, secrets: Mapping[str, str] | None = None,
     return configs
 
 
+def root_logins(value: str) -> dict[str, int]:
+    """``WEBSTACK_ROOT_LOGIN``'s "name:port,..." as {name: port}."""
+    out = {}
+    for item in filter(None, (x.strip() for x in value.split(","))):
+        name, _, port = item.partition(":")
+        out[name] = int(port or 22)
+    return out
+
+
 def pyinfra_groups(inventory_file: str, catalog: Catalog | None = None) -> dict[str, Any]:
     """The module-level groups a pyinfra inventory file exposes.
 
@@ -362,6 +375,10 @@ def pyinfra_groups(inventory_file: str, catalog: Catalog | None = None) -> dict[
     except ConfigError as exc:
         raise PyinfraError(f"webstack: {exc}") from None
 
+    root_login = root_logins(os.environ.get(ROOT_LOGIN_ENV, ""))
+    unknown = sorted(set(root_login) - {cfg.name for cfg in configs})
+    if unknown:
+        raise PyinfraError(f"webstack: {ROOT_LOGIN_ENV} names hosts not in {inv}: {', '.join(unknown)}")
     all_hosts = []
     groups: dict[str, list[str]] = {}
     for cfg in configs:
@@ -369,6 +386,8 @@ def pyinfra_groups(inventory_file: str, catalog: Catalog | None = None) -> dict[
         for key, data_key in SSH_KEYS.items():
             if key in ssh:
                 data[data_key] = ssh[key]
+        if cfg.name in root_login:
+            data["ssh_user"], data["ssh_port"] = "root", root_login[cfg.name]
         if data.get("ssh_user", "root") != "root":
             data["_sudo"] = True
         all_hosts.append((cfg.name, data))

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pyinfra import host
-from pyinfra.api import OperationError, deploy
+from pyinfra.api import FactBase, OperationError, deploy
 from pyinfra.facts.hardware import NetworkDevices
 from pyinfra.operations import apt, files, systemd
 
@@ -40,6 +40,38 @@ def interface_of(devices: dict[str, Any], address: str) -> str | None:
         if address in (ipv4.get("address"), *(extra["address"] for extra in ipv4.get("additional_ips", []))):
             return name
     return None
+
+
+class AnswersOn443(FactBase):
+    """Whether something answers TCP connections on ``address``:443 (within 1 s)."""
+
+    def command(self, address: str) -> str:
+        return f"timeout 1 bash -c ': </dev/tcp/{address}/443' 2>/dev/null && echo yes || echo no"
+
+    def process(self, output: Sequence[str]) -> bool:
+        return "".join(output).strip() == "yes"
+
+
+def check_vip_not_held_elsewhere(cfg: HostConfig, devices: dict[str, Any]) -> None:
+    """Refuse when no load balancer of the pair (in the run) holds the VIP but it answers anyway.
+
+    That is a load balancer taken out of the inventory while it held the VIP: site never touches
+    it again, so its keepalived would keep the address (and the remaining pair members, no longer
+    listing it as a peer, would claim it too). Who holds the VIP is read from the interfaces fact
+    already asked for keepalived's interface: no extra command while the pair is healthy.
+    """
+    lb = cfg.settings(LbSettings)
+    holders = [cfg.name] if interface_of(devices, lb.vip) else []
+    for peer in topology(cfg).vrrp_peers(cfg.name):
+        peer_devices = peer_fact(peer.name, NetworkDevices)
+        if peer_devices is None or interface_of(peer_devices, lb.vip):
+            holders.append(peer.name)  # holds it, or not in this run (may hold it: its own run decides)
+    if not holders and host.get_fact(AnswersOn443, address=lb.vip):
+        raise OperationError(
+            f"{cfg.name}: the VIP {lb.vip} answers, but no load balancer of the inventory holds it: a load "
+            f"balancer removed from the inventory still does. Stop keepalived there (systemctl stop keepalived) "
+            f"so {', '.join(sorted([cfg.name, *(p.name for p in topology(cfg).vrrp_peers(cfg.name))]))} "
+            "take the VIP over, then run site again.")
 
 
 def upstreams(cfg: HostConfig, drained: Sequence[str]) -> list[dict]:
@@ -138,9 +170,11 @@ def apply() -> None:
     owed_action("reload-nginx", "nginx -t -q && systemctl reload nginx", [site, link, *tls])
 
     if lb.vip:
-        interface = interface_of(host.get_fact(NetworkDevices), cfg.address)
+        devices = host.get_fact(NetworkDevices)
+        interface = interface_of(devices, cfg.address)
         if not interface:
             raise OperationError(f"{cfg.name}: no interface carries {cfg.address}")
+        check_vip_not_held_elsewhere(cfg, devices)
         scripts = [
             template_file(f"lb/usr/local/lib/webstack/{name}.j2", f"/usr/local/lib/webstack/{name}", mode="755",
                           validate="sh -n {}")

@@ -262,8 +262,13 @@ def ensure_slots(cfg: HostConfig, unconditional: bool = False) -> None:
     slots = [] if unconditional else host.get_fact(PgReplicationSlots)
     members = [p.name for p in topology(cfg).cluster_peers(cfg.name)]
     # A server removed from the cluster (the inventory) leaves its slot, and an unused slot keeps
-    # every WAL segment from its position on: the primary's disk fills. Dropped unless in use.
+    # every WAL segment from its position on: the primary's disk fills. A removed server still
+    # streaming is cut off first: pg_hba (reloaded above) no longer lets it back in. The
+    # termination waits (up to 10 s) for the walsender to exit, so the slot is free to drop.
     for stale in sorted(set(slots) - {slot_name(m) for m in members}):
+        run_sql(name=f"Disconnect the replica of slot {stale} (no longer a member of the cluster)",
+                sql=f"SELECT pg_terminate_backend(active_pid, 10000) FROM pg_replication_slots "
+                    f"WHERE slot_name = '{stale}' AND active_pid IS NOT NULL")
         run_sql(name=f"Drop replication slot {stale} (no longer a member of the cluster)",
                 sql=f"SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
                     f"WHERE slot_name = '{stale}' AND slot_type = 'physical' AND NOT active")

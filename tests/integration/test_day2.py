@@ -111,3 +111,22 @@ def test_onboard_a_spare_as_app_server_under_load_then_remove_it(converged, tmp_
     assert address not in host("db1").check_output("cat /etc/postgresql/17/main/pg_hba.conf")
     assert address not in host("db1").check_output("nft list ruleset")
     assert removed.totals()["error"] == "-"
+
+
+def test_removing_the_load_balancer_holding_the_vip_is_refused(converged, tmp_path):
+    """lb1 holds the VIP and is taken out of the inventory: site on lb2 refuses (lb1's keepalived
+    would keep the address while lb2 claims it too) and says how to hand the VIP over; lb2's
+    keepalived configuration, which would drop lb1 as a peer, is left as it was."""
+    lbs = sorted(n for n, m in MACHINES.items() if "lb" in m["roles"])
+    holder = vip_holder(lbs)
+    other = next(n for n in lbs if n != holder)
+    inv = inventory_copy(tmp_path)
+    hosts = inv.parent / "lab" / "hosts.yml"
+    hosts.write_text("\n".join(x for x in hosts.read_text().splitlines() if not x.strip().startswith(f"{holder}:")) + "\n")
+    (inv.parent / "lab" / "host_data" / f"{holder}.yml").unlink(missing_ok=True)
+    before = host(other).check_output("cat /etc/keepalived/keepalived.conf")
+    refused = deploy(inv, "site", "--limit", other, check=False)
+    assert refused.returncode != 0
+    assert "no load balancer of the inventory holds it" in refused.output and "systemctl stop keepalived" in refused.output
+    assert host(other).check_output("cat /etc/keepalived/keepalived.conf") == before
+    assert MACHINES[holder]["address"] in before

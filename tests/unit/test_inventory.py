@@ -178,3 +178,22 @@ def test_missing_hosts_file(tmp_path):
 def test_unknown_top_level_key(make_inventory):
     inv = make_inventory(raw={"hosts.yml": "hosts:\n  a: {address: 10.0.0.1}\nhost_vars: {}\n"})
     assert error_of(inv) == f"{inv}/hosts.yml: host_vars: unknown key (known: hosts, ssh)"
+
+
+def test_onboarding_reaches_the_fresh_hosts_as_root_and_the_others_as_the_admin(make_inventory, monkeypatch):
+    """`webstack onboard` runs site once over the inventory with WEBSTACK_ROOT_LOGIN naming the fresh
+    servers: those are reached as root on the port sshd answers on now, the rest as the admin user."""
+    import webstack.secrets
+    from webstack.inventory import ROOT_LOGIN_ENV, pyinfra_groups
+
+    inv = make_inventory(groups={"db": {"base__ssh_port": 2222}})
+    monkeypatch.setattr(webstack.secrets, "decrypt", lambda *a, **k: SECRETS)
+    monkeypatch.setenv(ROOT_LOGIN_ENV, "db1:22")
+    hosts = dict(pyinfra_groups(str(inv.with_suffix(".py")))["all"])
+    assert (hosts["db1"]["ssh_user"], hosts["db1"]["ssh_port"], "_sudo" in hosts["db1"]) == ("root", 22, False)
+    assert (hosts["web1"]["ssh_user"], hosts["web1"]["ssh_port"], hosts["web1"]["_sudo"]) == ("ops", 22, True)
+    monkeypatch.setenv(ROOT_LOGIN_ENV, "db9:22")
+    from pyinfra.api.exceptions import PyinfraError
+
+    with pytest.raises(PyinfraError, match="db9"):
+        pyinfra_groups(str(inv.with_suffix(".py")))

@@ -108,5 +108,6 @@ def test_patch_run_switches_back_and_prints_the_plan(patch_run):
 
 def test_site_drops_the_slot_of_a_removed_member_and_keeps_the_others(site):
     assert "Drop replication slot db9 (no longer a member of the cluster)" in site
+    assert "Disconnect the replica of slot db9" in site
     assert "Drop replication slot db2" not in site and "Drop replication slot db4" not in site
     assert "Replication slot for db2" not in site and "Replication slot for db4" not in site

@@ -35,7 +35,8 @@ def lab_inventory(tmp: Path) -> Path:
     if not (inv / "ca.crt").exists():  # written by the lab's secrets generator, absent in a fresh clone
         (inv / "ca.crt").write_text(tls.make_ca()[1])
     fleet = yaml.safe_load((ROOT / "lab" / "fleet.yml").read_text())
-    hosts = {m["name"]: {k: m[k] for k in ("address", "release", "roles", "groups")} for m in fleet["machines"]}
+    hosts = {m["name"]: {k: m[k] for k in ("address", "release", "roles", "groups")} for m in fleet["machines"]
+             if not m.get("on_demand")}
     (inv / "hosts.yml").write_text(yaml.safe_dump({"ssh": {"user": "ops"}, "hosts": hosts}))
     return inv
 
