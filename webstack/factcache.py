@@ -17,7 +17,9 @@ nothing ran on that host in between, so it is kept:
   nothing more is kept or served for the rest of the run.
 
 A fact class with ``volatile = True`` is never kept. ``WEBSTACK_FACT_CACHE=0`` keeps
-nothing (to measure the difference). ``WEBSTACK_FACT_STATS=FILE``
+nothing (to measure the difference). The first fact asked of a host also brings, in the same
+command, every fact the last run of this deploy asked of it (``webstack.factprefetch``;
+``WEBSTACK_FACT_PREFETCH=0`` turns that off). ``WEBSTACK_FACT_STATS=FILE``
 writes, at exit, the fact commands sent per host and the answers served from here
 (``bench/nochange.py`` reads it).
 """
@@ -32,11 +34,17 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from webstack import factprefetch
+
 STATS_ENV = "WEBSTACK_FACT_STATS"
 SWITCH_ENV = "WEBSTACK_FACT_CACHE"
+PREFETCH_ENV = "WEBSTACK_FACT_PREFETCH"
 _SENT: Counter[str] = Counter()
 _KEPT: Counter[str] = Counter()
+_PREFETCHED: Counter[str] = Counter()
 _INSTALLED: list[Any] = []
+_RUNS: list[Any] = []
+_LOCKS: dict[str, Any] = {}
 
 
 class _RunCache:
@@ -46,6 +54,7 @@ class _RunCache:
         self.answers: dict[str, dict[tuple[str, ...], Any]] = {}
         self.changed: set[str] = set()
         self.callbacks_ran = False
+        self.recorder = factprefetch.Recorder()
 
     def usable(self, host_name: str) -> bool:
         return not self.callbacks_ran and host_name not in self.changed
@@ -60,7 +69,45 @@ def _run_cache(state: Any) -> _RunCache:
     if cache is None:
         cache = _RunCache()
         state._webstack_fact_cache = cache
+        _RUNS.append(cache)
     return cache
+
+
+def _host_lock(name: str) -> Any:
+    from gevent.lock import Semaphore
+
+    return _LOCKS.setdefault(name, Semaphore())
+
+
+def _prefetch(state: Any, host: Any, cache: _RunCache) -> None:
+    """Once per host and run, before its first fact: everything the last run asked of it."""
+    with _host_lock(host.name):
+        if host.name in cache.recorder.done:
+            return
+        cache.recorder.done.add(host.name)
+        items = cache.recorder.load(host.name)
+        if not items:
+            return
+        found = factprefetch.prefetch(state, host, items, _key)
+        _SENT[host.name] += 1
+        _PREFETCHED[host.name] += len(found)
+        if cache.usable(host.name):
+            answers = cache.answers.setdefault(host.name, {})
+            for key, value in found.items():
+                answers.setdefault(key, value)
+
+
+def _note(state: Any, host: Any, cache: _RunCache, cls: Any, args: Any, kwargs: Any) -> None:
+    """Write down a fact asked while nothing had changed on the host, for the next run's prefetch."""
+    from pyinfra.api.facts import _handle_fact_kwargs
+
+    try:
+        _, global_kwargs = _handle_fact_kwargs(state, host, cls, list(args or ()), dict(kwargs or {}))
+    except Exception:  # noqa: BLE001 - pyinfra itself reports a bad fact call
+        return
+    item = factprefetch.entry(cls, args, kwargs, factprefetch.connector_signature(dict(global_kwargs)))
+    if item is not None:
+        cache.recorder.note(host.name, item)
 
 
 def _key(cls: type, args: Any, kwargs: Any) -> tuple[str, ...] | None:
@@ -82,6 +129,7 @@ def install() -> None:
 
     original = facts_module.get_fact
     enabled = os.environ.get(SWITCH_ENV, "1") != "0"
+    prefetching = enabled and os.environ.get(PREFETCH_ENV, "1") != "0"
 
     def get_fact(state: Any, host: Any, cls: Any, args: Any = None, kwargs: Any = None, **more: Any) -> Any:
         if issubclass(cls, ShortFactBase):  # derived from another fact, which comes through here
@@ -92,6 +140,10 @@ def install() -> None:
         if enabled and stage in (StateStage.Prepare, StateStage.Execute) and not getattr(cls, "volatile", False) \
                 and cache.usable(host.name):
             key = _key(cls, args, kwargs)
+        if key is not None and prefetching:
+            if host.name not in cache.recorder.done:
+                _prefetch(state, host, cache)
+            _note(state, host, cache, cls, args, kwargs)
         answers = cache.answers.setdefault(host.name, {})
         if key is not None and key in answers:
             _KEPT[host.name] += 1
@@ -125,6 +177,13 @@ def install() -> None:
     _INSTALLED.append(original)
     if os.environ.get(STATS_ENV):
         atexit.register(_write_stats, Path(os.environ[STATS_ENV]))
+    if prefetching:
+        atexit.register(_save_records)
+
+
+def _save_records() -> None:
+    for cache in _RUNS:
+        cache.recorder.save(cache.changed)
 
 
 def host_changed(target: Any) -> None:
@@ -134,8 +193,10 @@ def host_changed(target: Any) -> None:
 
 
 def stats() -> dict[str, dict[str, int]]:
-    """Per host: fact commands sent, and answers served from an identical earlier question."""
-    return {name: {"sent": _SENT[name], "kept": _KEPT[name]} for name in sorted(set(_SENT) | set(_KEPT))}
+    """Per host: fact commands sent (a prefetch counts one), answers served from an earlier
+    question or the prefetch, and answers the prefetch brought."""
+    return {name: {"sent": _SENT[name], "kept": _KEPT[name], "prefetched": _PREFETCHED[name]}
+            for name in sorted(set(_SENT) | set(_KEPT))}
 
 
 def _write_stats(path: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,9 @@ import yaml
 
 from webstack.sshkeys import new_private_key
 from webstack.tls import new_ed25519_key
+
+# The fact prefetch records of the runs unit tests simulate stay out of the operator's ~/.cache.
+os.environ.setdefault("WEBSTACK_PREFETCH_DIR", tempfile.mkdtemp(prefix="webstack-unit-facts-"))
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl test@unit"
 SECRETS = {

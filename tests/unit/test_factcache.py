@@ -98,3 +98,73 @@ def test_a_command_outside_operations_makes_the_hosts_facts_asked_again(run):
     factcache.host_changed(web1)  # as roles._lib.root_shell does before running its command
     web1.get_fact(Files, path="/etc")
     assert len(asked) == 2
+
+
+OUTPUTS = {  # command -> what it prints, with the edge cases of pyinfra's line splitting
+    "printf 'a\\nb\\n'": ["a", "b"],
+    "printf 'a\\n\\nb'": ["a", "", "b"],
+    "printf '\\n'": [""],
+    "true": [],
+    "printf 'x~1 %s\\n' '~'": ["x~1 ~"],
+    "echo 'é ü'; echo >&2 noise": ["é ü"],
+}
+
+
+def test_the_prefetch_script_gives_each_commands_lines_and_exit_code_as_pyinfra_would():
+    import subprocess
+
+    from webstack.factprefetch import parse, script
+
+    commands = [*OUTPUTS, "echo partial; exit 3"]
+    out = subprocess.run(["sh", "-c", script(commands, "M1")], capture_output=True, text=True, check=True).stdout
+    parsed = parse(out.splitlines(), "M1", len(commands))
+    for i, command in enumerate(OUTPUTS):
+        alone = subprocess.run(["sh", "-c", command], capture_output=True, text=True).stdout
+        assert parsed[i] == (0, OUTPUTS[command]) and alone.splitlines() == OUTPUTS[command], command
+    assert parsed[len(OUTPUTS)] == (3, ["partial"])
+
+
+class Lines(FactBase):
+    def command(self, path: str) -> str:
+        return f"printf 'one\\ntwo\\n' # {path}"
+
+    def process(self, output):
+        return list(output)
+
+
+class Failing(FactBase):
+    def command(self) -> str:
+        return "exit 1"
+
+
+def test_a_run_asks_in_one_command_what_the_last_run_asked(run, tmp_path, monkeypatch):
+    """Run 1 asks two facts fact by fact and writes them down; run 2 sends both in one command at
+    its first fact, serves the answer that came back, and asks the failing one again by itself."""
+    import subprocess
+
+    from pyinfra.connectors.util import CommandOutput, OutputLine
+
+    state, web1, _web2, asked = run
+    monkeypatch.setenv("WEBSTACK_PREFETCH_DIR", str(tmp_path))
+    web1.get_fact(Lines, path="/etc")
+    web1.get_fact(Failing)
+    factcache._save_records()
+    assert len(asked) == 2
+
+    sent = []
+
+    def local(command, print_output=False, print_input=False, **kwargs):
+        sent.append(command)
+        out = subprocess.run(["sh", "-c", command.get_raw_value()], capture_output=True, text=True).stdout
+        return True, CommandOutput([OutputLine("stdout", line) for line in out.splitlines()])
+
+    state2 = State(Inventory((["web1"], {})), Config())
+    state2.set_stage(StateStage.Prepare)
+    host = state2.inventory.get_host("web1")
+    monkeypatch.setattr(host, "connected", True, raising=False)
+    monkeypatch.setattr(host, "run_shell_command", local)
+    assert host.get_fact(Lines, path="/etc") == ["one", "two"]
+    assert len(sent) == 1 and len(asked) == 2  # from the prefetch, not from pyinfra
+    host.get_fact(Failing)
+    assert len(asked) == 3 and asked[-1][1] == "Failing"
+    assert factcache.stats()["web1"]["prefetched"] >= 1

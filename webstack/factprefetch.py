@@ -1,0 +1,209 @@
+"""Every fact a host will be asked, in one command at the start of the run.
+
+A no-change run asks each host the same facts, one SSH round trip and one sudo each: a
+``stat``, a ``dpkg-query``, a ``systemctl show`` per operation. Most of a no-change run's
+time was those round trips and the servers' CPU for the sudo'd shells.
+
+So each run writes down, per host, the facts it asked while nothing had changed on that
+host yet (class and arguments only: never an answer), in a file on the control machine. The
+next run of the same deploy against the same inventory sends all of them at its first fact
+for that host, as one ``sh`` script under one sudo, and keeps each answer as
+``webstack.factcache`` keeps any answer: until a command runs on that host. The commands are
+pyinfra's own for each fact; only the round trips are merged. A fact whose command fails, or
+whose output does not parse, is not kept: pyinfra asks it again by itself, with its usual
+errors.
+
+What is prefetched is read a little earlier than it would have been asked, but only while
+nothing has run on that host, which is what the fact cache already relies on. Facts asked
+with other connector arguments (another sudo user, an environment) than the host's default,
+``volatile`` facts and facts with arguments that do not survive JSON are not prefetched.
+
+The files live in ``$WEBSTACK_PREFETCH_DIR`` (default ``~/.cache/webstack/facts``), 0600 in a
+0700 directory; a record that does not fit the run only costs a few unused commands.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import importlib
+import json
+import os
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+DIR_ENV = "WEBSTACK_PREFETCH_DIR"
+MAX_ARG = 400  # longer arguments (a script) are not recorded
+MISSING = "##PYINFRA_NOCMD##"  # pyinfra.api.facts._MISSING_COMMAND_MARKER
+
+
+def _dir() -> Path:
+    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "webstack" / "facts"
+    return Path(os.environ.get(DIR_ENV) or default)
+
+
+def record_file(host_name: str) -> Path:
+    """Where this run's inventory + deploy keeps the facts asked of ``host_name``."""
+    run = " ".join(a for a in sys.argv[1:] if a.endswith(".py")) or "-"
+    digest = hashlib.sha1(run.encode()).hexdigest()[:16]
+    return _dir() / digest / f"{host_name}.json"
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, str):
+        return len(value) <= MAX_ARG
+    if value is None or isinstance(value, (bool, int, float)):
+        return True
+    if isinstance(value, list):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return False
+
+
+def connector_signature(global_kwargs: dict[str, Any]) -> str:
+    """A comparable digest of the connector arguments a fact runs with (sudo, user, env...)."""
+    from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS
+
+    items = sorted((k, repr(global_kwargs.get(k))) for k in CONNECTOR_ARGUMENT_KEYS)
+    return hashlib.sha1(repr(items).encode()).hexdigest()
+
+
+def entry(cls: type, args: Any, kwargs: Any, signature: str) -> dict[str, Any] | None:
+    """What is written down for one fact asked (None when it cannot be replayed exactly)."""
+    args, kwargs = list(args or ()), dict(kwargs or {})
+    if any(k.startswith("_") for k in kwargs) or not (_plain(args) and _plain(kwargs)):
+        return None
+    return {"cls": f"{cls.__module__}:{cls.__qualname__}", "args": args, "kwargs": kwargs, "conn": signature}
+
+
+class Recorder:
+    """The facts asked of each host while nothing had changed on it, and what was prefetched."""
+
+    def __init__(self) -> None:
+        self.asked: dict[str, dict[str, dict[str, Any]]] = {}
+        self.previous: dict[str, list[dict[str, Any]]] = {}
+        self.done: set[str] = set()
+
+    def note(self, host_name: str, item: dict[str, Any]) -> None:
+        self.asked.setdefault(host_name, {})[json.dumps(item, sort_keys=True)] = item
+
+    def load(self, host_name: str) -> list[dict[str, Any]]:
+        try:
+            items = json.loads(record_file(host_name).read_text())
+        except (OSError, ValueError):
+            items = []
+        self.previous[host_name] = items if isinstance(items, list) else []
+        return self.previous[host_name]
+
+    def save(self, changed: set[str]) -> None:
+        """Per host: what this run asked; on a host changed during the run, also what the last
+        record held (this run stopped asking early, the next one may not)."""
+        for host_name, asked in self.asked.items():
+            items = dict(asked)
+            if host_name in changed:
+                for item in self.previous.get(host_name, []):
+                    items.setdefault(json.dumps(item, sort_keys=True), item)
+            path = record_file(host_name)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(sorted(items.values(), key=lambda i: json.dumps(i, sort_keys=True))))
+                tmp.chmod(0o600)
+                tmp.replace(path)
+            except OSError:
+                pass  # a read-only home: the next run asks fact by fact, as pyinfra does
+
+
+def _load_class(path: str) -> type | None:
+    module, _, name = path.partition(":")
+    try:
+        obj: Any = importlib.import_module(module)
+        for part in name.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError):
+        return None
+    return obj if isinstance(obj, type) else None
+
+
+def script(commands: list[str], marker: str) -> str:
+    """One sh script: each command in a subshell, its stdout and exit code base64'd on one line."""
+    lines = []
+    for i, command in enumerate(commands):
+        lines.append(f"o=$( ( {command}\n) </dev/null 2>/dev/null; echo \"~$?\" ); "
+                     f"printf '{marker} {i} %s\\n' \"$(printf '%s' \"$o\" | base64 -w0)\"")
+    return "\n".join(lines) + "\ntrue\n"
+
+
+def parse(stdout_lines: list[str], marker: str, count: int) -> dict[int, tuple[int, list[str]]]:
+    """index -> (exit code, stdout lines as pyinfra splits them) from ``script``'s output."""
+    out: dict[int, tuple[int, list[str]]] = {}
+    for line in stdout_lines:
+        parts = line.split(" ")
+        if len(parts) != 3 or parts[0] != marker:
+            continue
+        try:
+            i = int(parts[1])
+            text = base64.b64decode(parts[2]).decode("utf-8")
+        except (ValueError, UnicodeDecodeError):
+            continue
+        body, sep, code = text.rpartition("~")
+        if not sep or not code.isdigit() or not 0 <= i < count:
+            continue
+        lines = body.split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        out[i] = (int(code), lines)
+    return out
+
+
+def prefetch(state: Any, host: Any, items: list[dict[str, Any]], key_of: Any) -> dict[tuple[str, ...], Any]:
+    """Ask ``items`` of ``host`` in one command; {fact cache key: answer} for those that answered."""
+    from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS, pop_global_arguments
+    from pyinfra.api.command import StringCommand
+    from pyinfra.api.facts import FactBase, _handle_fact_kwargs, _make_command
+
+    if not items or not host.connected:
+        return {}
+    defaults, _ = pop_global_arguments(state, host, {})
+    signature = connector_signature(dict(defaults))
+    executor = {k: v for k, v in defaults.items() if k in CONNECTOR_ARGUMENT_KEYS}
+    wanted: list[tuple[tuple[str, ...], Any, str]] = []
+    for item in items:
+        cls = _load_class(str(item.get("cls", "")))
+        if cls is None or not issubclass(cls, FactBase) or item.get("conn") != signature or getattr(cls, "volatile", False):
+            continue
+        args, kwargs = item.get("args") or [], item.get("kwargs") or {}
+        key = key_of(cls, args, kwargs)
+        fact = cls()
+        if key is None or fact.shell_executable or fact.check_preconditions(state, host):
+            continue
+        try:
+            fact_kwargs, _ = _handle_fact_kwargs(state, host, cls, args, kwargs)
+            command = _make_command(fact.command, dict(fact_kwargs))
+            requires = _make_command(fact.requires_command, dict(fact_kwargs))
+        except Exception:  # noqa: BLE001 - a recorded call that no longer fits the class: skipped
+            continue
+        text = command.get_raw_value() if isinstance(command, StringCommand) else str(command)
+        if requires:  # as pyinfra guards it: a missing binary prints the marker, left to pyinfra
+            text = f"if command -v {requires} >/dev/null 2>&1; then ( {text}\n); else echo '{MISSING}'; fi"
+        wanted.append((key, fact, text))
+    if not wanted:
+        return {}
+    marker = f"WSF{uuid.uuid4().hex[:12]}"
+    status, output = host.run_shell_command(StringCommand(script([w[2] for w in wanted], marker)),
+                                            print_output=False, print_input=False, **executor)
+    if not status:
+        return {}
+    answers: dict[tuple[str, ...], Any] = {}
+    for i, (code, lines) in parse(output.stdout_lines, marker, len(wanted)).items():
+        key, fact, _ = wanted[i]
+        if code != 0 or lines == [MISSING]:
+            continue  # pyinfra asks it again and reports its error (or the missing binary) as it would
+        try:
+            answers[key] = fact.process(lines) if lines else fact.default()
+        except Exception:  # noqa: BLE001 - pyinfra asks it again and reports its FactProcessError
+            continue
+    return answers
