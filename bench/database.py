@@ -136,7 +136,7 @@ def main() -> int:
     group_file = tmp / "lab" / "group_data" / f"{group}.yml"
     primary = yaml.safe_load(group_file.read_text())["postgres__primary"]
     fleet = yaml.safe_load((ROOT / "lab" / "fleet.yml").read_text())
-    replica = next(m["name"] for m in fleet["machines"] if group in m["groups"] and m["name"] != primary)
+    replica = next(m["name"] for m in fleet["machines"] if group in m.get("groups", ()) and m["name"] != primary)
     app1 = host("app1")
     app1.run("DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql-client >/dev/null")
     # The probes connect as the application does: its password in a private pgpass file on app1.

@@ -76,6 +76,22 @@ def fleet_path(cli_value: str | None) -> Path:
     return Path(value).resolve() if value else DEFAULT_FLEET
 
 
+def _expand(entries: list, path: Path) -> list:
+    """An entry with ``count: N`` stands for N machines NAME1..NAMEN at consecutive addresses."""
+    out = []
+    for entry in entries:
+        if isinstance(entry, dict) and "count" in entry:
+            try:
+                count, first = int(entry["count"]), ipaddress.IPv4Address(str(entry["address"]))
+            except (KeyError, ValueError) as exc:
+                raise LabError(f"fleet file {path}: entry {entry.get('name')!r}: bad count or address: {exc}") from exc
+            rest = {k: v for k, v in entry.items() if k not in ("count", "name", "address")}
+            out += [{**rest, "name": f"{entry['name']}{n + 1}", "address": str(first + n)} for n in range(count)]
+        else:
+            out.append(entry)
+    return out
+
+
 def load_fleet(path: Path) -> Fleet:
     """Parse and validate a fleet file."""
     try:
@@ -98,7 +114,7 @@ def load_fleet(path: Path) -> Fleet:
     machines: list[Machine] = []
     seen_names: set[str] = set()
     seen_addrs: set[str] = {gateway} | ({vip} if vip else set())
-    for i, entry in enumerate(data.get("machines") or []):
+    for i, entry in enumerate(_expand(data.get("machines") or [], path)):
         where = f"fleet file {path}, machine #{i + 1}"
         if not isinstance(entry, dict):
             raise LabError(f"{where}: expected a mapping")

@@ -23,8 +23,8 @@ KNOWN_HOSTS = STATE / "ssh" / "known_hosts"
 FLEET = yaml.safe_load((ROOT / "lab" / "fleet.yml").read_text())
 # The standing lab (inventories/lab); on-demand machines (booted by the test that uses them) apart.
 MACHINES = {m["name"]: m for m in FLEET["machines"] if not m.get("on_demand")}
-ON_DEMAND = {m["name"]: m for m in FLEET["machines"] if m.get("on_demand")}
-ADDRESS = {m["name"]: m["address"] for m in FLEET["machines"]}
+ON_DEMAND = {m["name"]: m for m in FLEET["machines"] if m.get("on_demand") and "count" not in m}
+ADDRESS = {m["name"]: m["address"] for m in FLEET["machines"] if "count" not in m}
 PGPASS = "/root/.webstack-test-pgpass"
 
 SSH_CONFIG = Path(tempfile.mkdtemp(prefix="webstack-probe-")) / "ssh_config"
