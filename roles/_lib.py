@@ -355,12 +355,17 @@ def owed_action(name: str, command: str, swaps: Sequence[OperationMeta], hint: s
     )
 
 
-def unit_file(unit: str, content: str, owes: str, instance: str = "") -> OperationMeta:
+def unit_file(unit: str, content: str, owes: str, instance: str = "",
+              beside: dict[str, str] | None = None) -> OperationMeta:
     """``/etc/systemd/system/<unit>``, swapped in only if ``systemd-analyze verify`` accepts it
-    (a template unit is verified as its ``instance``, e.g. ``app-worker@1.service``)."""
+    (a template unit is verified as its ``instance``, e.g. ``app-worker@1.service``). ``beside``:
+    units verified together with it (name -> content: a socket and its service need each other)."""
+    import shlex
+
+    others = "".join(f" && printf '%s' {shlex.quote(text)} > $d/{name}" for name, text in (beside or {}).items())
     return validated_file(
         name=f"Unit {unit}", dest=f"/etc/systemd/system/{unit}", content=content, owes=owes,
-        validate=f"d=$(mktemp -d) && cp {{}} $d/{unit} && "
+        validate=f"d=$(mktemp -d) && cp {{}} $d/{unit}{others} && "
                  f"systemd-analyze verify $d/{instance or unit}; r=$?; rm -rf $d; exit $r",
     )
 

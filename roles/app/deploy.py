@@ -113,6 +113,12 @@ def unit_content(cfg: HostConfig) -> str:
                   module=app.module)
 
 
+def socket_content(cfg: HostConfig) -> str:
+    """The listening socket systemd holds for gunicorn, open while the service restarts."""
+    app = cfg.settings(AppSettings)
+    return render("app/etc/systemd/system/app.socket.j2", name=app.name, port=app.port)
+
+
 @deploy("Application server")
 def apply() -> None:
     """What an application server needs before its first release: packages, user, directories."""

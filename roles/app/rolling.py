@@ -21,7 +21,7 @@ from pyinfra.facts.files import Sha1File
 from pyinfra.operations import server
 
 from roles._lib import PendingActions, barrier, config, fact_lock, owed_action, unit_file, validated_file
-from roles.app.deploy import AppState, build_release, env_content, prune_releases, unit_content, use_release
+from roles.app.deploy import AppState, build_release, env_content, prune_releases, socket_content, unit_content, use_release
 from roles.app.settings import AppSettings
 from roles.base.deploy import codename
 from roles.lb.deploy import nginx_site
@@ -89,7 +89,8 @@ def _step(other: Host, cfg: HostConfig, name: str, is_worker: bool, requested: s
     else:
         app = cfg.settings(AppSettings).name
         wanted = {f"/etc/webstack/{app}.env": env_content(cfg),
-                  f"/etc/systemd/system/{app}.service": unit_content(cfg)}
+                  f"/etc/systemd/system/{app}.service": unit_content(cfg),
+                  f"/etc/systemd/system/{app}.socket": socket_content(cfg)}
         owed = "restart-app"
     current = other.get_fact(AppState, app=app)
     release = _wanted_release(cfg, current, requested)
@@ -121,11 +122,18 @@ def _switch(cfg: HostConfig, step: Step) -> None:
     current = host.get_fact(AppState, app=name)
     env = validated_file(name="Environment file (secrets)", dest=f"/etc/webstack/{name}.env",
                          content=env_content(cfg), mode="640", group=name, owes="restart-app")
-    unit = unit_file(f"{name}.service", unit_content(cfg), owes="restart-app")
-    owed_action("daemon-reload", "systemctl daemon-reload", [unit])
+    service, socket = unit_content(cfg), socket_content(cfg)
+    unit = unit_file(f"{name}.service", service, owes="restart-app", beside={f"{name}.socket": socket})
+    sock = unit_file(f"{name}.socket", socket, owes="restart-app-socket", beside={f"{name}.service": service})
+    owed_action("daemon-reload", "systemctl daemon-reload", [unit, sock])
     use_release(cfg, app, step.release, current)
+    # systemd holds the listening socket (app.socket): while gunicorn restarts, connections wait in
+    # its backlog instead of being refused, so even a lone application server drops no request. A
+    # changed socket is bound again with the service stopped (the old unit bound the port itself).
+    owed_action("restart-app-socket", f"systemctl stop {name} && systemctl enable -q {name}.socket && "
+                                      f"systemctl restart {name}.socket", [sock])
     if "configuration" in step.reasons or "owed restart" in step.reasons or not current["active"]:
-        owed_action("restart-app", f"systemctl enable -q {name} && systemctl restart {name}", [env, unit])
+        owed_action("restart-app", f"systemctl enable -q {name} && systemctl restart {name}", [env, unit, sock])
     else:
         server.shell(name=f"Graceful reload of {name} (gunicorn HUP)", commands=[f"systemctl reload {name}"])
     server.shell(name=f"Wait until {name} serves release {step.release}", commands=[

@@ -126,3 +126,19 @@ def test_other_templates_render(hosts):
     assert 'APT::Periodic::Unattended-Upgrade "1";' in unattended
     sysctl = render("base/etc/sysctl.d/60-webstack.conf.j2", sysctls=_release.SYSCTLS)
     assert "net.ipv4.tcp_syncookies = 1" in sysctl
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+def test_app_service_and_its_socket_verify_together(hosts, tmp_path):
+    """The application's unit takes its port from a systemd socket (open while it restarts); each
+    alone fails systemd-analyze verify, so the role verifies them side by side, as here."""
+    from roles.app.deploy import socket_content, unit_content
+
+    cfg = next(cfg for _inv, cfg in hosts if "app" in cfg.roles)
+    # The control machine has no gunicorn; the servers do (the role installs it first).
+    (tmp_path / "webapp.service").write_text(unit_content(cfg).replace("/usr/bin/gunicorn", "/bin/true"))
+    (tmp_path / "webapp.socket").write_text(socket_content(cfg))
+    assert "Requires=webapp.socket" in unit_content(cfg) and "ListenStream=0.0.0.0:" in socket_content(cfg)
+    for unit in ("webapp.service", "webapp.socket"):
+        result = subprocess.run(["systemd-analyze", "verify", str(tmp_path / unit)], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
