@@ -91,10 +91,11 @@ def write_inventory(inv_dir: Path, hosts: dict[str, tuple[list[str], list[str]]]
 
 
 def new_inventory(tmp: Path) -> Path:
-    """inventories/grow(.py) under tmp: the lab's secrets and CA, its base, app and database
-    settings (no mail relay: the lab's stand-in provider belongs to the lab inventory)."""
+    """An inventory of its own under tmp, named lab (the lab's secrets and their key), with the lab's
+    CA and its base, app and database settings (no mail relay: the lab's stand-in provider belongs to
+    the lab inventory)."""
     lab_inv = ROOT / "inventories" / "lab"
-    inv_dir = tmp / "inventories" / "grow"
+    inv_dir = tmp / "inventories" / "lab"
     (inv_dir / "group_data").mkdir(parents=True)
     for name in ("ca.crt", "secrets.age", "secrets.recipients"):
         shutil.copy(lab_inv / name, inv_dir / name)
@@ -106,8 +107,8 @@ def new_inventory(tmp: Path) -> Path:
     (inv_dir / "group_data" / "worker.yml").write_text("worker__processes: 1\n")
     (inv_dir / "host_data").mkdir()
     (inv_dir / "host_data" / "grow1.yml").write_text("lb__priority: 150   # grow1 normally holds the VIP\n")
-    shutil.copy(ROOT / "inventories" / "lab.py", tmp / "inventories" / "grow.py")
-    return tmp / "inventories" / "grow.py"
+    shutil.copy(ROOT / "inventories" / "lab.py", tmp / "inventories" / "lab.py")
+    return tmp / "inventories" / "lab.py"
 
 
 def grow(tmp: Path) -> Growth:
