@@ -33,6 +33,7 @@ import yaml
 
 from lab.probe import ADDRESS, ON_DEMAND, SignupClient, SteadyClient, host
 from tests.integration.conftest import BIN, ROOT, Run, deploy, lab, run, wait_for
+from webstack import secrets, tls
 
 GROW_VIP = "10.77.0.101"
 NAMES = sorted(ON_DEMAND)  # grow1 ... grow5
@@ -88,6 +89,7 @@ def write_inventory(inv_dir: Path, hosts: dict[str, tuple[list[str], list[str]]]
     if vip:
         lb += [f"lb__vip: {GROW_VIP}", "lb__vip_prefix: 24", "lb__vrrp_id: 52"]
     (gd / "lb.yml").write_text("\n".join(lb) + "\n")
+    run(str(BIN / "python"), "-m", "webstack.labsecrets", str(inv_dir))  # secrets the step adds (cluster grow's backups)
 
 
 def new_inventory(tmp: Path) -> Path:
@@ -97,8 +99,15 @@ def new_inventory(tmp: Path) -> Path:
     lab_inv = ROOT / "inventories" / "lab"
     inv_dir = tmp / "inventories" / "lab"
     (inv_dir / "group_data").mkdir(parents=True)
-    for name in ("ca.crt", "secrets.age", "secrets.recipients"):
+    for name in ("ca.crt", "secrets.recipients"):
         shutil.copy(lab_inv / name, inv_dir / name)
+    # The clients check the certificate against the address they connect to: grow1's (stage 1's
+    # DNS) and the new floating IP. The rest (the backup secrets of cluster grow) are generated
+    # by the lab's secrets tool as each step's inventory asks for them (``secrets_for``).
+    data = secrets.decrypt(lab_inv)
+    data["tls_key"], data["tls_cert"] = tls.issue(data["lab_ca_key"], data["lab_ca_cert"], ["www.webstack.test"],
+                                                  [GROW_VIP, ADDRESS["grow1"], ADDRESS["grow2"]])
+    secrets.encrypt(inv_dir, data)
     for name in ("app.yml", "db.yml"):
         shutil.copy(lab_inv / "group_data" / name, inv_dir / "group_data" / name)
     base = yaml.safe_load((lab_inv / "group_data" / "all.yml").read_text())
