@@ -177,6 +177,14 @@ def converged() -> dict[str, object]:
     return {"up": up, "fresh": fresh, "onboard": onboard, "again": again}
 
 
+@pytest.fixture(scope="session")
+def lab_ready() -> None:
+    """The lab's bridge, keys and secrets, for a test that brings its own machines and inventory
+    (on-demand machines): the standing machines are booted, not onboarded or converged."""
+    lab("up")
+    run(str(BIN / "python"), "-m", "webstack.labsecrets", "inventories/lab")
+
+
 host_for = probe.host
 
 

@@ -16,7 +16,7 @@ def slots(name: str) -> dict[str, str]:
     return dict(line.split() for line in out.splitlines())
 
 
-def test_stage1_grows_to_the_full_stack_without_a_failed_request_or_a_lost_row(converged, tmp_path):
+def test_stage1_grows_to_the_full_stack_without_a_failed_request_or_a_lost_row(lab_ready, tmp_path):
     g = grow(tmp_path)
     assert g.pages and g.signups and g.vip_pages and g.vip_signups
     for name, seconds in g.seconds.items():
