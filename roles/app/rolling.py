@@ -160,11 +160,17 @@ def converge(release: str = "") -> None:
         return
     app_servers = topology(cfg).app_servers()
     distro = codename() if "lb" in cfg.roles else ""
-    for step in host.loop(steps):
+    # Servers not running yet (being added) joined the load balancers drained: they start first,
+    # and stay drained until their own step puts them in, so draining another server never
+    # leaves only them in rotation.
+    new = [s for s in steps if not s.worker and "not running" in s.reasons]
+    steps = [*(s for s in steps if s.worker), *new, *(s for s in steps if not s.worker and s not in new)]
+    for i, step in enumerate(host.loop(steps)):
         # With a single application server there is nothing to drain to; workers take no requests.
         drain = len(app_servers) > 1 and not step.worker
+        waiting = [s.host for s in steps[i + 1:] if s in new]
         if "lb" in cfg.roles and drain:
-            site = nginx_site(cfg, distro, [*cfg.settings(LbSettings).drained, step.host], force=True,
+            site = nginx_site(cfg, distro, [*cfg.settings(LbSettings).drained, *waiting, step.host], force=True,
                               name=f"Drain {step.host} ({', '.join(step.reasons)})")
             owed_action("reload-nginx", "nginx -t -q && systemctl reload nginx", [site])
         barrier(name=f"{step.host} drained", label=step.host)
@@ -175,6 +181,7 @@ def converge(release: str = "") -> None:
                 _switch(cfg, step)
         barrier(name=f"{step.host} switched", label=step.host)
         if "lb" in cfg.roles and drain:
-            site = nginx_site(cfg, distro, cfg.settings(LbSettings).drained, force=True, name=f"Put {step.host} back")
+            site = nginx_site(cfg, distro, [*cfg.settings(LbSettings).drained, *waiting], force=True,
+                              name=f"Put {step.host} back")
             owed_action("reload-nginx", "nginx -t -q && systemctl reload nginx", [site])
         barrier(name=f"{step.host} back in rotation", label=step.host)

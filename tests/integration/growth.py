@@ -54,6 +54,7 @@ class Growth:
     inventory: Path
     runs: dict[str, Run] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    spans: dict[str, tuple[float, float]] = field(default_factory=dict)  # step -> monotonic start, end
     pages: SteadyClient | None = None
     signups: SignupClient | None = None
     vip_pages: SteadyClient | None = None
@@ -67,7 +68,12 @@ class Growth:
             result = deploy(self.inventory, *args)
         self.runs[name] = result
         self.seconds[name] = time.monotonic() - start
+        self.spans[name] = (start, time.monotonic())
         return result
+
+    def during(self, t: float) -> str:
+        """The step running at monotonic time ``t`` (a client's record)."""
+        return next((name for name, (a, b) in self.spans.items() if a <= t <= b), "between steps")
 
 
 def write_inventory(inv_dir: Path, hosts: dict[str, tuple[list[str], list[str]]], primary: str,
@@ -89,6 +95,11 @@ def write_inventory(inv_dir: Path, hosts: dict[str, tuple[list[str], list[str]]]
     if vip:
         lb += [f"lb__vip: {GROW_VIP}", "lb__vip_prefix: 24", "lb__vrrp_id: 52"]
     (gd / "lb.yml").write_text("\n".join(lb) + "\n")
+    worker = gd / "worker.yml"  # group data only once a host has the role (a file for no host is refused)
+    if any("worker" in roles for roles, _ in hosts.values()):
+        worker.write_text("worker__processes: 1\n")
+    else:
+        worker.unlink(missing_ok=True)
     run(str(BIN / "python"), "-m", "webstack.labsecrets", str(inv_dir))  # secrets the step adds (cluster grow's backups)
 
 
@@ -113,7 +124,6 @@ def new_inventory(tmp: Path) -> Path:
     base = yaml.safe_load((lab_inv / "group_data" / "all.yml").read_text())
     keep = {k: v for k, v in base.items() if k in ("base__admin_users", "base__admin_networks", "base__ntp_servers")}
     (inv_dir / "group_data" / "all.yml").write_text(yaml.safe_dump(keep))
-    (inv_dir / "group_data" / "worker.yml").write_text("worker__processes: 1\n")
     (inv_dir / "host_data").mkdir()
     (inv_dir / "host_data" / "grow1.yml").write_text("lb__priority: 150   # grow1 normally holds the VIP\n")
     shutil.copy(ROOT / "inventories" / "lab.py", tmp / "inventories" / "lab.py")

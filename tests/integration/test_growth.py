@@ -24,6 +24,10 @@ def test_stage1_grows_to_the_full_stack_without_a_failed_request_or_a_lost_row(l
     print(f"{len(g.pages.results)} page requests to grow1, {len(g.pages.failures())} failed; "
           f"{len(g.signups.results)} sign-ups, {len(g.signups.failures())} failed; "
           f"longest write wait {write_pause(g.signups):.2f} s")
+    for t, _ok, detail in g.pages.failures():
+        print(f"page failed during {g.during(t)}: {detail}")
+    for t, seconds, _ok, email in g.signups.failures():
+        print(f"sign-up failed during {g.during(t)} after {seconds:.2f} s: {email}")
     # The site kept answering on the stage-1 address, and no write was refused.
     assert g.pages.failures() == [] and len(g.pages.results) > 500, g.pages.failures()[:5]
     assert g.signups.failures() == [] and len(g.signups.results) > 100, g.signups.failures()[:5]
