@@ -45,6 +45,12 @@ def test_stage1_grows_to_the_full_stack_without_a_failed_request_or_a_lost_row(l
     hba = host("grow3").check_output("cat /etc/postgresql/17/main/pg_hba.conf")
     replication = [line for line in hba.splitlines() if " replication " in line]
     assert replication and not any("10.77.0.91" in line for line in replication)
+    # The backup host's account for cluster grow takes the key only from the members left, and its
+    # firewall no longer opens SSH to grow1 (the opening follows the same member list).
+    keys = host("grow5").check_output("cat /etc/ssh/webstack-sftp/pgbr-grow")
+    assert "10.77.0.93" in keys and "10.77.0.94" in keys and "10.77.0.91" not in keys
+    ruleset = host("grow5").check_output("nft list ruleset")
+    assert "10.77.0.93" in ruleset and "10.77.0.91" not in ruleset
     # Off-site backups of the new primary.
     info = host("grow3").check_output("runuser -u postgres -- pgbackrest --stanza=grow --output=json info")
     assert '"type":"full"' in info.replace(" ", "")
