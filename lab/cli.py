@@ -267,32 +267,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lab", description=__doc__)
     p.add_argument("--fleet", help="fleet file (default: $WEBSTACK_LAB_FLEET or lab/fleet.yml)")
     sub = p.add_subparsers(dest="cmd_name", required=True, metavar="COMMAND")
-    s = sub.add_parser("up", help="build images if needed, boot machines, wait for SSH, write inventory")
-    s.add_argument("names", nargs="*", metavar="NAME")
-    s.set_defaults(func=cmd_up)
-    s = sub.add_parser("down", help="remove every machine, mount, netns, veth, bridge and nft table")
-    s.set_defaults(func=cmd_down)
-    s = sub.add_parser("destroy", help="stop machines and remove their disks (up boots them fresh)")
-    s.add_argument("names", nargs="+", metavar="NAME")
-    s.set_defaults(func=cmd_destroy)
-    s = sub.add_parser("status", help="one line per machine")
-    s.add_argument("names", nargs="*", metavar="NAME")
-    s.set_defaults(func=cmd_status)
+    commands = (  # name, how many machine names, help, function
+        ("up", "*", "build images if needed, boot machines, wait for SSH, write inventory", cmd_up),
+        ("down", None, "remove every machine, mount, netns, veth, bridge and nft table", cmd_down),
+        ("destroy", "+", "stop machines and remove their disks (up boots them fresh)", cmd_destroy),
+        ("status", "*", "one line per machine", cmd_status),
+        ("poweroff", "+", "simulated power loss: SIGKILL + link down + drop extra addresses", cmd_poweroff),
+        ("start", "+", "link up and boot a stopped/powered-off machine, wait for SSH", cmd_start),
+        ("stop", "+", "clean shutdown of machines (disk kept)", cmd_stop),
+    )
+    for name, nargs, hlp, func in commands:
+        s = sub.add_parser(name, help=hlp)
+        if nargs:
+            s.add_argument("names", nargs=nargs, metavar="NAME")
+        s.set_defaults(func=func)
     for name, hlp in (("ssh", "ssh into a machine as root"),
                       ("exec", "run a command in a machine over ssh (non-interactive)")):
         s = sub.add_parser(name, help=hlp)
         s.add_argument("name", metavar="NAME")
         s.add_argument("command", nargs=argparse.REMAINDER, metavar="CMD")
         s.set_defaults(func=cmd_ssh)
-    s = sub.add_parser("poweroff", help="simulated power loss: SIGKILL + link down + drop extra addresses")
-    s.add_argument("names", nargs="+", metavar="NAME")
-    s.set_defaults(func=cmd_poweroff)
-    s = sub.add_parser("start", help="link up and boot a stopped/powered-off machine, wait for SSH")
-    s.add_argument("names", nargs="+", metavar="NAME")
-    s.set_defaults(func=cmd_start)
-    s = sub.add_parser("stop", help="clean shutdown of machines (disk kept)")
-    s.add_argument("names", nargs="+", metavar="NAME")
-    s.set_defaults(func=cmd_stop)
     s = sub.add_parser("partition", help="drop all traffic between two machines")
     s.add_argument("a", metavar="A")
     s.add_argument("b", metavar="B")
