@@ -60,6 +60,20 @@ def main() -> int:
         "runuser -u postgres -- psql -XAt -d app -c "
         f"\"select email from signups where email like '{signups.tag}-%'\"").splitlines()
     slowest = max((r[1] for r in signups.results), default=0.0)
+    # When each failure happened (UTC), and the host whose own patching window held it ("between
+    # hosts": a drain, a VIP move or a switchover, which the hosts' windows do not cover).
+    wall = time.time() - time.monotonic()
+    windows = [(datetime.fromisoformat(r["finished"]).timestamp() - r["seconds"],
+                datetime.fromisoformat(r["finished"]).timestamp(), r["host"]) for r in rows if r.get("finished")]
+
+    def when(t: float) -> str:
+        at = t + wall
+        where = next((h for a, b, h in windows if a <= at <= b), "between hosts")
+        return f"{datetime.fromtimestamp(at, UTC):%H:%M:%S.%f}"[:-3] + f" ({where})"
+
+    failures = [f"page {when(t)}: {detail}" for t, _ok, detail in pages.failures()]
+    failures += [f"sign-up {when(t)} after {secs:.2f} s: {signups.errors.get(email, '?')}"
+                 for t, secs, _ok, email in signups.failures()]
     result = {
         "command": " ".join(cmd[1:]),
         "exit": proc.returncode,
@@ -71,6 +85,7 @@ def main() -> int:
         "signups": len(signups.results), "signups_failed": len(signups.failures()),
         "slowest_signup_s": round(slowest, 2),
         "acknowledged_missing": len(signups.acknowledged() - set(emails)),
+        "failures": failures,
     }
     print(json.dumps(result, indent=2))
     out = ROOT / "bench" / "results" / f"patch-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"

@@ -187,6 +187,7 @@ class SignupClient:
         self.interval, self.limit, self.tag = interval, limit, f"patch-{uuid.uuid4().hex[:8]}"
         self.address = address  # None: the VIP
         self.results: list[tuple[float, float, bool, str]] = []
+        self.errors: dict[str, str] = {}  # email -> why its sign-up failed (status or exception)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -207,8 +208,11 @@ class SignupClient:
             try:
                 status, _, _ = https("/signup", "POST", urlencode({"email": email}), timeout=30, address=self.address)
                 ok = status == 201
-            except OSError:
+                if not ok:
+                    self.errors[email] = f"HTTP {status}"
+            except (OSError, http.client.HTTPException) as exc:
                 ok = False
+                self.errors[email] = f"{type(exc).__name__}: {exc}"
             self.results.append((start, time.monotonic() - start, ok, email))
             self._stop.wait(max(0.0, self.interval - (time.monotonic() - start)))
 
