@@ -54,7 +54,11 @@ def test_stage1_grows_to_the_full_stack_without_a_failed_request_or_a_lost_row(l
     # Off-site backups of the new primary.
     info = host("grow3").check_output("runuser -u postgres -- pgbackrest --stanza=grow --output=json info")
     assert '"type":"full"' in info.replace(" ", "")
-    # Workers run on both web servers.
+    # Workers run on both web servers and take the sign-ups' jobs (the growth inventory names no mail
+    # provider, so the welcome mails themselves are retried, not delivered: attempts count).
+    taken = host("grow3").check_output("runuser -u postgres -- psql -XAt -d app -c "
+                                       "\"select count(*) from jobs where kind = 'welcome_email' and attempts > 0\"")
+    assert int(taken) > 0, "no worker took a job"
     for name in ("grow1", "grow2"):
         units = host(name).check_output("systemctl list-units --plain --no-legend --state=active '*-worker@*'")
         assert "-worker@" in units, f"no worker runs on {name}"
