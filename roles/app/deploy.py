@@ -107,14 +107,25 @@ def env_content(cfg: HostConfig) -> str:
                   secret_key=quote(cfg.secret("app_secret_key").unmask()))
 
 
+def holds_socket(cfg: HostConfig) -> bool:
+    """Whether systemd holds the application's listening socket (``app.socket``): only for a lone
+    application server (stage 1). A restart then queues connections instead of refusing them, and
+    there is no other server to send them to. With two or more, a restart is drained first, and a
+    server that dies must refuse connections so the load balancers try the next at once: a socket
+    held open by systemd would take them and leave them waiting for the restart."""
+    return len(topology(cfg).app_servers()) == 1
+
+
 def unit_content(cfg: HostConfig) -> str:
     app = cfg.settings(AppSettings)
     return render("app/etc/systemd/system/app.service.j2", name=app.name, port=app.port, workers=app.workers,
-                  module=app.module)
+                  module=app.module, socket=holds_socket(cfg))
 
 
-def socket_content(cfg: HostConfig) -> str:
-    """The listening socket systemd holds for gunicorn, open while the service restarts."""
+def socket_content(cfg: HostConfig) -> str | None:
+    """The listening socket systemd holds for a lone application server; None: no socket unit."""
+    if not holds_socket(cfg):
+        return None
     app = cfg.settings(AppSettings)
     return render("app/etc/systemd/system/app.socket.j2", name=app.name, port=app.port)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pyinfra import host, inventory, state
 from pyinfra.api import Host, OperationError
 from pyinfra.facts.files import Sha1File
-from pyinfra.operations import server
+from pyinfra.operations import files, server
 
 from roles._lib import PendingActions, barrier, config, fact_lock, owed_action, unit_file, validated_file
 from roles.app.deploy import AppState, build_release, env_content, prune_releases, socket_content, unit_content, use_release
@@ -82,9 +82,10 @@ def plan(requested: str = "") -> list[Step]:
 
 def _step(other: Host, cfg: HostConfig, name: str, is_worker: bool, requested: str) -> Step | None:
     """The change host ``other`` needs, from its facts; None when it needs none."""
+    wanted: dict[str, str | None]  # path -> content, None: absent
     if is_worker:
         app = worker.app_settings(cfg).name
-        wanted = worker.wanted_files(cfg)
+        wanted = dict(worker.wanted_files(cfg))
         owed = "restart-worker"
     else:
         app = cfg.settings(AppSettings).name
@@ -97,7 +98,8 @@ def _step(other: Host, cfg: HostConfig, name: str, is_worker: bool, requested: s
     reasons = []
     if current["current"] != release:
         reasons.append("release")
-    if any(other.get_fact(Sha1File, path=path) != _sha(text) for path, text in wanted.items()):
+    if any(other.get_fact(Sha1File, path=path) != (None if text is None else _sha(text))
+           for path, text in wanted.items()):
         reasons.append("configuration")
     if owed in other.get_fact(PendingActions):
         reasons.append("owed restart")
@@ -123,15 +125,26 @@ def _switch(cfg: HostConfig, step: Step) -> None:
     env = validated_file(name="Environment file (secrets)", dest=f"/etc/webstack/{name}.env",
                          content=env_content(cfg), mode="640", group=name, owes="restart-app")
     service, socket = unit_content(cfg), socket_content(cfg)
-    unit = unit_file(f"{name}.service", service, owes="restart-app", beside={f"{name}.socket": socket})
-    sock = unit_file(f"{name}.socket", socket, owes="restart-app-socket", beside={f"{name}.service": service})
+    socket_path = f"/etc/systemd/system/{name}.socket"
+    if socket is not None:
+        unit = unit_file(f"{name}.service", service, owes="restart-app", beside={f"{name}.socket": socket})
+        sock = unit_file(f"{name}.socket", socket, owes="restart-app-socket", beside={f"{name}.service": service})
+    else:
+        # From one application server to several: the socket goes (roles.app.deploy.holds_socket).
+        # Stopping it stops the service too (Requires=); the restart below starts it on its own port.
+        if host.get_fact(Sha1File, path=socket_path) is not None:
+            server.shell(name=f"Stop {name}.socket (no longer the only application server)",
+                         commands=[f"systemctl disable -q --now {name}.socket"])
+        unit = unit_file(f"{name}.service", service, owes="restart-app")
+        sock = files.file(name=f"No {name}.socket", path=socket_path, present=False)
     owed_action("daemon-reload", "systemctl daemon-reload", [unit, sock])
     use_release(cfg, app, step.release, current)
-    # systemd holds the listening socket (app.socket): while gunicorn restarts, connections wait in
-    # its backlog instead of being refused, so even a lone application server drops no request. A
-    # changed socket is bound again with the service stopped (the old unit bound the port itself).
-    owed_action("restart-app-socket", f"systemctl stop {name} && systemctl enable -q {name}.socket && "
-                                      f"systemctl restart {name}.socket", [sock])
+    if socket is not None:
+        # A lone server: systemd holds the listening socket, so while gunicorn restarts connections
+        # wait in its backlog instead of being refused. A changed socket is bound again with the
+        # service stopped (the port may still be the service's own).
+        owed_action("restart-app-socket", f"systemctl stop {name} && systemctl enable -q {name}.socket && "
+                                          f"systemctl restart {name}.socket", [sock])
     if "configuration" in step.reasons or "owed restart" in step.reasons or not current["active"]:
         owed_action("restart-app", f"systemctl enable -q {name} && systemctl restart {name}", [env, unit, sock])
     else:

@@ -130,15 +130,20 @@ def test_other_templates_render(hosts):
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
 def test_app_service_and_its_socket_verify_together(hosts, tmp_path):
-    """The application's unit takes its port from a systemd socket (open while it restarts); each
-    alone fails systemd-analyze verify, so the role verifies them side by side, as here."""
+    """A lone application server takes its port from a systemd socket (open while it restarts); each
+    unit alone fails systemd-analyze verify, so the role verifies them side by side, as here. With
+    two or more servers (the lab) there is no socket: a dead server must refuse connections."""
+    from roles._lib import render
     from roles.app.deploy import socket_content, unit_content
 
     cfg = next(cfg for _inv, cfg in hosts if "app" in cfg.roles)
+    assert socket_content(cfg) is None and "Requires=" not in unit_content(cfg)
     # The control machine has no gunicorn; the servers do (the role installs it first).
-    (tmp_path / "webapp.service").write_text(unit_content(cfg).replace("/usr/bin/gunicorn", "/bin/true"))
-    (tmp_path / "webapp.socket").write_text(socket_content(cfg))
-    assert "Requires=webapp.socket" in unit_content(cfg) and "ListenStream=0.0.0.0:" in socket_content(cfg)
+    lone = dict(name="webapp", port=8000, workers=2, module="app:application")
+    (tmp_path / "webapp.service").write_text(
+        render("app/etc/systemd/system/app.service.j2", socket=True, **lone).replace("/usr/bin/gunicorn", "/bin/true"))
+    (tmp_path / "webapp.socket").write_text(render("app/etc/systemd/system/app.socket.j2", name="webapp", port=8000))
+    assert "Requires=webapp.socket" in (tmp_path / "webapp.service").read_text()
     for unit in ("webapp.service", "webapp.socket"):
         result = subprocess.run(["systemd-analyze", "verify", str(tmp_path / unit)], capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
