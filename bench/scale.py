@@ -34,14 +34,16 @@ BIN = Path(sys.executable).parent
 
 
 def inventory(tmp: Path, extra: list) -> str:
-    """The lab inventory plus ``extra`` machines (no roles: the base only), as tmp/lab<N>.py."""
-    name = f"lab{len(MACHINES) + len(extra)}"
-    shutil.copytree(ROOT / "inventories" / "lab", tmp / name)
-    shutil.copy(ROOT / "inventories" / "lab.py", tmp / f"{name}.py")
-    with open(tmp / name / "hosts.yml", "a") as hosts:
+    """The lab inventory plus ``extra`` machines (no roles: the base only), as tmp/<N>/lab.py (named
+    lab: its secrets' key is the lab's)."""
+    where = tmp / str(len(MACHINES) + len(extra))
+    where.mkdir()
+    shutil.copytree(ROOT / "inventories" / "lab", where / "lab")
+    shutil.copy(ROOT / "inventories" / "lab.py", where / "lab.py")
+    with open(where / "lab" / "hosts.yml", "a") as hosts:
         for m in extra:
             hosts.write(f"  {m.name}: {{address: {m.address}, release: {m.release}, roles: [], groups: []}}\n")
-    return str(tmp / f"{name}.py")
+    return str(where / "lab.py")
 
 
 def main() -> int:
