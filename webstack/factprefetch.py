@@ -19,7 +19,8 @@ with other connector arguments (another sudo user, an environment) than the host
 ``volatile`` facts and facts with arguments that do not survive JSON are not prefetched.
 
 The files live in ``$WEBSTACK_PREFETCH_DIR`` (default ``~/.cache/webstack/facts``), 0600 in a
-0700 directory; a record that does not fit the run only costs a few unused commands.
+0700 directory, and go once their run has not been repeated for two weeks; a record that does
+not fit the run only costs a few unused commands.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from typing import Any
 DIR_ENV = "WEBSTACK_PREFETCH_DIR"
 MAX_ARG = 400  # longer arguments (a script) are not recorded
 MISSING = "##PYINFRA_NOCMD##"  # pyinfra.api.facts._MISSING_COMMAND_MARKER
+KEEP_DAYS = 14  # a run's records are removed when it has not been repeated for this long
 
 
 def _dir() -> Path:
@@ -115,6 +117,26 @@ class Recorder:
                 tmp.replace(path)
             except OSError:
                 pass  # a read-only home: the next run asks fact by fact, as pyinfra does
+        prune()
+
+
+def prune(days: float = KEEP_DAYS) -> None:
+    """Remove the records of runs not repeated for ``days`` (a throwaway inventory's, e.g. a test's
+    copy in a temporary directory, would otherwise stay for good)."""
+    import shutil
+    import time
+
+    cutoff = time.time() - days * 86400
+    try:
+        runs = [d for d in _dir().iterdir() if d.is_dir()]
+    except OSError:
+        return
+    for run in runs:
+        try:
+            if max((f.stat().st_mtime for f in run.iterdir()), default=0.0) < cutoff:
+                shutil.rmtree(run, ignore_errors=True)
+        except OSError:
+            continue
 
 
 def _load_class(path: str) -> type | None:

@@ -61,8 +61,9 @@ def check_vip_not_held_elsewhere(cfg: HostConfig, devices: dict[str, Any]) -> No
     already asked for keepalived's interface: no extra command while the pair is healthy.
     """
     lb = cfg.settings(LbSettings)
+    peers = topology(cfg).vrrp_peers(cfg.name)
     holders = [cfg.name] if interface_of(devices, lb.vip) else []
-    for peer in topology(cfg).vrrp_peers(cfg.name):
+    for peer in peers:
         peer_devices = peer_fact(peer.name, NetworkDevices)
         if peer_devices is None or interface_of(peer_devices, lb.vip):
             holders.append(peer.name)  # holds it, or not in this run (may hold it: its own run decides)
@@ -70,7 +71,7 @@ def check_vip_not_held_elsewhere(cfg: HostConfig, devices: dict[str, Any]) -> No
         raise OperationError(
             f"{cfg.name}: the VIP {lb.vip} answers, but no load balancer of the inventory holds it: a load "
             f"balancer removed from the inventory still does. Stop keepalived there (systemctl stop keepalived) "
-            f"so {', '.join(sorted([cfg.name, *(p.name for p in topology(cfg).vrrp_peers(cfg.name))]))} "
+            f"so {', '.join(sorted([cfg.name, *(p.name for p in peers)]))} "
             "take the VIP over, then run site again.")
 
 

@@ -168,3 +168,20 @@ def test_a_run_asks_in_one_command_what_the_last_run_asked(run, tmp_path, monkey
     host.get_fact(Failing)
     assert len(asked) == 3 and asked[-1][1] == "Failing"
     assert factcache.stats()["web1"]["prefetched"] >= 1
+
+
+def test_records_of_runs_not_repeated_for_two_weeks_are_removed(tmp_path, monkeypatch):
+    import os
+    import time
+
+    from webstack import factprefetch
+
+    monkeypatch.setenv("WEBSTACK_PREFETCH_DIR", str(tmp_path))
+    old, recent = tmp_path / "old", tmp_path / "recent"
+    for run in (old, recent):
+        run.mkdir()
+        (run / "web1.json").write_text("[]")
+    stale = time.time() - 15 * 86400
+    os.utime(old / "web1.json", (stale, stale))
+    factprefetch.prune()
+    assert not old.exists() and (recent / "web1.json").exists()
