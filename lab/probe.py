@@ -108,12 +108,13 @@ def vip() -> str:
 
 
 def https(path: str, method: str = "GET", body: str | None = None, timeout: float = 2.0,
-          address: str | None = None) -> tuple[int, dict[str, str], bytes]:
-    """One request on a new TLS connection, verified against the lab CA; (status, headers, body)."""
+          address: str | None = None, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    """One request on a new TLS connection, verified against the lab CA; (status, headers, body).
+    ``headers`` are added (a ``Host`` among them replaces the site's name)."""
     context = ssl.create_default_context(cafile=str(CA_FILE))
     conn = http.client.HTTPSConnection(address or vip(), 443, context=context, timeout=timeout)
     try:
-        headers = {"Host": SERVER_NAME}
+        headers = {"Host": SERVER_NAME, **(headers or {})}
         if body is not None:
             headers["Content-Type"] = "application/x-www-form-urlencoded"
         conn.request(method, path, body=body, headers=headers)

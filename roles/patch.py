@@ -102,6 +102,7 @@ class Step:
     host: str
     tier: str
     holds_vip: bool = False  # a load balancer holding its pair's VIP: keepalived stops first
+    vip: str = ""  # a load balancer's pair VIP (the peers wait until they can take it)
     drain: bool = False  # an application server with another one to take its requests
     primary_of: str = ""  # a cluster's primary: switchover to ``switch_to`` first
     switch_to: str = ""
@@ -150,13 +151,26 @@ def worker_units(cfg: HostConfig) -> list[str]:
     return [f"{name}-worker@{i}.service" for i in range(1, cfg.settings(WorkerSettings).processes + 1)]
 
 
-def health_commands(cfg: HostConfig, version: str = "") -> list[tuple[str, str]]:
-    """(what, shell check) for the host's roles, all to pass within the run's ``health_timeout``."""
+def vrrp_ready(within: int) -> str:
+    """A shell check: keepalived runs here and its instance has left INIT/FAULT for BACKUP or MASTER,
+    i.e. it can take the VIP at once (keepalived's own journal lines since the unit's last start);
+    tried every 0.5 s for up to ``within`` seconds."""
+    last = ("journalctl -b -q -o cat -u keepalived | grep -E "
+            "'Starting Keepalived|Stopping|Entering [A-Z]+ STATE|VRRP_Script\\(.*\\) failed' | tail -n 1")
+    return (f"for i in $(seq {within * 2}); do systemctl is-active -q keepalived && "
+            f"{last} | grep -qE 'Entering (BACKUP|MASTER) STATE' && exit 0; sleep 0.5; done; exit 1")
+
+
+def health_commands(cfg: HostConfig, version: str = "", vrrp: bool = False) -> list[tuple[str, str]]:
+    """(what, shell check) for the host's roles, all to pass within the run's ``health_timeout``
+    (``vrrp``: a load balancer of a VIP pair whose keepalived runs during the check)."""
     checks = [("systemd running", "systemctl is-system-running --wait >/dev/null; "
                                   "s=$(systemctl is-system-running); [ \"$s\" = running ] || [ \"$s\" = degraded ]")]
     if "lb" in cfg.roles:
         checks.append(("nginx answers", "systemctl is-active -q nginx && "
                                         "curl -fsk -o /dev/null https://127.0.0.1/lb-health"))
+        if vrrp:  # a backup in FAULT (its rise count) cannot take the VIP when the holder stops next
+            checks.append(("keepalived can take the VIP", vrrp_ready(1)))
     if "app" in cfg.roles:
         app = cfg.settings(AppSettings)
         checks.append((f"{app.name} serves its release", (
@@ -190,16 +204,16 @@ def plan(cfg: HostConfig, start_from: str = "") -> list[Step]:
     app_servers = [p for p in top.app_servers() if p.name in active]
     for peer in hosts:
         tier = next((t for t in ("lb", "app", "worker", "postgres", "backup") if peer.is_in(t)), "other")
-        holds = False
-        if tier == "lb" and peer.settings(LbSettings).vip:
-            holds = bool(peer_fact(peer.name, VipHeld, vip=peer.settings(LbSettings).vip))
+        holds, vip = False, peer.settings(LbSettings).vip if tier == "lb" else ""
+        if vip:
+            holds = bool(peer_fact(peer.name, VipHeld, vip=vip))
         primary_of = switch_to = ""
         if tier == "postgres":
             pg = peer.settings(PostgresSettings)
             if pg.primary == peer.name:
                 replicas = [m.name for m in top.cluster_of(peer.name) if m.name != peer.name and m.name in active]
                 primary_of, switch_to = pg.cluster, (replicas[0] if replicas else "")
-        steps.append(Step(peer.name, tier, holds_vip=holds, drain=tier == "app" and len(app_servers) > 1,
+        steps.append(Step(peer.name, tier, holds_vip=holds, vip=vip, drain=tier == "app" and len(app_servers) > 1,
                           primary_of=primary_of, switch_to=switch_to))
     # Load balancers: the VIP holders last; databases: each cluster's primary after its replicas.
     steps.sort(key=lambda s: (("lb", "app", "worker", "postgres", "backup", "other").index(s.tier),
@@ -282,7 +296,8 @@ def _finish(cfg: HostConfig, step: Step, version: str, upgraded: list[str], heal
                     report.restarted = services
             if step.tier == "worker":  # stopped before the upgrade; a reboot started them already
                 _sh(target, f"systemctl start {' '.join(worker_units(cfg))}")
-            _wait_healthy(target, health_commands(cfg, version), health_timeout)
+            vrrp = bool(step.vip) and not step.holds_vip  # the holder's keepalived starts after the check
+            _wait_healthy(target, health_commands(cfg, version, vrrp), health_timeout)
             report.health = "ok"
         except Exception as exc:
             report.health = f"failed: {exc}"
@@ -379,11 +394,15 @@ def _one(cfg: HostConfig, step: Step, version: str, drained: list[str], distro: 
     if lb_here and step.drain:
         site = nginx_site(cfg, distro, [*drained, step.host], force=True, name=f"Drain {step.host}")
         owed_action("reload-nginx", "nginx -t -q && systemctl reload nginx", [site])
+    pair_peer = step.holds_vip and cfg.name != step.host and lb_here and cfg.settings(LbSettings).vip == step.vip
+    if pair_peer:  # the holder stops only once a peer can take the VIP at once (not in FAULT, not starting)
+        server.shell(name=f"Wait until keepalived here can take the VIP from {step.host}", commands=[vrrp_ready(60)])
+    if step.holds_vip:
+        barrier(name=f"A peer can take the VIP from {step.host}", label=label)
     if cfg.name == step.host and step.holds_vip:
         systemd.service(name="Stop keepalived: the VIP moves to the peer", service="keepalived", running=False)
         server.shell(name="Wait until the VIP has left", commands=[
-            f"for i in $(seq 50); do ip -o addr show to {cfg.settings(LbSettings).vip} | grep -q . || exit 0; "
-            "sleep 0.2; done; exit 1"])
+            f"for i in $(seq 50); do ip -o addr show to {step.vip} | grep -q . || exit 0; sleep 0.2; done; exit 1"])
     if cfg.name == step.host and step.tier == "worker":
         name = worker.app_settings(cfg).name
         server.shell(name="Stop the workers (each finishes its current job)",
@@ -402,6 +421,7 @@ def _one(cfg: HostConfig, step: Step, version: str, drained: list[str], distro: 
                            again=True, announce=False)
     if cfg.name == step.host and step.holds_vip:
         systemd.service(name="Start keepalived", service="keepalived", running=True)
+        server.shell(name="Wait until keepalived here is BACKUP or MASTER", commands=[vrrp_ready(60)])
     if lb_here and step.drain:
         site = nginx_site(cfg, distro, drained, force=True, name=f"Put {step.host} back")
         owed_action("reload-nginx", "nginx -t -q && systemctl reload nginx", [site])

@@ -93,7 +93,9 @@ def application(environ, start_response):
             start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
             return [f"database: {exc.__class__.__name__}\n".encode()]
     if path == "/ping":  # a small page with no database work, for benchmarks
-        start_response("200 OK", [("Content-Type", "text/plain"), ("X-Served-By", HOST)])
+        # The client's address as the load balancer passed it (never the client's own claim).
+        start_response("200 OK", [("Content-Type", "text/plain"), ("X-Served-By", HOST),
+                                  ("X-Client-Address", environ.get("HTTP_X_FORWARDED_FOR", ""))])
         return [b"pong\n"]
     cookie = SimpleCookie(environ.get("HTTP_COOKIE", ""))
     session = unsign(cookie["session"].value) if "session" in cookie else None

@@ -62,16 +62,19 @@ def build_release(source: str, git_ref: str = "") -> tuple[str, bytes]:
 
 class AppState(FactBase):
     """The deployed release (target of ``current``), releases on disk (oldest first), the
-    switch history (oldest first), and whether the service is active."""
+    switch history (oldest first), whether the service is active, and the release a rolling
+    step switched to whose health check has not passed yet (``unverified``: the load balancers
+    keep such a server drained, see roles.lb.deploy.not_serving)."""
 
     def command(self, app: str) -> str:
         return (f"echo current=$(basename \"$(readlink /srv/{app}/current 2>/dev/null)\"); "
                 f"ls -1tr /srv/{app}/releases 2>/dev/null | sed 's/^/release=/'; "
                 f"tail -n 50 /srv/{app}/history 2>/dev/null | sed 's/^/history=/'; "
-                f"echo active=$(systemctl is-active {app} 2>/dev/null)")
+                f"echo active=$(systemctl is-active {app} 2>/dev/null); "
+                f"echo unverified=$(cat /srv/{app}/unverified 2>/dev/null)")
 
     def process(self, output: Sequence[str]) -> dict:
-        out: dict = {"current": None, "releases": [], "history": [], "active": False}
+        out: dict = {"current": None, "releases": [], "history": [], "active": False, "unverified": ""}
         for line in output:
             key, _, value = line.partition("=")
             if key == "current":
@@ -82,6 +85,8 @@ class AppState(FactBase):
                 out["history"].append(value)
             elif key == "active":
                 out["active"] = value == "active"
+            elif key == "unverified":
+                out["unverified"] = value
         return out
 
 

@@ -8,6 +8,15 @@ server in turn: the load balancers render nginx with it marked ``down`` and
 reload (graceful), the server switches and reloads or restarts, waits until
 its health check answers with the new release, and the load balancers put it
 back. ``barrier`` operations keep the steps in order across hosts.
+
+A server that fails (its health check, say: a bad release, or the database down,
+since ``/healthz`` queries it) stops the rollout there: it stays drained on every
+load balancer (``/srv/<app>/unverified`` holds the release it switched to until
+its health check passes, and keeps it drained in later runs too), no later server
+is touched (every later operation is skipped, ``_if``), the others keep serving
+their release, and the error says how to roll the failed server back. A drain
+that would leave no server in rotation (``lb__drained`` counts) is refused
+before anything is touched.
 """
 
 from __future__ import annotations
@@ -16,7 +25,7 @@ import hashlib
 from dataclasses import dataclass
 
 from pyinfra import host, inventory, state
-from pyinfra.api import Host, OperationError
+from pyinfra.api import Host, OperationError, deploy
 from pyinfra.facts.files import Sha1File
 from pyinfra.operations import files, server
 
@@ -40,6 +49,7 @@ class Step:
     release: str
     reasons: tuple[str, ...]
     worker: bool = False
+    previous: str = ""  # the release it runs now (the way back if the new one fails)
 
 
 def _sha(text: str) -> str:
@@ -110,8 +120,11 @@ def _step(other: Host, cfg: HostConfig, name: str, is_worker: bool, requested: s
             reasons.append("not running")
     elif not current["active"]:
         reasons.append("not running")
+    if not is_worker and current["unverified"]:
+        reasons.append("unhealthy")
     if reasons:
-        return Step(name, release, tuple(reasons), is_worker)
+        previous = next((r for r in reversed(current["history"]) if r != current["unverified"]), "")
+        return Step(name, release, tuple(reasons), is_worker, previous)
     return None
 
 
@@ -138,6 +151,9 @@ def _switch(cfg: HostConfig, step: Step) -> None:
         unit = unit_file(f"{name}.service", service, owes="restart-app")
         sock = files.file(name=f"No {name}.socket", path=socket_path, present=False)
     owed_action("daemon-reload", "systemctl daemon-reload", [unit, sock])
+    # Until its health check passes, the server is kept drained by every run (roles.lb.deploy.not_serving).
+    server.shell(name=f"Mark release {step.release} unverified", commands=[
+        f"echo {step.release} > /srv/{name}/unverified.new && mv -f /srv/{name}/unverified.new /srv/{name}/unverified"])
     use_release(cfg, app, step.release, current)
     if socket is not None:
         # A lone server: systemd holds the listening socket, so while gunicorn restarts connections
@@ -149,11 +165,15 @@ def _switch(cfg: HostConfig, step: Step) -> None:
         owed_action("restart-app", f"systemctl enable -q {name} && systemctl restart {name}", [env, unit, sock])
     else:
         server.shell(name=f"Graceful reload of {name} (gunicorn HUP)", commands=[f"systemctl reload {name}"])
+    back = (f"roll back with: pyinfra <inventory> deploys/rollback.py --data release={step.previous}"
+            if step.previous else "fix the release and run the rollout again")
     server.shell(name=f"Wait until {name} serves release {step.release}", commands=[
         "for i in $(seq 120); do python3 -c \"import sys, urllib.request as u; "
         f"r = u.urlopen('http://127.0.0.1:{app.port}{app.health_path}', timeout=2); "
-        f"sys.exit(0 if r.headers.get('X-Release') == '{step.release}' else 1)\" 2>/dev/null && exit 0; "
-        "sleep 0.5; done; echo 'not healthy after 60 s' >&2; exit 1"
+        f"sys.exit(0 if r.headers.get('X-Release') == '{step.release}' else 1)\" 2>/dev/null && "
+        f"rm -f /srv/{name}/unverified && exit 0; sleep 0.5; done; "
+        f"echo '{cfg.name} is not healthy with release {step.release} after 60 s: the rollout stopped here; "
+        f"{cfg.name} stays drained, no later server was touched; {back}' >&2; exit 1"
     ])
     prune_releases(app, step.release, current)
 
@@ -176,25 +196,43 @@ def converge(release: str = "") -> None:
     # Servers not running yet (being added) joined the load balancers drained: they start first,
     # and stay drained until their own step puts them in, so draining another server never
     # leaves only them in rotation.
-    new = [s for s in steps if not s.worker and "not running" in s.reasons]
+    new = [s for s in steps if not s.worker and {"not running", "unhealthy"} & set(s.reasons)]
     steps = [*(s for s in steps if s.worker), *new, *(s for s in steps if not s.worker and s not in new)]
+    involved = {p.name for p in [*app_servers, *topology(cfg).workers()]} | {
+        h.name for h in state.active_hosts if "lb" in config(h).roles}
+
+    def go() -> bool:  # nothing further once a host of the rollout failed
+        return not any(h.name in involved for h in state.failed_hosts)
+
     for i, step in enumerate(host.loop(steps)):
         # With a single application server there is nothing to drain to; workers take no requests.
         drain = len(app_servers) > 1 and not step.worker
         waiting = [s.host for s in steps[i + 1:] if s in new]
-        if "lb" in cfg.roles and drain:
-            site = nginx_site(cfg, distro, [*cfg.settings(LbSettings).drained, *waiting, step.host], force=True,
-                              name=f"Drain {step.host} ({', '.join(step.reasons)})")
-            owed_action("reload-nginx", "nginx -t -q && systemctl reload nginx", [site])
-        barrier(name=f"{step.host} drained", label=step.host)
-        if cfg.name == step.host:
-            if step.worker:
-                worker.switch(cfg, step.release, step.reasons)
-            else:
-                _switch(cfg, step)
-        barrier(name=f"{step.host} switched", label=step.host)
-        if "lb" in cfg.roles and drain:
-            site = nginx_site(cfg, distro, [*cfg.settings(LbSettings).drained, *waiting], force=True,
-                              name=f"Put {step.host} back")
-            owed_action("reload-nginx", "nginx -t -q && systemctl reload nginx", [site])
-        barrier(name=f"{step.host} back in rotation", label=step.host)
+        if "lb" in cfg.roles and drain and step not in new:  # one being added or kept out is not in rotation
+            out = {*cfg.settings(LbSettings).drained, *waiting, step.host}
+            if not [p for p in app_servers if p.name not in out]:
+                raise OperationError(
+                    f"{cfg.name}: draining {step.host} would leave no application server in rotation "
+                    f"(drained: {', '.join(sorted(out))}; lb__drained counts): nothing was changed")
+        _step_of_the_roll(cfg=cfg, step=step, drain=drain, waiting=waiting, distro=distro, _if=[go])
+
+
+@deploy("Rolling step")
+def _step_of_the_roll(cfg: HostConfig, step: Step, drain: bool, waiting: list[str], distro: str) -> None:
+    """Every host's operations for one server's change: drain, switch, health, put back."""
+    if "lb" in cfg.roles and drain:
+        site = nginx_site(cfg, distro, [*cfg.settings(LbSettings).drained, *waiting, step.host], force=True,
+                          name=f"Drain {step.host} ({', '.join(step.reasons)})")
+        owed_action("reload-nginx", "nginx -t -q && systemctl reload nginx", [site])
+    barrier(name=f"{step.host} drained", label=step.host)
+    if cfg.name == step.host:
+        if step.worker:
+            worker.switch(cfg, step.release, step.reasons)
+        else:
+            _switch(cfg, step)
+    barrier(name=f"{step.host} switched", label=step.host)
+    if "lb" in cfg.roles and drain:
+        site = nginx_site(cfg, distro, [*cfg.settings(LbSettings).drained, *waiting], force=True,
+                          name=f"Put {step.host} back")
+        owed_action("reload-nginx", "nginx -t -q && systemctl reload nginx", [site])
+    barrier(name=f"{step.host} back in rotation", label=step.host)

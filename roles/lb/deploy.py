@@ -23,6 +23,7 @@ from roles._lib import TEMPLATES, config, owed_action, peer_fact, render, templa
 from roles.app.deploy import AppState
 from roles.app.settings import AppSettings
 from roles.base.deploy import codename
+from roles.base.settings import BaseSettings
 from roles.lb.settings import LbSettings
 from roles.topology import topology
 from webstack.inventory import HostConfig
@@ -95,6 +96,8 @@ def site_context(cfg: HostConfig, release: str, drained: Sequence[str]) -> dict:
         "hsts_preload": lb.hsts_preload,
         "ocsp_stapling": lb.ocsp_stapling,
         "marketing": marketing,
+        "health_paths": sorted({p.settings(AppSettings).health_path for p in topology(cfg).upstreams(cfg.name)}),
+        "admin_networks": cfg.settings(BaseSettings).admin_networks,
     }
 
 
@@ -109,16 +112,17 @@ def nginx_site(cfg: HostConfig, release: str, drained: Sequence[str], force: boo
 
 
 def not_serving(cfg: HostConfig) -> list[str]:
-    """Upstream application servers of the run whose service is not running yet (a server being added):
-    they join drained, and the rolling step puts them in once their health check passes. With a single
-    one there is nothing to drain to (as in the rolling step)."""
+    """Upstream application servers of the run whose service is not running yet (a server being added)
+    or whose last release switch never passed its health check (a rollout stopped there): they stay
+    drained, and the rolling step puts them in once their health check passes. With a single one
+    there is nothing to drain to (as in the rolling step)."""
     out: list[str] = []
     upstreams = topology(cfg).upstreams(cfg.name)
     if len(upstreams) < 2:
         return out
     for peer in upstreams:
         state = peer_fact(peer.name, AppState, app=peer.settings(AppSettings).name)
-        if state is not None and not state["active"]:
+        if state is not None and (not state["active"] or state["unverified"]):
             out.append(peer.name)
     return out
 

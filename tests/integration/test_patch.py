@@ -13,7 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from lab.probe import SignupClient, SteadyClient, host
+from lab.probe import SignupClient, SteadyClient, host, vip_holder
+from roles.patch import vrrp_ready
 from tests.integration.conftest import BIN, MACHINES, inventory_copy, run, wait_for
 
 pytestmark = pytest.mark.lab
@@ -104,3 +105,25 @@ def test_full_patch_run_under_load_fails_no_request_and_loses_no_row(converged, 
     with ThreadPoolExecutor(len(MACHINES)) as pool:
         left = dict(zip(MACHINES, pool.map(pending, MACHINES), strict=True))
     assert {name: pkgs for name, pkgs in left.items() if pkgs} == {}
+
+
+def test_vip_holder_waits_until_its_peer_can_take_the_vip(converged, tmp_path):
+    """lb2's nginx is stopped, so its keepalived is in FAULT and could not take the VIP: patching lb1
+    (the holder) waits until lb2 is BACKUP again before it stops lb1's keepalived; no request fails."""
+    holder, peer = "lb1", "lb2"
+    assert vip_holder(LBS) == holder
+    host(peer).check_output("systemctl stop nginx")
+    try:
+        wait_for(lambda: host(peer).run(vrrp_ready(1)).rc != 0, 15, f"{peer}'s keepalived never left BACKUP")
+        with SteadyClient(interval=0.05, limit=600, timeout=5.0) as pages, ThreadPoolExecutor(1) as pool:
+            run_ = pool.submit(patch, "--limit", "lb", "--data", f"from={holder}",
+                               "--data", f"report={tmp_path / 'report.json'}")
+            time.sleep(8)  # the run is waiting for lb2 meanwhile, with the VIP still on lb1
+            assert vip_holder(LBS) == holder
+            host(peer).check_output("systemctl start nginx")
+            out = run_.result().output
+    finally:
+        host(peer).run("systemctl start nginx")
+    assert f"Wait until keepalived here can take the VIP from {holder}" in out
+    assert pages.failures() == [] and len(pages.results) > 100
+    wait_for(lambda: vip_holder(LBS) == holder, 30, "the VIP did not come back to lb1")

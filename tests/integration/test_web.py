@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import shutil
 import socket
 import ssl
@@ -45,6 +46,29 @@ def test_https_headers_and_cookie_flags(converged):
     cookie = headers["set-cookie"]
     assert cookie.startswith("session=") and "; Secure" in cookie and "; HttpOnly" in cookie and "SameSite=Lax" in cookie
     assert headers["x-served-by"] in APPS
+
+
+def test_edges_forwarded_for_unknown_host_names_and_the_health_check(converged):
+    # X-Forwarded-For is the client's address as nginx saw it, not the client's own header.
+    status, headers, _ = https("/ping", headers={"X-Forwarded-For": "198.51.100.66"})
+    assert status == 200 and headers["x-client-address"] == "10.77.0.1"
+    # A host name the site does not serve: the connection is closed without an answer, on both ports.
+    with pytest.raises(http.client.RemoteDisconnected):
+        https("/app", headers={"Host": "elsewhere.test"})
+    conn = socket.create_connection((vip(), 80), timeout=3)
+    conn.sendall(b"GET / HTTP/1.1\r\nHost: elsewhere.test\r\nConnection: close\r\n\r\n")
+    assert conn.recv(4096) == b""
+    conn.close()
+    # The application's health check (a database query) answers the admin network only.
+    assert https("/healthz")[0] == 200
+    def status_from_spare1(path: str) -> str:
+        probe = (f"import http.client, ssl; c = http.client.HTTPSConnection('{vip()}', 443, "
+                 "context=ssl._create_unverified_context(), timeout=5); "
+                 f"c.request('GET', '{path}', headers={{'Host': 'www.webstack.test'}}); print(c.getresponse().status)")
+        return host("spare1").check_output(f"python3 -c \"{probe}\"")
+
+    assert status_from_spare1("/healthz") == "403"
+    assert status_from_spare1("/app") == "200"
 
 
 def test_marketing_site_from_the_load_balancers(converged):
@@ -165,6 +189,53 @@ def test_rollout_and_rollback_under_load(converged, tmp_path):
     assert https("/healthz")[1]["x-release"] == before
     assert len(client.results) > 100
     assert client.failures() == []
+
+
+def drained_on(lb: str, app: str) -> bool:
+    conf = host(lb).check_output("cat /etc/nginx/sites-enabled/webstack.conf")
+    return any(line.strip().endswith(f"# {app}") and " down;" in line for line in conf.splitlines())
+
+
+def release_of(app: str) -> str:
+    return host(app).check_output("basename $(readlink /srv/webapp/current)")
+
+
+def test_bad_release_stops_at_the_first_server(converged, tmp_path):
+    """A release that answers 500 everywhere (its health check included) is rolled out under load:
+    app1 fails its health check and stays drained with it, app2 is not touched and keeps serving the
+    old release, no request fails, the run exits non-zero saying how to roll back; a rerun stops
+    the same way; the printed rollback puts app1 back in rotation."""
+    bad = tmp_path / "demoapp-bad"
+    shutil.copytree(ROOT / "examples" / "demoapp", bad)
+    app = (bad / "app.py").read_text()
+    assert '    if path == "/healthz":\n' in app
+    (bad / "app.py").write_text(app.replace('    if path == "/healthz":\n', (
+        '    if path:  # a broken release\n'
+        '        start_response("500 Internal Server Error", [("Content-Type", "text/plain")])\n'
+        '        return [b"broken\\n"]\n'
+        '    if path == "/healthz":\n'), 1))
+    inv = inventory_copy(tmp_path, f"app__source: {bad}\n")
+    before = {a: release_of(a) for a in APPS}
+    assert len(set(before.values())) == 1
+    with SteadyClient(interval=0.02, limit=600) as client:
+        first = run(str(BIN / "pyinfra"), "-y", str(inv), "deploys/rollout.py", "--limit", "web", check=False)
+        again = run(str(BIN / "pyinfra"), "-y", str(inv), "deploys/rollout.py", "--limit", "web", check=False)
+    for result in (first, again):
+        assert result.returncode != 0
+        assert f"{APPS[0]} is not healthy with release" in result.output
+        assert f"deploys/rollback.py --data release={before[APPS[0]]}" in result.output
+    assert f"Drain {APPS[0]} (unhealthy)" in again.output  # the rerun knows app1 is out
+    assert release_of(APPS[0]) != before[APPS[0]] and release_of(APPS[1]) == before[APPS[1]]
+    assert all(drained_on(lb, APPS[0]) and not drained_on(lb, APPS[1]) for lb in LBS)
+    assert len(client.results) > 100 and client.failures() == []
+    assert {https("/healthz")[1]["x-served-by"] for _ in range(6)} == {APPS[1]}
+    # The way back the run printed.
+    back = run(str(BIN / "pyinfra"), "-y", "inventories/lab.py", "deploys/rollback.py",
+               "--data", f"release={before[APPS[0]]}")
+    assert f"Put {APPS[0]} back" in back.output
+    assert {a: release_of(a) for a in APPS} == before
+    assert not any(drained_on(lb, a) for lb in LBS for a in APPS)
+    assert host(APPS[0]).run("test -e /srv/webapp/unverified").rc != 0
 
 
 def test_power_off_active_lb_moves_the_vip(converged):

@@ -81,7 +81,8 @@ def _fact(host: Any, cls: type, kwargs: dict[str, Any], down: frozenset[str] = f
         return 2048
     if name == "AppState":
         older, current = "aaaaaaaaaaaa", "0123456789ab"
-        return {"current": current, "releases": [older, current], "history": [older, current], "active": True}
+        return {"current": current, "releases": [older, current], "history": [older, current], "active": True,
+                "unverified": ""}
     if name == "SshHostKeys":
         return [f"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA{host.name}"]
     if name in ("Container",):
@@ -118,14 +119,18 @@ def _machines() -> list[dict[str, Any]]:
 
 
 @contextmanager
-def _lab_inventory() -> Iterator[Path]:
-    """The lab inventory in a temporary directory, with its pyinfra inventory file."""
+def _lab_inventory(group_data: dict[str, str] | None = None) -> Iterator[Path]:
+    """The lab inventory in a temporary directory, with its pyinfra inventory file (``group_data``:
+    YAML lines appended to group_data/<group>.yml)."""
     import tempfile
 
     from tests.unit.test_templates import lab_inventory
 
     with tempfile.TemporaryDirectory() as tmp:
         inv = lab_inventory(Path(tmp))
+        for group, lines in (group_data or {}).items():
+            with open(inv / "group_data" / f"{group}.yml", "a") as f:
+                f.write("\n" + lines + "\n")
         shim = inv.with_suffix(".py")
         shim.write_text((ROOT / "inventories" / "lab.py").read_text())
         yield shim
@@ -173,7 +178,7 @@ def _layers(state: Any) -> list[list[str]]:
 
 
 def plan(deploy: str, data: dict[str, Any] | None = None, limit: list[str] | None = None,
-         down: frozenset[str] = frozenset()) -> str:
+         down: frozenset[str] = frozenset(), group_data: dict[str, str] | None = None) -> str:
     """The global operation order of ``deploys/<deploy>.py`` on the lab (see the module doc)."""
     import click
     import pyinfra
@@ -190,7 +195,7 @@ def plan(deploy: str, data: dict[str, Any] | None = None, limit: list[str] | Non
 
     deploy_file = str(ROOT / "deploys" / f"{deploy}.py")
     argv = ["pyinfra", "inventory.py", deploy_file, *[f"--data={k}={v}" for k, v in (data or {}).items()]]
-    with _lab_inventory() as shim, \
+    with _lab_inventory(group_data) as shim, \
             mock.patch("webstack.secrets.decrypt", lambda inv: dict(secrets)), \
             mock.patch.object(pyinfra_facts, "_get_fact", fake_get_fact), \
             mock.patch.object(sys, "argv", argv), \

@@ -48,9 +48,15 @@ def test_backup_accounts_exist_before_a_stanza_is_created(site):
 
 def test_rolling_step_drains_switches_and_puts_back_one_server_at_a_time(site):
     at = steps(site)
-    order = ["Drain app1 (release, configuration)", "app1 drained", "app1 switched", "Put app1 back",
-             "app1 back in rotation", "Drain app2 (release, configuration)", "app2 back in rotation"]
+    order = [f"Rolling step | {n}" for n in (
+        "Drain app1 (release, configuration)", "app1 drained", "app1 switched",
+        "Put app1 back", "app1 back in rotation", "Drain app2 (release, configuration)", "app2 back in rotation")]
     assert [at[n] for n in order] == sorted(at[n] for n in order)
+
+
+def test_a_drain_that_would_empty_the_rotation_is_refused():
+    refused = plan("rollout", group_data={"lb": "lb__drained: [app2]"})
+    assert refused.startswith("refused: lb") and "draining app1 would leave no application server in rotation" in refused
 
 
 def test_restore_onto_a_drill_host_wants_confirmation():
@@ -93,6 +99,12 @@ def test_patch_run_goes_tier_by_tier_one_host_at_a_time(patch_run):
     # The holder gives the VIP away before it is touched; an application server is drained from the
     # load balancers before and put back after; a primary is switched over before.
     assert order["Patch step | Stop keepalived: the VIP moves to the peer"] < patched["lb1"]
+    # ... only once its peer can take the VIP (lb2, just rebooted, may still be in FAULT), and it
+    # waits until its own keepalived is ready again before the next host.
+    assert order["Patch step | Wait until keepalived here can take the VIP from lb1"] < order[
+        "Patch step | Stop keepalived: the VIP moves to the peer"]
+    assert patched["lb1"] < order["Patch step | Wait until keepalived here is BACKUP or MASTER"] < order[
+        "Patch step | Drain app1"]
     assert order["Patch step | Drain app1"] < patched["app1"] < order["Patch step | Put app1 back"]
     assert order["Patch step | Stop writes: clean shutdown of db1"] < patched["db1"]
     assert order["Patch step | Promote db2 once it has replayed everything"] < patched["db1"]
