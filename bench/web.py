@@ -1,6 +1,6 @@
 """Web-tier benchmark: HTTPS vs plain HTTP throughput, and VIP outage on failover.
 
-    .venv/bin/python bench/web.py [--seconds 15] [--connections 16] [--trials 10]
+    .venv/bin/python bench/web.py [--seconds 15] [--connections 16] [--trials 10] [--soak MINUTES] [--no-throughput]
 
 Needs a converged lab (`make demo`) and `wrk` on the control machine
 (installed from Debian if missing).
@@ -14,6 +14,10 @@ Needs a converged lab (`make demo`) and `wrk` on the control machine
    a clean `systemctl stop keepalived` on it. A client requests /ping every
    20 ms (0.3 s timeout); the outage is the time between the last answer
    before the event and the first answer after it.
+3. With ``--soak MINUTES``: false takeovers on the loaded lab. For that long,
+   wrk keeps 16 connections busy on /app (a database read each) while a client
+   signs up every 0.2 s; every VRRP transition either load balancer logs meanwhile
+   (keepalived's notify lines) is a false takeover, since nothing failed.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lab.probe import CA_FILE, MACHINES, SteadyClient, host, vip, vip_holder  # noqa: E402
+from lab.probe import CA_FILE, MACHINES, SignupClient, SteadyClient, host, vip, vip_holder  # noqa: E402
 
 BIN = Path(sys.executable).parent
 LBS = sorted(n for n, m in MACHINES.items() if "lb" in m["roles"])
@@ -99,18 +103,51 @@ def outage(event: str) -> float:
     return client.longest_outage()
 
 
+def soak(minutes: float) -> dict:
+    """VRRP transitions logged by the load balancers during ``minutes`` of load (none should happen)."""
+    since = {lb: host(lb).check_output("date +%s.%N") for lb in LBS}
+    holder = vip_holder(LBS)
+    if not shutil.which("wrk"):
+        subprocess.run(["apt-get", "install", "-y", "-q", "wrk"], check=True, capture_output=True)
+    load = subprocess.Popen(["wrk", "-t", "2", "-c", "16", "-d", f"{int(minutes * 60)}s", "-H",
+                             "Host: www.webstack.test", f"https://{vip()}/app"], stdout=subprocess.PIPE, text=True)
+    with SignupClient(limit=minutes * 60 + 30) as signups:
+        load.wait()
+    transitions = {lb: [line for line in host(lb).check_output(
+        f"journalctl -q -o cat -t webstack-vrrp --since @{since[lb]}").splitlines() if line] for lb in LBS}
+    summary = load.stdout.read() if load.stdout else ""
+    rps = re.search(r"Requests/sec:\s*([\d.]+)", summary)
+    return {"minutes": minutes, "holder": holder, "holder_after": vip_holder(LBS), "transitions": transitions,
+            "false_takeovers": sum(len(v) for v in transitions.values()),
+            "app_rps": float(rps.group(1)) if rps else 0.0,
+            "signups": len(signups.results), "signups_failed": len(signups.failures())}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=15)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--trials", type=int, default=10)
+    parser.add_argument("--soak", type=float, default=0, help="minutes of load counting false takeovers")
+    parser.add_argument("--no-throughput", action="store_true", help="skip the HTTPS/HTTP throughput part")
     args = parser.parse_args()
     if not CA_FILE.exists():
         sys.exit("no lab CA: run `make demo` first")
-    rps = throughput(args.seconds, args.connections)
-    print(f"/ping through the VIP, {args.connections} keepalive connections, {args.seconds} s: "
-          f"HTTPS {rps['https_rps']:.0f} req/s, plain HTTP {rps['http_rps']:.0f} req/s, "
-          f"ratio {rps['ratio']:.2f}", flush=True)
+    rps: dict = {}
+    if not args.no_throughput:
+        rps = throughput(args.seconds, args.connections)
+        print(f"/ping through the VIP, {args.connections} keepalive connections, {args.seconds} s: "
+              f"HTTPS {rps['https_rps']:.0f} req/s, plain HTTP {rps['http_rps']:.0f} req/s, "
+              f"ratio {rps['ratio']:.2f}", flush=True)
+    if args.soak:
+        rps["soak"] = soak(args.soak)
+        s = rps["soak"]
+        print(f"soak {args.soak:g} min under load ({s['app_rps']:.0f} req/s on /app, {s['signups']} sign-ups, "
+              f"{s['signups_failed']} failed): {s['false_takeovers']} VRRP transitions "
+              f"(VIP on {s['holder']} before, {s['holder_after']} after)", flush=True)
+        for lb, lines in s["transitions"].items():
+            for line in lines:
+                print(f"  {lb}: {line}")
     outages: dict[str, list[float]] = {"poweroff": [], "clean_stop": []}
     for event in outages:
         for n in range(args.trials):

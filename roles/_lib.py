@@ -173,7 +173,11 @@ def validated_file(
         StringCommand("chown", f"{user}:{group}", QuoteString(staged)),
         StringCommand("chmod", mode, QuoteString(staged)),
     ]
+    # The owed action is recorded before the swap: a run cut off right after the swap must not
+    # lose it (a validation that fails next costs at most one needless reload).
+    marker = [StringCommand("mkdir", "-p", PENDING_DIR), StringCommand("touch", f"{PENDING_DIR}/{owes}")] if owes else []
     if validate and in_place:
+        steps += marker
         old = f"{dest}.webstack-old"
         steps.append(StringCommand("{", "cp", "-p", QuoteString(dest), QuoteString(old), "2>/dev/null", "||", "true", ";", "}"))
         steps.append(StringCommand("mv", "-f", QuoteString(staged), QuoteString(dest)))
@@ -184,9 +188,8 @@ def validated_file(
     else:
         if validate:
             steps.append(StringCommand("sh", "-c", QuoteString(validate.replace("{}", staged))))
+        steps += marker
         steps.append(StringCommand("mv", "-f", QuoteString(staged), QuoteString(dest)))
-    if owes:
-        steps += [StringCommand("mkdir", "-p", PENDING_DIR), StringCommand("touch", f"{PENDING_DIR}/{owes}")]
     chained = StringCommand(*steps, _separator=" && ")
     # On a failed validation, remove the staged file and fail the operation.
     yield StringCommand("(", chained, ")", "||", "{", "rm", "-f", QuoteString(staged), ";", "exit", "1", ";", "}")

@@ -227,6 +227,7 @@ def check_fleet(configs: Sequence[HostConfig], where: str) -> None:
     _check_postgres_clusters(top, where)
     _check_lb_pairs(top, where)
     _check_workers(top, where)
+    _check_reboot_times(top, where)
     for cfg in configs:
         target = top.mail_provider(cfg.name)
         if target is not None and "mailprovider" not in target.roles:
@@ -251,6 +252,27 @@ def _check_workers(top: Topology, where: str) -> None:
                               "a worker runs the application's release: the inventory needs an app server")
         if top.app_database(h.name) is None:
             raise ConfigError(where, f"hosts.{h.name}: app__database", "no postgres host has the application's database")
+
+
+def _minutes(hhmm: str) -> int:
+    hours, _, minutes = hhmm.partition(":")
+    return int(hours) * 60 + int(minutes or 0)
+
+
+def _check_reboot_times(top: Topology, where: str) -> None:
+    """Hosts that stand in for each other (a load-balancer pair, a cluster's members, the application
+    servers, the worker hosts) never reboot by themselves within 30 minutes of each other."""
+    sets = [*top.lb_pairs().values(), *top.clusters().values(), top.app_servers(), top.workers()]
+    for members in sets:
+        rebooting = [(h.name, h.settings(BaseSettings).unattended_reboot_time) for h in members
+                     if h.settings(BaseSettings).unattended_reboot]
+        for i, (a, at_a) in enumerate(rebooting):
+            for b, at_b in rebooting[i + 1:]:
+                gap = abs(_minutes(at_a) - _minutes(at_b))
+                if min(gap, 24 * 60 - gap) < 30:
+                    raise ConfigError(where, f"hosts.{b}: base__unattended_reboot_time",
+                                      f"{at_b}, within 30 minutes of {a}'s {at_a}: hosts that stand in for each "
+                                      f"other must not reboot together (stagger them in host_data)")
 
 
 def _check_lb_pairs(top: Topology, where: str) -> None:

@@ -92,12 +92,21 @@ def cmd_unset(inv: Path, key: str) -> int:
 
 
 def cmd_rotate(inv: Path) -> int:
+    """A new key for this operator: their old public key is replaced in secrets.recipients (the other
+    operators' stay), and the file is encrypted again to them all."""
     data = secrets.decrypt(inv)
     old = secrets.key_file(inv.name)
+    old_public = secrets.ensure_identity(inv.name)[1] if old.exists() else ""
     if old.exists():
         old.replace(old.with_suffix(".agekey.old"))
     path, public = secrets.new_identity(inv.name)
-    _write_recipients(inv, public)
+    listed = inv / "secrets.recipients"
+    lines = listed.read_text().splitlines() if listed.exists() else []
+    kept = [line for line in lines if line.strip() != old_public]
+    if not any(line.strip() and not line.startswith("#") for line in kept):
+        _write_recipients(inv, public)
+    else:
+        listed.write_text("\n".join([*kept, public]) + "\n")
     secrets.encrypt(inv, data)
     print(f"new key: {path}; old key kept as {old.with_suffix('.agekey.old')}; commit {inv / 'secrets.recipients'} and secrets.age")
     return 0
@@ -221,6 +230,16 @@ def main(argv: list[str] | None = None) -> int:
             from webstack.inventory import load
 
             configs = load(args.inventory)
+            # A secret no host needs: a typo of a needed name (that one is reported missing), or a
+            # leftover of a removed host or user that should not linger in the file.
+            used = {k for cfg in configs for k in cfg.secrets}
+            from webstack.labsecrets import CONTROL_ONLY
+
+            unknown = sorted(set(secrets.decrypt(args.inventory)) - used - CONTROL_ONLY)
+            if unknown:
+                print(f"webstack: error: {args.inventory / 'secrets.age'}: {', '.join(unknown)}: unknown secret(s), "
+                      f"needed by no host; remove with `webstack secrets unset {args.inventory} KEY`", file=sys.stderr)
+                return 1
             print(f"{args.inventory}: {len(configs)} hosts OK")
             return 0
         if args.cmd in ("drift", "status"):

@@ -20,6 +20,8 @@ from webstack import secrets, sshkeys, tls
 from webstack.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
+# Secrets the control machine uses and no host does (``webstack check`` does not call them unknown).
+CONTROL_ONLY = frozenset({"lab_ca_key", "lab_ca_cert"})
 
 
 def generate(key: str, data: dict[str, str] | None = None, addresses: dict[str, str] | None = None) -> str:

@@ -67,6 +67,8 @@ class BaseSettings:
 
     def check(self) -> tuple[str, str] | None:
         """Field-level consistency; returns (key, message) on a problem."""
+        if not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d", self.unattended_reboot_time):
+            return "unattended_reboot_time", f"not a time HH:MM: {self.unattended_reboot_time!r}"
         for net in self.admin_networks:
             try:
                 ipaddress.ip_network(net, strict=False)

@@ -138,7 +138,7 @@ def keepalived_context(cfg: HostConfig, interface: str) -> dict:
     return {
         "name": cfg.name, "interface": interface, "vrrp_id": lb.vrrp_id, "priority": lb.priority,
         "nopreempt": lb.nopreempt, "address": cfg.address, "peers": keepalived_peers(cfg),
-        "vip": lb.vip, "vip_prefix": lb.vip_prefix,
+        "vip": lb.vip, "vip_prefix": lb.vip_prefix, "advert_int": lb.advert_interval,
     }
 
 

@@ -18,6 +18,8 @@ class LbSettings:
     vrrp_id: int = setting(51, "VRRP virtual router id, unique per pair on a network (1-255)")
     priority: int = setting(100, "VRRP priority; the highest healthy one holds the VIP")
     nopreempt: bool = setting(False, "a recovered higher-priority node does not take the VIP back")
+    advert_interval: float = setting(0.25, "seconds between VRRP adverts (VRRPv3, 0.01-40); a backup takes the "
+                                            "VIP about 3.5 adverts after the holder's last")
     upstream_group: str = setting("app", "group or role whose hosts serve the application")
     upstream_port: int = setting(8000, "port of the application servers")
     drained: tuple[str, ...] = setting((), "application hosts taken out of rotation")
@@ -36,6 +38,8 @@ class LbSettings:
                 return "vip", f"not an IP address: {self.vip!r}"
         if not 1 <= self.vrrp_id <= 255:
             return "vrrp_id", f"must be 1-255, got {self.vrrp_id}"
+        if not 0.01 <= self.advert_interval <= 40:
+            return "advert_interval", f"must be 0.01-40 seconds, got {self.advert_interval}"
         if not 1 <= self.priority <= 254:
             return "priority", f"must be 1-254, got {self.priority}"
         if not self.server_names:

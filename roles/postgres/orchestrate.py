@@ -450,13 +450,17 @@ def rejoin() -> None:
     if host.name == pg.primary:
         return
     mine = _live(states.get(host.name))
-    if mine and mine["running"] and mine["in_recovery"]:
+    reclone = options(RejoinOptions).reclone
+    streaming = bool(mine and mine["running"] and mine["in_recovery"])
+    if streaming and not reclone:
         host.noop(f"{host.name} is already a standby")
         return
     primary_address = topology(cfg).primary(cfg.name).address
-    if options(RejoinOptions).reclone or not mine:
+    if reclone or not mine:
+        # A running standby holds its slot: it stops first, so the base backup can use the slot.
+        stop = [f"systemctl stop {p.service}"] if streaming else []
         server.shell(name=f"Re-clone from {pg.primary}",
-                     commands=[clone_command(version, primary_address, slot_name(host.name))])
+                     commands=[*stop, clone_command(version, primary_address, slot_name(host.name))])
         conf = _configure(cfg, version)
         owed_action("reload-postgres", reload_command(version), [conf])
         return

@@ -184,3 +184,21 @@ def test_dry_runs_and_refusals_change_nothing(client, tmp_path, cluster, primary
     assert sql(client, primary, "select pg_is_in_recovery()") == "f"
     assert sql(client, replica, "select pg_is_in_recovery()") == "t"
     assert f"postgres__primary: {primary}" in (inv.parent / "lab/group_data" / f"pg_{cluster}.yml").read_text()
+
+
+def test_reclone_replaces_even_a_streaming_replica(client):
+    """`rejoin --data reclone=yes` on a replica that streams: a fresh copy of the primary (a file left
+    in the old data directory is gone), streaming again on its slot, every row there."""
+    cluster, primary, replica = CLUSTERS[0]
+    standby = host_for(replica)
+    version = standby.check_output("ls /etc/postgresql")
+    marker = f"/var/lib/postgresql/{version}/main/webstack-test-old-copy"
+    standby.check_output(f"runuser -u postgres -- touch {marker}")
+    count = sql(client, primary, "select count(*) from marks")
+    out = deploy(ROOT / "inventories" / "lab.py", "rejoin", "--limit", f"pg_{cluster}", "--data", "reclone=yes")
+    assert f"Re-clone from {primary}" in out.output
+    assert standby.run(f"test -e {marker}").rc != 0
+    wait_for(lambda: standby.check_output(
+        "runuser -u postgres -- psql -XAtc 'select status from pg_stat_wal_receiver'") == "streaming", 30, "not streaming")
+    assert slots(primary) == {replica: "t"}
+    assert sql(client, replica, "select count(*) from marks") == count

@@ -55,6 +55,15 @@ def test_valid_inventory_passes_check(prod):
     assert result.stdout.strip() == f"{prod}: 8 hosts OK"
 
 
+def test_unknown_secret_fails_check(prod):
+    data = secrets.decrypt(prod)
+    secrets.encrypt(prod, {**data, "postgres_pasword_app": "typo"})
+    result = subprocess.run([sys.executable, "-m", "webstack.cli", "check", str(prod)], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert f"{prod}/secrets.age: postgres_pasword_app: unknown secret(s), needed by no host" in result.stderr
+    assert "typo" not in result.stdout + result.stderr
+
+
 def test_unknown_key(prod):
     with open(prod / "group_data" / "db.yml", "a") as f:
         f.write("base__ssh_prot: 22\n")

@@ -123,3 +123,12 @@ def test_site_drops_the_slot_of_a_removed_member_and_keeps_the_others(site):
     assert "Disconnect the replica of slot db9" in site
     assert "Drop replication slot db2" not in site and "Drop replication slot db4" not in site
     assert "Replication slot for db2" not in site and "Replication slot for db4" not in site
+
+
+def test_an_owed_action_is_recorded_before_the_file_is_swapped(site):
+    # A run cut off between the two must not lose the reload (validated_file, both kinds of swap).
+    swaps = [x.strip() for x in site.splitlines() if "/var/lib/webstack/pending/" in x and ".webstack-new" in x]
+    assert any("sshd_config" in x for x in swaps) and any("webstack.conf" in x for x in swaps)
+    for line in swaps:
+        touch = line.index("touch /var/lib/webstack/pending/")
+        assert touch < line.index("mv -f "), line

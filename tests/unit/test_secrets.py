@@ -90,9 +90,15 @@ def test_cli_set_list_rotate(inv, monkeypatch, tmp_path):
     listed = run("list", str(inv))
     assert listed.stdout.split() == ["api_token"] and "tok-123" not in listed.stdout
     old_recipients = (inv / "secrets.recipients").read_text()
+    colleague = pyrage.x25519.Identity.generate()
+    (inv / "secrets.recipients").write_text(old_recipients + f"{colleague.to_public()}\n")
     rotated = run("rotate", str(inv))
     assert rotated.returncode == 0, rotated.stderr
-    assert (inv / "secrets.recipients").read_text() != old_recipients
+    listed = [x for x in (inv / "secrets.recipients").read_text().splitlines() if x and not x.startswith("#")]
+    mine = [x for x in old_recipients.splitlines() if x and not x.startswith("#")]
+    assert str(colleague.to_public()) in listed and not set(mine) & set(listed) and len(listed) == 2
+    # The colleague still opens the file.
+    assert b"api_token" in pyrage.decrypt((inv / "secrets.age").read_bytes(), [colleague])
     assert (tmp_path / "prod.agekey.old").exists()
     assert stat.S_IMODE(keyfile.stat().st_mode) == 0o600
     monkeypatch.setenv("WEBSTACK_AGE_KEY_FILE", str(keyfile))

@@ -9,7 +9,7 @@ from roles._lib import render
 from roles.app import deploy as app_deploy
 from roles.app.deploy import build_release, database_url, env_content
 from roles.lb.deploy import interface_of, keepalived_context, keepalived_peers, site_context
-from tests.unit.conftest import SECRETS
+from tests.unit.conftest import KEY, SECRETS
 from webstack.errors import ConfigError
 from webstack.inventory import load
 
@@ -38,6 +38,19 @@ def error_of(make_inventory, **kwargs) -> tuple:
     with pytest.raises(ConfigError) as info:
         load(inv, secrets=WEB_SECRETS)
     return inv, str(info.value)
+
+
+def test_peers_that_reboot_together_are_refused(make_inventory):
+    groups = {**GROUPS, "all": {"base__admin_users": [{"name": "ops", "ssh_keys": [KEY]}],
+                                "base__unattended_reboot": True, "base__unattended_reboot_time": "04:30"}}
+    inv, message = error_of(make_inventory, groups=groups, host_data={"lb2": {"base__unattended_reboot_time": "04:50"}})
+    assert message.startswith(f"{inv}/hosts.yml: hosts.lb2: base__unattended_reboot_time: 04:50, within 30 minutes "
+                              "of lb1's 04:30")
+    # Staggered (the app servers too), or one of them not rebooting by itself: accepted.
+    configs(make_inventory, groups=groups, host_data={"lb2": {"base__unattended_reboot_time": "05:15"},
+                                                      "app2": {"base__unattended_reboot": False}})
+    _, bad = error_of(make_inventory, host_data={"lb1": {"base__unattended_reboot_time": "4:30am"}})
+    assert "base__unattended_reboot_time" in bad and "not a time HH:MM" in bad
 
 
 def test_duplicate_vrrp_id(make_inventory):
