@@ -252,12 +252,15 @@ def _reboot(target: Host, timeout_s: int = 600) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         time.sleep(1)
-        target.connect(show_errors=False)
-        if target.connected:
-            ok, out = root_shell(target, "cat /proc/sys/kernel/random/boot_id", 30)
-            if ok and out.stdout.strip() and out.stdout.strip() != boot_id:
-                return
-            target.disconnect()
+        try:  # the old boot may still answer, and drop the session while shutting down
+            target.connect(show_errors=False)
+            if target.connected:
+                ok, out = root_shell(target, "cat /proc/sys/kernel/random/boot_id", 30)
+                if ok and out.stdout.strip() and out.stdout.strip() != boot_id:
+                    return
+        except Exception as exc:  # noqa: BLE001 - any SSH error here means: not back yet
+            logger.info(f"{target.name}: not back yet ({type(exc).__name__}: {exc})")
+        target.disconnect()
     raise OperationError(f"{target.name}: did not come back within {timeout_s} s of the reboot")
 
 

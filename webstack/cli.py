@@ -220,6 +220,17 @@ def main(argv: list[str] | None = None) -> int:
         rep.add_argument("inventory", type=Path)
         rep.add_argument("--json", type=Path, help="also write the report as JSON to this file")
         rep.epilog = "Other options are passed to pyinfra (e.g. --limit web)."
+    logs = sub.add_parser("logs", help="a unit's journal on every host of a host or group, merged, host-prefixed")
+    logs.add_argument("inventory", type=Path)
+    logs.add_argument("target", help="a host, role or group")
+    logs.add_argument("--unit", default="", help="default: the application (its workers on worker hosts)")
+    logs.add_argument("--since", default="", help="journalctl --since (e.g. '10 min ago', '2026-12-03 10:00')")
+    logs.add_argument("-n", "--lines", type=int, default=50, help="lines per host without --since (default 50)")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines from every host")
+    run_ = sub.add_parser("exec", help="a command as the application's user, in its release and environment")
+    run_.add_argument("inventory", type=Path)
+    run_.add_argument("host")
+    run_.add_argument("command", nargs=argparse.REMAINDER, help="after --: the command and its arguments")
     docs = sub.add_parser("docs", help="regenerate the README settings tables")
     docs.add_argument("--check", action="store_true", help="exit 1 if README.md is out of date")
     args, extra = parser.parse_known_args(argv)
@@ -244,6 +255,15 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.cmd in ("drift", "status"):
             return cmd_report(args.cmd, args.inventory, args.json, extra)
+        if args.cmd == "logs":
+            from webstack import remote
+
+            return remote.logs(args.inventory, args.target, args.unit, args.since, args.lines, args.follow)
+        if args.cmd == "exec":
+            from webstack import remote
+
+            return remote.run_exec(args.inventory, args.host,
+                                   args.command[1:] if args.command[:1] == ["--"] else args.command)
         if args.cmd == "onboard":
             return cmd_onboard(args.inventory, args.hosts, [])
         if args.cmd == "docs":
