@@ -341,5 +341,12 @@ def _check_postgres_clusters(top: Topology, where: str) -> None:
             raise ConfigError(where, f"cluster {name}: postgres__synchronous", "needs at least one replica")
 
 
+def app_name(cfg: HostConfig) -> str:
+    """The application an app server runs or a worker host works for; "" for other hosts."""
+    from roles.worker.deploy import app_settings
+
+    return app_settings(cfg).name if {"app", "worker"} & set(cfg.roles) else ""
+
+
 CATALOG = Catalog(roles=ROLES, deploys=DEPLOYS, check_fleet=check_fleet, needed_secrets=needed_secrets,
-                  ssh_port=lambda cfg: topology(cfg).ssh_port(cfg.name))
+                  ssh_port=lambda cfg: topology(cfg).ssh_port(cfg.name), app_name=app_name)

@@ -51,6 +51,8 @@ class Catalog:
     check_fleet: Callable[[Sequence[HostConfig], str], None]
     needed_secrets: Callable[[HostConfig], list[str]]
     ssh_port: Callable[[HostConfig], int]
+    # The application a host runs or works for (its system user, unit and /srv/<app>), "" if none.
+    app_name: Callable[[HostConfig], str] = lambda cfg: ""
 
 
 @cache

@@ -46,9 +46,10 @@ class Target:
 
 def targets(inv: Path, wanted: str) -> list[Target]:
     """The hosts of ``wanted`` (a host, role or group name); refused, with the names that exist, otherwise."""
-    from roles.registry import CATALOG
-    from roles.worker.deploy import app_settings
+    from webstack.catalog import discover
     from webstack.inventory import _hosts, load
+
+    catalog = discover()
 
     configs = load(inv)
     ssh, _ = _hosts(inv)
@@ -60,9 +61,9 @@ def targets(inv: Path, wanted: str) -> list[Target]:
                           f"no such host or group (hosts: {', '.join(sorted(names))}; groups: {', '.join(groups)})")
     out = []
     for c in chosen:
-        app = app_settings(c).name if {"app", "worker"} & set(c.roles) else ""
-        out.append(Target(c.name, c.address, CATALOG.ssh_port(c), str(ssh.get("user", "root")),
-                          str(ssh.get("key", "")), str(ssh.get("known_hosts", "")), app, c.roles))
+        out.append(Target(c.name, c.address, catalog.ssh_port(c), str(ssh.get("user", "root")),
+                          str(ssh.get("key", "")), str(ssh.get("known_hosts", "")),
+                          catalog.app_name(c), c.roles))
     return out
 
 
