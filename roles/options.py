@@ -23,6 +23,16 @@ class RolloutOptions:
 
 
 @dataclass(frozen=True)
+class MaintenanceOptions:
+    """deploys/maintenance.py."""
+
+    state: str = option("", "on: application paths answer 503 on every load balancer; off: they are served again")
+    retry_after: str = option("600", "seconds the Retry-After header of the 503 answers")
+    message: str = option("We are down for planned maintenance and will be back shortly.",
+                          "the sentence on the maintenance page")
+
+
+@dataclass(frozen=True)
 class RollbackOptions:
     """deploys/rollback.py."""
 

@@ -27,6 +27,7 @@ from roles.mailprovider.settings import MailproviderSettings
 from roles.options import (
     FailoverOptions,
     JobsOptions,
+    MaintenanceOptions,
     PatchOptions,
     RejoinOptions,
     RestoreOptions,
@@ -173,6 +174,8 @@ DEPLOYS: dict[str, DeployInfo] = {d.name: d for d in (
     DeployInfo("site", "build or converge every host, then the rolling application step", RolloutOptions),
     DeployInfo("rollout", "the rolling application step alone", RolloutOptions),
     DeployInfo("rollback", "every application server back to its previous release", RollbackOptions),
+    DeployInfo("maintenance", "maintenance mode on or off: application paths answer 503 on the load balancers",
+               MaintenanceOptions),
     DeployInfo("check", "certificate expiry, backup freshness, job queue depth, age and dead letters"),
     DeployInfo("jobs", "list the job queue's dead letters, re-queue some", JobsOptions),
     DeployInfo("patch", "the monthly patch run: every host upgraded, rebooted if needed, one at a time", PatchOptions),

@@ -151,6 +151,9 @@ def apply() -> None:
     apt.packages(name="Install nginx and keepalived",
                  packages=["nginx", "curl", *(["keepalived"] if lb.vip else [])])
     files.directory(name="TLS directory", path="/etc/nginx/tls", mode="750", user="root", group="root")
+    # Maintenance mode's file lives here (deploys/maintenance.py); the site includes what is there.
+    files.directory(name="Maintenance directory", path="/etc/nginx/webstack-maintenance", mode="755",
+                    user="root", group="root")
     tls = [
         validated_file(name="TLS certificate chain", dest="/etc/nginx/tls/webstack.crt",
                        content=cfg.secret("tls_cert").unmask(), mode="644", owes="reload-nginx"),

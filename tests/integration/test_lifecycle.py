@@ -9,12 +9,13 @@ import uuid
 
 import pytest
 
-from lab.probe import https
-from tests.integration.conftest import BIN, MACHINES, ROOT, run
+from lab.probe import host, https
+from tests.integration.conftest import BIN, MACHINES, ROOT, run, site
 from webstack.inventory import load
 
 pytestmark = pytest.mark.lab
 APPS = sorted(n for n, m in MACHINES.items() if "app" in m["roles"])
+LBS = sorted(n for n, m in MACHINES.items() if "lb" in m["roles"])
 
 
 def webstack(*args: str, check: bool = True):
@@ -72,3 +73,31 @@ def test_exec_runs_as_the_app_in_its_release_and_environment(converged):
     assert group.returncode == 2 and "exec runs on one host" in group.output
     unknown = webstack("logs", "inventories/lab", "nosuch", check=False)
     assert unknown.returncode == 2 and "nosuch: no such host or group (hosts: app1, app2," in unknown.output
+
+
+def maintenance(*args: str):
+    return run(str(BIN / "pyinfra"), "-y", "inventories/lab.py", "deploys/maintenance.py", *args)
+
+
+def status_on(lb: str, path: str) -> str:
+    return host(lb).check_output("curl -sk -o /dev/null -w '%{http_code}' "
+                                 f"--resolve www.webstack.test:443:127.0.0.1 https://www.webstack.test{path}")
+
+
+def test_maintenance_mode_answers_503_keeps_the_marketing_site_and_survives_a_site_run(converged):
+    try:
+        maintenance("--data", "state=on", "--data", "retry_after=120")
+        status, headers, body = https("/app")
+        assert status == 503 and headers["retry-after"] == "120" and b"Down for maintenance" in body
+        assert headers["strict-transport-security"].startswith("max-age=")  # the site's headers still
+        assert https("/")[0] == 200 and https("/pricing")[0] == 200  # the marketing site is served
+        assert {lb: status_on(lb, "/app") for lb in LBS} == {lb: "503" for lb in LBS}
+        assert {lb: status_on(lb, "/lb-health") for lb in LBS} == {lb: "200" for lb in LBS}
+        assert maintenance("--data", "state=on", "--data", "retry_after=120").totals()["changed"] == "-"
+        site()  # site leaves maintenance mode alone
+        assert https("/app")[0] == 503
+    finally:
+        maintenance("--data", "state=off")
+    status, headers, _ = https("/app")
+    assert status == 200 and "retry-after" not in headers
+    assert maintenance("--data", "state=off").totals()["changed"] == "-"

@@ -132,3 +132,15 @@ def test_an_owed_action_is_recorded_before_the_file_is_swapped(site):
     for line in swaps:
         touch = line.index("touch /var/lib/webstack/pending/")
         assert touch < line.index("mv -f "), line
+
+
+def test_maintenance_on_writes_the_include_on_the_load_balancers_only():
+    on = plan("maintenance", {"state": "on", "retry_after": "120", "message": 'Back at "5" $soon <b>'})
+    assert on.count("/etc/nginx/webstack-maintenance/on.conf.webstack-new") >= 2  # lb1 and lb2
+    assert "set $webstack_retry_after 120;" in on and "return 503" in on
+    assert 'Back at &quot;5&quot; &#36;soon &lt;b&gt;' in on  # nothing nginx or the browser would interpret
+    assert "[app1]" not in on and "[db1]" not in on
+    off = plan("maintenance", {"state": "off"})
+    assert "Maintenance | maintenance is off" not in off  # a noop: only the directory and an owed reload
+    assert "webstack-maintenance/on.conf" not in off.split("== Maintenance | Maintenance directory")[1]
+    assert plan("maintenance", {"state": "maybe"}).startswith("refused: maintenance: --data state=on or state=off")
