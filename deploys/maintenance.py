@@ -5,6 +5,10 @@
 See roles/lb/maintenance.py.
 """
 
+from roles import audit
 from roles.lb import maintenance
 
 maintenance.run()
+
+# The audit trail: a line on each server this run changed, and one for the run here (roles/audit.py).
+audit.record("maintenance")

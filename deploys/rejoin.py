@@ -3,6 +3,10 @@
     pyinfra inventories/<env>.py deploys/rejoin.py --limit <cluster group> [--data ...] [--dry]
 """
 
+from roles import audit
 from roles.postgres import orchestrate
 
 orchestrate.rejoin()
+
+# The audit trail: a line on each server this run changed, and one for the run here (roles/audit.py).
+audit.record("rejoin")

@@ -15,6 +15,7 @@ See roles/postgres/restore.py and README "Backups".
 
 from pyinfra import host
 
+from roles import audit
 from roles._lib import barrier, config, options
 from roles.backup import deploy as backup
 from roles.base import deploy as base
@@ -38,3 +39,6 @@ if "postgres" in cfg.roles and "backup" not in cfg.roles:
     restore.restore(request)
 elif "backup" not in cfg.roles:
     host.noop("neither a backup host nor a postgres host")
+
+# The audit trail: a line on each server this run changed, and one for the run here (roles/audit.py).
+audit.record("restore")

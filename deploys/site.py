@@ -8,7 +8,7 @@ rolling step keeps its cross-host order with barriers. Each role is called
 from its own line, so no two roles' operations are ever taken for one.
 """
 
-from roles import _lib
+from roles import _lib, audit
 from roles.app import deploy as app
 from roles.app import rolling
 from roles.backup import deploy as backup
@@ -38,3 +38,6 @@ if "mailprovider" in mine:  # lab only: the stand-in email provider
 # application servers, one at a time; application servers are drained from the
 # load balancers (all worker, app and lb hosts take part).
 rolling.converge(_lib.options(RolloutOptions).release)
+
+# The audit trail: a line on each server this run changed, and one for the run here (roles/audit.py).
+audit.record("site")

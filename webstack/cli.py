@@ -231,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     run_.add_argument("inventory", type=Path)
     run_.add_argument("host")
     run_.add_argument("command", nargs=argparse.REMAINDER, help="after --: the command and its arguments")
+    aud = sub.add_parser("audit", help="who deployed what, when, from which commit (control machine and servers)")
+    aud.add_argument("inventory", type=Path)
+    aud.add_argument("--json", type=Path, help="also write the merged runs as JSON to this file")
     docs = sub.add_parser("docs", help="regenerate the README settings tables")
     docs.add_argument("--check", action="store_true", help="exit 1 if README.md is out of date")
     args, extra = parser.parse_known_args(argv)
@@ -259,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
             from webstack import remote
 
             return remote.logs(args.inventory, args.target, args.unit, args.since, args.lines, args.follow)
+        if args.cmd == "audit":
+            from webstack import auditlog
+
+            return auditlog.show(args.inventory, args.json)
         if args.cmd == "exec":
             from webstack import remote
 

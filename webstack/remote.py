@@ -55,7 +55,7 @@ def targets(inv: Path, wanted: str) -> list[Target]:
     ssh, _ = _hosts(inv)
     names = {c.name for c in configs}
     groups = sorted({g for c in configs for g in (*c.roles, *c.groups)})
-    chosen = [c for c in configs if wanted == c.name or wanted in (*c.roles, *c.groups)]
+    chosen = [c for c in configs if wanted in ("all", c.name, *c.roles, *c.groups)]
     if not chosen:
         raise ConfigError(str(inv / "hosts.yml"), wanted,
                           f"no such host or group (hosts: {', '.join(sorted(names))}; groups: {', '.join(groups)})")

@@ -107,13 +107,16 @@ def application(environ, start_response):
         size = int(environ.get("CONTENT_LENGTH") or 0)
         form = parse_qs(environ["wsgi.input"].read(size).decode())
         email = (form.get("email") or [""])[0].strip()
+        source = (form.get("source") or ["web"])[0].strip()[:40] or "web"
         if "@" not in email:
             start_response("400 Bad Request", headers)
             return [page("Sign up", "<p>That is not an e-mail address.</p>")]
         # One transaction: no welcome mail for a sign-up that rolls back, no sign-up without its mail;
         # the NOTIFY in it wakes a worker at commit.
         def sign_up(cur) -> int:
-            cur.execute("insert into signups (email, served_by) values (%s, %s) returning id", (email, HOST))
+            # `source` comes with migration 002 (app__migrate_command runs it before this release serves).
+            cur.execute("insert into signups (email, served_by, source) values (%s, %s, %s) returning id",
+                        (email, HOST, source))
             new_id = cur.fetchone()[0]
             jobs.enqueue(cur, "welcome_email", {"email": email, "signup_id": new_id})
             return new_id

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import shlex
 import subprocess
 import tarfile
 from collections.abc import Sequence
@@ -162,18 +163,44 @@ def install_release(app: str, release: str, tarball: bytes):
         return
     tmp = f"/srv/{app}/releases/.{release}.tar.gz"
     yield FileUploadCommand(io.BytesIO(tarball), tmp)
-    yield StringCommand(f"d=/srv/{app}/releases/{release}; rm -rf $d.new && mkdir $d.new && "
-                        f"tar -xzf {tmp} -C $d.new && chmod -R a+rX $d.new && mv $d.new $d && rm -f {tmp}")
+    # Checked again when it runs: an earlier operation of the same run may have put it there.
+    yield StringCommand(f"d=/srv/{app}/releases/{release}; if [ ! -d $d ]; then rm -rf $d.new && mkdir $d.new && "
+                        f"tar -xzf {tmp} -C $d.new && chmod -R a+rX $d.new && mv $d.new $d; fi && rm -f {tmp}")
 
 
-def use_release(cfg: HostConfig, app: AppSettings, release: str, current: dict) -> None:
+def migrate_command(app: AppSettings, release: str) -> str:
+    """The application's ``migrate_command`` in ``release`` (its code, not the running one's) with the
+    application's environment, as its user, in a transient unit ``<app>-migrate-<release>`` (the journal
+    keeps its output); once per release: a marker in the release directory records success."""
+    d = f"/srv/{app.name}/releases/{release}"
+    run = shlex.join([
+        "systemd-run", "--quiet", "--wait", "--collect", "--pipe", f"--unit={app.name}-migrate-{release}",
+        "-p", f"User={app.name}", "-p", f"Group={app.name}", "-p", f"EnvironmentFile=/etc/webstack/{app.name}.env",
+        "-p", f"WorkingDirectory={d}", "-E", f"PYTHONPATH={d}", "--", "sh", "-c", app.migrate_command])
+    failed = (f"the migration of release {release} ({app.migrate_command}) failed: no server was switched, "
+              "the running release keeps serving")
+    return f"test -e {d}/.migrated || {{ {run} && touch {d}/.migrated; }} || {{ echo {shlex.quote(failed)} >&2; exit 1; }}"
+
+
+def use_release(cfg: HostConfig, app: AppSettings, release: str, current: dict, migrate: bool = False,
+                before_switch: str = "", switch: bool = True) -> None:
     """Put ``release`` on disk (only the one built here can be uploaded) and point ``current`` at it,
-    recording the switch in the history (rollbacks read it). ``current``: the host's AppState."""
+    recording the switch in the history (rollbacks read it). ``current``: the host's AppState.
+    ``migrate``: run the application's migrations in the new release first (the rolling step's
+    first server); ``before_switch``: a shell command run right before the switch; ``switch=False``:
+    stop before it (the release on disk, migrated)."""
     if release not in current["releases"]:
         built = build_release(app.source, app.git_ref)
         if release != built[0]:
             raise OperationError(f"{cfg.name}: release {release} is not on this server")
         install_release(name=f"Release {release}", app=app.name, release=release, tarball=built[1])
+    if migrate and app.migrate_command and current["current"] != release:
+        server.shell(name=f"Migrate the database for release {release} (once, here)",
+                     commands=[migrate_command(app, release)])
+    if not switch:
+        return
+    if before_switch and current["current"] != release:
+        server.shell(name=f"Before the switch to {release}", commands=[before_switch])
     if current["current"] != release:
         server.shell(name=f"Switch current -> {release}", commands=[
             f"ln -sfn releases/{release} /srv/{app.name}/current.new && "

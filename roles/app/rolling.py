@@ -22,13 +22,14 @@ before anything is touched.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pyinfra import host, inventory, state
 from pyinfra.api import Host, OperationError, deploy
 from pyinfra.facts.files import Sha1File
 from pyinfra.operations import files, server
 
+from roles import audit
 from roles._lib import PendingActions, barrier, config, fact_lock, owed_action, unit_file, validated_file
 from roles.app.deploy import AppState, build_release, env_content, prune_releases, socket_content, unit_content, use_release
 from roles.app.settings import AppSettings
@@ -50,6 +51,7 @@ class Step:
     reasons: tuple[str, ...]
     worker: bool = False
     previous: str = ""  # the release it runs now (the way back if the new one fails)
+    migrate: bool = False  # the first server to switch release runs the migrations first
 
 
 def _sha(text: str) -> str:
@@ -152,9 +154,11 @@ def _switch(cfg: HostConfig, step: Step) -> None:
         sock = files.file(name=f"No {name}.socket", path=socket_path, present=False)
     owed_action("daemon-reload", "systemctl daemon-reload", [unit, sock])
     # Until its health check passes, the server is kept drained by every run (roles.lb.deploy.not_serving).
-    server.shell(name=f"Mark release {step.release} unverified", commands=[
-        f"echo {step.release} > /srv/{name}/unverified.new && mv -f /srv/{name}/unverified.new /srv/{name}/unverified"])
-    use_release(cfg, app, step.release, current)
+    mark = (f"echo {step.release} > /srv/{name}/unverified.new && mv -f /srv/{name}/unverified.new "
+            f"/srv/{name}/unverified")
+    if current["current"] == step.release:  # a restart or reload only: marked all the same
+        server.shell(name=f"Mark release {step.release} unverified", commands=[mark])
+    use_release(cfg, app, step.release, current, migrate=step.migrate, before_switch=mark)
     if socket is not None:
         # A lone server: systemd holds the listening socket, so while gunicorn restarts connections
         # wait in its backlog instead of being refused. A changed socket is bound again with the
@@ -191,6 +195,7 @@ def converge(release: str = "") -> None:
     if not steps:
         host.noop("application servers are up to date")
         return
+    audit.note("releases", {s.host: s.release for s in steps})
     app_servers = topology(cfg).app_servers()
     distro = codename() if "lb" in cfg.roles else ""
     # Servers not running yet (being added) joined the load balancers drained: they start first,
@@ -198,6 +203,12 @@ def converge(release: str = "") -> None:
     # leaves only them in rotation.
     new = [s for s in steps if not s.worker and {"not running", "unhealthy"} & set(s.reasons)]
     steps = [*(s for s in steps if s.worker), *new, *(s for s in steps if not s.worker and s not in new)]
+    # Migrations: once per release, on the first server to switch to it, before its switch (so before
+    # any server's: a failure there stops the run, nothing switched). Expand/contract: the old
+    # release keeps running against the new schema while the others roll.
+    first = next((i for i, s in enumerate(steps) if "release" in s.reasons), None)
+    if first is not None:
+        steps[first] = replace(steps[first], migrate=True)
     involved = {p.name for p in [*app_servers, *topology(cfg).workers()]} | {
         h.name for h in state.active_hosts if "lb" in config(h).roles}
 
@@ -220,6 +231,14 @@ def converge(release: str = "") -> None:
 @deploy("Rolling step")
 def _step_of_the_roll(cfg: HostConfig, step: Step, drain: bool, waiting: list[str], distro: str) -> None:
     """Every host's operations for one server's change: drain, switch, health, put back."""
+    early = step.migrate and not step.worker and "not running" not in step.reasons
+    if early and cfg.name == step.host:
+        # A serving application server migrates before it is drained: a failed migration leaves
+        # every server serving, and in rotation. (A server being added does it after its files.)
+        app = cfg.settings(AppSettings)
+        use_release(cfg, app, step.release, host.get_fact(AppState, app=app.name), migrate=True, switch=False)
+    if early:
+        barrier(name=f"Database migrated for release {step.release}", label=step.host)
     if "lb" in cfg.roles and drain:
         site = nginx_site(cfg, distro, [*cfg.settings(LbSettings).drained, *waiting, step.host], force=True,
                           name=f"Drain {step.host} ({', '.join(step.reasons)})")
@@ -227,9 +246,9 @@ def _step_of_the_roll(cfg: HostConfig, step: Step, drain: bool, waiting: list[st
     barrier(name=f"{step.host} drained", label=step.host)
     if cfg.name == step.host:
         if step.worker:
-            worker.switch(cfg, step.release, step.reasons)
+            worker.switch(cfg, step.release, step.reasons, migrate=step.migrate)
         else:
-            _switch(cfg, step)
+            _switch(cfg, replace(step, migrate=step.migrate and not early))
     barrier(name=f"{step.host} switched", label=step.host)
     if "lb" in cfg.roles and drain:
         site = nginx_site(cfg, distro, [*cfg.settings(LbSettings).drained, *waiting], force=True,

@@ -22,6 +22,9 @@ class AppSettings:
     packages: tuple[str, ...] = setting(("python3-psycopg2",), "Debian packages the application imports")
     database: str = setting("app", "database (from postgres__databases) whose URL goes in DATABASE_URL")
     health_path: str = setting("/healthz", "path that answers 200 when the server can serve")
+    migrate_command: str = setting(
+        "", "shell command that migrates the database schema (e.g. `python3 -m migrate`): run once per release, "
+        "on one host, in the new release with the app's environment, before any server switches")
 
     def check(self) -> tuple[str, str] | None:
         """Field-level consistency; returns (key, message) on a problem."""

@@ -22,6 +22,7 @@ from pyinfra import host, inventory, logger
 from pyinfra.api import OperationError
 from pyinfra.operations import python, server
 
+from roles import audit
 from roles._lib import barrier, config, options, owed_action, root_shell, template_file
 from roles.base.deploy import codename
 from roles.options import FailoverOptions, RejoinOptions, SwitchoverOptions
@@ -128,6 +129,7 @@ def switchover() -> None:
     request = options(SwitchoverOptions)
     old = cfg.settings(PostgresSettings).primary
     target = switchover_target(cfg, states, request.to)
+    audit.note("primary", {"cluster": cfg.settings(PostgresSettings).cluster, "from": old, "to": target})
     switch(cfg, version, old, target, write_inventory=request.write_inventory, force=request.force)
 
 
@@ -374,6 +376,7 @@ def failover() -> None:
         raise OperationError(f"failover: {old} is alive and primary; use deploys/switchover.py")
     if target not in candidates:
         raise OperationError(f"failover: {target} is not a running standby")
+    audit.note("primary", {"cluster": cfg.settings(PostgresSettings).cluster, "to": target})
     new_host = inventory.get_host(target)
     if host.name == target:  # printed while preparing, so --dry shows the plan too
         logger.warning(f"webstack: plan: promote {target} unless {old} answers as a primary; "

@@ -151,8 +151,9 @@ def apply() -> None:
                         running=True, enabled=True)
 
 
-def switch(cfg: HostConfig, release: str, reasons: Sequence[str]) -> None:
-    """On the worker host being changed (rolling step): files, release, graceful restart, all running."""
+def switch(cfg: HostConfig, release: str, reasons: Sequence[str], migrate: bool = False) -> None:
+    """On the worker host being changed (rolling step): files, release (``migrate``: the database
+    migrations first, see roles.app.deploy.use_release), graceful restart, all running."""
     from roles.app.deploy import AppState, prune_releases, use_release
 
     app = app_settings(cfg)
@@ -169,7 +170,7 @@ def switch(cfg: HostConfig, release: str, reasons: Sequence[str]) -> None:
     unit = unit_file(f"{name}-worker@.service", unit_content(cfg), owes="restart-worker",
                      instance=f"{name}-worker@1.service")
     owed_action("daemon-reload", "systemctl daemon-reload", [unit])
-    use_release(cfg, app, release, current)
+    use_release(cfg, app, release, current, migrate=migrate)
     instances = " ".join(f"{name}-worker@{i}" for i in range(1, w.processes + 1))
     units = host.get_fact(WorkerUnits, app=name)
     extra = [i for i in sorted({*units["active"], *units["enabled"]}) if i > w.processes]

@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
+import getpass
+import json
+import shutil
 import subprocess
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
-from lab.probe import host, https
-from tests.integration.conftest import BIN, MACHINES, ROOT, run, site
+from lab.probe import SignupClient, SteadyClient, host, https
+from tests.integration.conftest import BIN, MACHINES, ROOT, inventory_copy, run, site
 from webstack.inventory import load
 
 pytestmark = pytest.mark.lab
 APPS = sorted(n for n, m in MACHINES.items() if "app" in m["roles"])
 LBS = sorted(n for n, m in MACHINES.items() if "lb" in m["roles"])
+WORKERS = sorted(n for n, m in MACHINES.items() if "worker" in m["roles"])
+
+
+def drained_on(lb: str, app: str) -> bool:
+    conf = host(lb).check_output("cat /etc/nginx/sites-enabled/webstack.conf")
+    return any(line.strip().endswith(f"# {app}") and " down;" in line for line in conf.splitlines())
 
 
 def webstack(*args: str, check: bool = True):
@@ -101,3 +111,117 @@ def test_maintenance_mode_answers_503_keeps_the_marketing_site_and_survives_a_si
     status, headers, _ = https("/app")
     assert status == 200 and "retry-after" not in headers
     assert maintenance("--data", "state=off").totals()["changed"] == "-"
+
+
+def release_with(tmp_path: Path, name: str, migration: str, sql: str, app_edit: tuple[str, str] | None = None) -> Path:
+    """A copy of the demo app with one more migration file (and an edit of app.py)."""
+    src = tmp_path / name
+    shutil.copytree(ROOT / "examples" / "demoapp", src)
+    (src / "migrations" / migration).write_text(sql)
+    if app_edit:
+        text = (src / "app.py").read_text()
+        assert app_edit[0] in text
+        (src / "app.py").write_text(text.replace(*app_edit))
+    return src
+
+
+def inventory_with(tmp_path: Path, app_yml: str) -> Path:
+    inv = inventory_copy(tmp_path)
+    with open(inv.parent / "lab" / "group_data" / "app.yml", "a") as f:
+        f.write(app_yml)
+    return inv
+
+
+def release_of(app: str) -> str:
+    return host(app).check_output("basename $(readlink /srv/webapp/current)")
+
+
+def primary_sql(statement: str) -> str:
+    return host("db1").check_output(f"runuser -u postgres -- psql -XAt -d app -c \"{statement}\"")
+
+
+def migrate_units(release: str) -> dict[str, int]:
+    """Hosts whose journal has the migration unit of ``release`` (count of its start lines)."""
+    out = {}
+    for name in [*APPS, *WORKERS]:
+        n = host(name).check_output(f"journalctl -q -o cat -u webapp-migrate-{release} | grep -c '^Started ' || true")
+        if int(n or 0):
+            out[name] = int(n)
+    return out
+
+
+def test_a_release_with_a_migration_rolls_out_under_load_migrated_once(converged, tmp_path):
+    new = release_with(tmp_path, "demoapp-plan", "003_signups_plan.sql",
+                       "alter table signups add column if not exists plan text;\n",
+                       ('"insert into signups (email, served_by, source) values (%s, %s, %s) returning id",\n'
+                        '                        (email, HOST, source))',
+                        '"insert into signups (email, served_by, source, plan) values (%s, %s, %s, %s) returning id",\n'
+                        '                        (email, HOST, source, "free"))'))
+    inv = inventory_with(tmp_path, f"app__source: {new}\n")
+    with SteadyClient(interval=0.02, limit=300) as pages, SignupClient() as signups:
+        out = run(str(BIN / "pyinfra"), "-y", str(inv), "deploys/rollout.py", "--limit", "web")
+    release = release_of(APPS[0])
+    assert {a: release_of(a) for a in APPS} == {a: release for a in APPS}
+    assert "Migrate the database for release" in out.output
+    assert out.output.index("Migrate the database for release") < out.output.index(f"Drain {APPS[0]}")
+    assert migrate_units(release) == {APPS[0]: 1}  # once, on the first server, before it was drained
+    assert primary_sql("select count(*) from schema_migrations where version = '003_signups_plan'") == "1"
+    assert pages.failures() == [] and len(pages.results) > 100
+    assert signups.failures() == [] and len(signups.results) > 10
+    tag = signups.tag
+    # Sign-ups the new release took have the new column set; none was lost.
+    emails = primary_sql(f"select email from signups where email like '{tag}-%'").splitlines()
+    assert signups.acknowledged() <= set(emails)
+    assert int(primary_sql(f"select count(*) from signups where email like '{tag}-%' and plan = 'free'")) > 0
+    # The same rollout again: nothing to do, no migration.
+    again = run(str(BIN / "pyinfra"), "-y", str(inv), "deploys/rollout.py", "--limit", "web")
+    assert "Migrate the database" not in again.output and again.totals()["changed"] == "-"
+    # Rolling back leaves the schema as it is; the old release serves (the column is nullable).
+    back = run(str(BIN / "pyinfra"), "-y", "inventories/lab.py", "deploys/rollout.py", "--limit", "web")
+    assert "Switch current ->" in back.output
+    assert primary_sql("select count(*) from information_schema.columns where column_name = 'plan'") == "1"
+    assert https("/app")[0] == 200
+
+
+def test_a_failing_migration_switches_no_server(converged, tmp_path):
+    bad = release_with(tmp_path, "demoapp-badmig", "003_broken.sql", "select 1/0;\n")
+    inv = inventory_with(tmp_path, f"app__source: {bad}\n")
+    before = {a: release_of(a) for a in APPS}
+    with SteadyClient(interval=0.02, limit=300) as pages:
+        out = run(str(BIN / "pyinfra"), "-y", str(inv), "deploys/rollout.py", "--limit", "web", check=False)
+    assert out.returncode != 0
+    assert "migration 003_broken.sql failed: division by zero" in out.output
+    assert "no server was switched" in out.output
+    assert {a: release_of(a) for a in APPS} == before
+    assert not any(drained_on(lb, a) for lb in LBS for a in APPS)  # migrated before any drain: all in rotation
+    assert pages.failures() == [] and len(pages.results) > 50
+    assert primary_sql("select count(*) from schema_migrations where version = '003_broken'") == "0"
+
+
+def test_audit_trail_lists_switchover_and_rollouts_failed_included(converged, tmp_path):
+    """Runs of this module (the migration rollouts before it, one failed) and a switchover and back,
+    merged from the control machine and the servers: commit, operator, login, what changed."""
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    inv = inventory_copy(tmp_path)
+    for to in ("db2", "db1"):
+        run(str(BIN / "pyinfra"), "-y", str(inv), "deploys/switchover.py", "--limit", "pg_main",
+            "--data", f"to={to}", "--data", "write_inventory=yes")
+    report = tmp_path / "audit.json"
+    out = webstack("audit", "inventories/lab", "--json", str(report))
+    print(out.output[:3000])
+    runs = json.loads(report.read_text())
+    switch = [r for r in runs if r["deploy"] == "switchover" and r["notes"].get("primary", {}).get("to") == "db2"][0]
+    assert switch["commit"] == commit and switch["operator"] == getpass.getuser() and switch["login"] == "ops"
+    assert switch["outcome"] == "ok" and {"db1", "db2"} <= set(switch["hosts"])
+    assert switch["options"] == {"to": "db2", "write_inventory": "yes"}
+    assert runs.index(switch) > 0 and runs[0]["deploy"] == "switchover"  # newest first: the switch back
+    rollouts = [r for r in runs if r["deploy"] == "rollout"]
+    ok = [r for r in rollouts if r["outcome"] == "ok" and r["notes"].get("releases")]
+    failed = [r for r in rollouts if r["outcome"] == "failed"]
+    assert ok and set(ok[0]["notes"]["releases"]) == set(APPS) and APPS[0] in ok[0]["hosts"]
+    assert failed and failed[0]["hosts_failed"] == [APPS[0]]
+    # On the server: the switchover's own line, readable by root and adm only.
+    line = host("db2").check_output(f"grep -F '\"run\": \"{switch['run']}\"' /var/log/webstack/audit.log")
+    assert json.loads(line)["host"] == "db2"
+    assert host("db2").check_output("stat -c '%a %U:%G' /var/log/webstack/audit.log") == "640 root:adm"

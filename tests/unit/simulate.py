@@ -188,6 +188,9 @@ def plan(deploy: str, data: dict[str, Any] | None = None, limit: list[str] | Non
     from pyinfra.context import ctx_config, ctx_host, ctx_inventory, ctx_state
     from pyinfra_cli.util import exec_file, load_deploy_file
 
+    from roles import audit
+
+    audit.reset()
     secrets = _fixed_secrets()
 
     def fake_get_fact(state, host, cls, args=None, kwargs=None, ensure_hosts=None, apply_failed_hosts=True):

@@ -139,8 +139,18 @@ def test_maintenance_on_writes_the_include_on_the_load_balancers_only():
     assert on.count("/etc/nginx/webstack-maintenance/on.conf.webstack-new") >= 2  # lb1 and lb2
     assert "set $webstack_retry_after 120;" in on and "return 503" in on
     assert 'Back at &quot;5&quot; &#36;soon &lt;b&gt;' in on  # nothing nginx or the browser would interpret
-    assert "[app1]" not in on and "[db1]" not in on
+    maintenance_ops = on.split("== Audit trail")[0]
+    assert "[app1]" not in maintenance_ops and "[db1]" not in maintenance_ops
     off = plan("maintenance", {"state": "off"})
     assert "Maintenance | maintenance is off" not in off  # a noop: only the directory and an owed reload
     assert "webstack-maintenance/on.conf" not in off.split("== Maintenance | Maintenance directory")[1]
     assert plan("maintenance", {"state": "maybe"}).startswith("refused: maintenance: --data state=on or state=off")
+
+
+def test_migrations_run_once_before_the_first_switch(site):
+    at = steps(site)
+    migrations = [n for n in at if n.startswith("Rolling step | Migrate the database for release ")]
+    assert len(migrations) == 1 and site.count("systemd-run --quiet --wait --collect --pipe --unit=webapp-migrate-") == 1
+    switches = [step for n, step in at.items() if n.startswith("Rolling step | Switch current -> ")]
+    assert at[migrations[0]] < min(switches)
+    assert "-p EnvironmentFile=/etc/webstack/webapp.env" in site and "sh -c 'python3 -m migrate'" in site

@@ -12,6 +12,7 @@ import importlib
 import io
 import json
 import os
+import shutil
 import signal
 import socketserver
 import ssl
@@ -257,6 +258,8 @@ def state(dsn: str, job_id: int) -> tuple:
 
 
 def load_app(monkeypatch):
+    """The demo app on a database its migrations brought up to date (as app__migrate_command does)."""
+    assert importlib.import_module("migrate").main() == 0
     sys.modules.pop("app", None)
     return importlib.import_module("app")
 
@@ -502,3 +505,25 @@ def test_settings_refuse_smtp_timeout_not_below_lock_timeout():
         jobs.Settings.from_env({"DATABASE_URL": "x", "JOB_LOCK_TIMEOUT": "30", "SMTP_TIMEOUT": "30"})
     s = jobs.Settings.from_env({"DATABASE_URL": "x", "JOB_LOCK_TIMEOUT": "1m", "JOB_RETRY_MAX": "2h"})
     assert (s.lock_timeout, s.retry_max, s.smtp_timeout) == (60, 7200, 20)
+
+
+def test_migrations_apply_once_in_order_and_a_failure_names_the_file(dsn, tmp_path, monkeypatch, capsys):
+    migrate = importlib.import_module("migrate")
+    query(dsn, "create table signups (id serial primary key, email text not null, served_by text not null, "
+               "at timestamptz not null default now())")  # what the releases before migrations made
+    query(dsn, "insert into signups (email, served_by) values ('old@example.test', 'app1')")
+    assert migrate.main() == 0
+    assert "applied 001_signups.sql" in capsys.readouterr().out
+    assert query(dsn, "select version from schema_migrations order by 1") == [("001_signups",), ("002_signups_source",)]
+    assert query(dsn, "select email, source from signups") == [("old@example.test", None)]  # kept, column added
+    assert migrate.main() == 0 and "schema up to date (0 applied)" in capsys.readouterr().out
+    # A broken one: non-zero, named, not recorded, nothing of it left; later files not tried.
+    shutil.copytree(migrate.HERE, tmp_path / "migrations")
+    (tmp_path / "migrations" / "003_broken.sql").write_text("alter table signups add column plan text; select 1/0;")
+    (tmp_path / "migrations" / "004_later.sql").write_text("create table later (id int);")
+    monkeypatch.setattr(migrate, "HERE", tmp_path / "migrations")
+    assert migrate.main() == 1
+    assert "migration 003_broken.sql failed: division by zero" in capsys.readouterr().err
+    assert query(dsn, "select count(*) from schema_migrations") == [(2,)]
+    assert query(dsn, "select count(*) from information_schema.columns where column_name = 'plan'") == [(0,)]
+    assert query(dsn, "select count(*) from information_schema.tables where table_name = 'later'") == [(0,)]
