@@ -31,6 +31,7 @@ from pyinfra.operations import files, server
 
 from roles import audit
 from roles._lib import PendingActions, barrier, config, fact_lock, owed_action, unit_file, validated_file
+from roles.app import hooks
 from roles.app.deploy import AppState, build_release, env_content, prune_releases, socket_content, unit_content, use_release
 from roles.app.settings import AppSettings
 from roles.base.deploy import codename
@@ -214,6 +215,10 @@ def converge(release: str = "") -> None:
 
     def go() -> bool:  # nothing further once a host of the rollout failed
         return not any(h.name in involved for h in state.failed_hosts)
+
+    switching = [s for s in steps if "release" in s.reasons]
+    if switching and app_servers:
+        hooks.around(cfg, app_servers[0].settings(AppSettings), switching[0].release, switching[0].previous, go)
 
     for i, step in enumerate(host.loop(steps)):
         # With a single application server there is nothing to drain to; workers take no requests.

@@ -26,6 +26,12 @@ class AppSettings:
         "", "shell command that migrates the database schema (e.g. `python3 -m migrate`): run once per release, "
         "on one host, in the new release with the app's environment, before any server switches")
 
+    pre_rollout_hook: str = setting(
+        "", "shell command on the control machine before a release rolls out (env: WEBSTACK_RELEASE, "
+        "WEBSTACK_PREVIOUS_RELEASE, WEBSTACK_INVENTORY, WEBSTACK_DEPLOY); failing, it stops the rollout")
+    post_rollout_hook: str = setting(
+        "", "shell command on the control machine after a release rolled out everywhere (same environment)")
+
     def check(self) -> tuple[str, str] | None:
         """Field-level consistency; returns (key, message) on a problem."""
         if not re.match(r"^[a-z][a-z0-9-]{0,30}$", self.name):

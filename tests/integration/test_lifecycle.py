@@ -126,6 +126,7 @@ def release_with(tmp_path: Path, name: str, migration: str, sql: str, app_edit: 
 
 
 def inventory_with(tmp_path: Path, app_yml: str) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     inv = inventory_copy(tmp_path)
     with open(inv.parent / "lab" / "group_data" / "app.yml", "a") as f:
         f.write(app_yml)
@@ -196,6 +197,26 @@ def test_a_failing_migration_switches_no_server(converged, tmp_path):
     assert not any(drained_on(lb, a) for lb in LBS for a in APPS)  # migrated before any drain: all in rotation
     assert pages.failures() == [] and len(pages.results) > 50
     assert primary_sql("select count(*) from schema_migrations where version = '003_broken'") == "0"
+
+
+def test_rollout_hooks_run_on_the_control_machine_and_a_failing_pre_hook_stops_it(converged, tmp_path):
+    before = release_of(APPS[0])
+    log = tmp_path / "hooks.log"
+    new = release_with(tmp_path, "demoapp-hooked", "003_nothing.sql", "select 1;\n")
+    hooks = (f"app__pre_rollout_hook: 'echo pre $WEBSTACK_RELEASE $WEBSTACK_PREVIOUS_RELEASE $WEBSTACK_INVENTORY "
+             f"$WEBSTACK_DEPLOY >> {log}'\n"
+             f"app__post_rollout_hook: 'echo post $WEBSTACK_RELEASE >> {log}'\n")
+    refused = run(str(BIN / "pyinfra"), "-y", str(inventory_with(tmp_path / "a", f"app__source: {new}\n"
+                                                              "app__pre_rollout_hook: 'echo no >&2; exit 3'\n")),
+                  "deploys/rollout.py", "--limit", "web", check=False)
+    assert refused.returncode != 0 and "the pre-rollout hook `echo no >&2; exit 3` exited 3" in refused.output
+    assert {a: release_of(a) for a in APPS} == {a: before for a in APPS}
+    run(str(BIN / "pyinfra"), "-y", str(inventory_with(tmp_path / "b", f"app__source: {new}\n" + hooks)),
+        "deploys/rollout.py", "--limit", "web")
+    release = release_of(APPS[0])
+    assert release != before
+    assert log.read_text().splitlines() == [f"pre {release} {before} lab rollout", f"post {release}"]
+    run(str(BIN / "pyinfra"), "-y", "inventories/lab.py", "deploys/rollout.py", "--limit", "web")  # back
 
 
 def test_audit_trail_lists_switchover_and_rollouts_failed_included(converged, tmp_path):

@@ -189,8 +189,10 @@ def plan(deploy: str, data: dict[str, Any] | None = None, limit: list[str] | Non
     from pyinfra_cli.util import exec_file, load_deploy_file
 
     from roles import audit
+    from roles.app import hooks
 
     audit.reset()
+    hooks.reset()
     secrets = _fixed_secrets()
 
     def fake_get_fact(state, host, cls, args=None, kwargs=None, ensure_hosts=None, apply_failed_hosts=True):
