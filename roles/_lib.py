@@ -97,6 +97,16 @@ def options(cls: type[T]) -> T:
     return _options.parse(cls, host.data)
 
 
+def dry_run() -> bool:
+    """Whether pyinfra runs with ``--dry`` (drift and status do): nothing executes. Operations with a
+    run-time condition (``_if``) are not even prepared then, so code that records what would change
+    (drift) passes ``_if`` only when not dry."""
+    import click
+
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx and ctx.params.get("dry"))
+
+
 @operation()
 def barrier(label: str):
     """A no-op shared by several hosts, so later operations wait for all earlier ones (see deploys/site.py).

@@ -27,11 +27,11 @@ from email.utils import formatdate
 SENDMAIL = "/usr/sbin/sendmail"
 
 
-def wait_for_own_lines(invocation: str, seconds: float = 2.0, run=subprocess.run) -> bool:
+def wait_for_own_lines(invocation: str, seconds: float = 6.0, run=subprocess.run) -> bool:
     """Wait until the journal holds a line the failed run wrote itself. systemd starts this alert
     as soon as the unit fails, and journald may not have read the unit's last output yet: the
-    mail then carried only systemd's own lines, without the error (seen in the lab). A run that
-    wrote nothing costs ``seconds``."""
+    mail then carried only systemd's own lines, without the error (seen in the lab, where 2 s
+    once was not enough on a busy machine). A run that wrote nothing costs ``seconds``."""
     argv = ["journalctl", "--no-pager", "-q", "-o", "cat", "-n", "1", f"_SYSTEMD_INVOCATION_ID={invocation}"]
     deadline = time.monotonic() + seconds
     while True:

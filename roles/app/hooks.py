@@ -20,17 +20,11 @@ from pathlib import Path
 from pyinfra.api import OperationError
 from pyinfra.context import ctx_state
 
+from roles._lib import dry_run
 from roles.app.settings import AppSettings
 from webstack.inventory import HostConfig
 
 _DONE: list[str] = []
-
-
-def _dry() -> bool:
-    import click
-
-    ctx = click.get_current_context(silent=True)
-    return bool(ctx and ctx.params.get("dry"))
 
 
 def _deploy() -> str:
@@ -44,7 +38,7 @@ def _deploy() -> str:
 def around(cfg: HostConfig, app: AppSettings, release: str, previous: str, involved: Callable[[], bool]) -> None:
     """Run the pre hook now (once per run) and the post hook at exit if ``involved()`` says no host of
     the rollout failed."""
-    if _DONE or _dry() or not (app.pre_rollout_hook or app.post_rollout_hook):
+    if _DONE or dry_run() or not (app.pre_rollout_hook or app.post_rollout_hook):
         return
     _DONE.append(release)
     env = {**os.environ, "WEBSTACK_RELEASE": release, "WEBSTACK_PREVIOUS_RELEASE": previous,

@@ -30,7 +30,7 @@ from pyinfra.facts.files import Sha1File
 from pyinfra.operations import files, server
 
 from roles import audit
-from roles._lib import PendingActions, barrier, config, fact_lock, owed_action, unit_file, validated_file
+from roles._lib import PendingActions, barrier, config, dry_run, fact_lock, owed_action, unit_file, validated_file
 from roles.app import hooks
 from roles.app.deploy import AppState, build_release, env_content, prune_releases, socket_content, unit_content, use_release
 from roles.app.settings import AppSettings
@@ -230,7 +230,11 @@ def converge(release: str = "") -> None:
                 raise OperationError(
                     f"{cfg.name}: draining {step.host} would leave no application server in rotation "
                     f"(drained: {', '.join(sorted(out))}; lb__drained counts): nothing was changed")
-        _step_of_the_roll(cfg=cfg, step=step, drain=drain, waiting=waiting, distro=distro, _if=[go])
+        # ``_if`` only for real: under --dry (drift) the step's operations must be prepared to be seen.
+        if dry_run():
+            _step_of_the_roll(cfg=cfg, step=step, drain=drain, waiting=waiting, distro=distro)
+        else:
+            _step_of_the_roll(cfg=cfg, step=step, drain=drain, waiting=waiting, distro=distro, _if=[go])
 
 
 @deploy("Rolling step")
