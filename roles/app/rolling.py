@@ -173,11 +173,12 @@ def _switch(cfg: HostConfig, step: Step) -> None:
     back = (f"roll back with: pyinfra <inventory> deploys/rollback.py --data release={step.previous}"
             if step.previous else "fix the release and run the rollout again")
     server.shell(name=f"Wait until {name} serves release {step.release}", commands=[
-        "for i in $(seq 120); do python3 -c \"import sys, urllib.request as u; "
+        f"for i in $(seq {app.health_timeout * 2}); do python3 -c \"import sys, urllib.request as u; "
         f"r = u.urlopen('http://127.0.0.1:{app.port}{app.health_path}', timeout=2); "
         f"sys.exit(0 if r.headers.get('X-Release') == '{step.release}' else 1)\" 2>/dev/null && "
         f"rm -f /srv/{name}/unverified && exit 0; sleep 0.5; done; "
-        f"echo '{cfg.name} is not healthy with release {step.release} after 60 s: the rollout stopped here; "
+        f"echo '{cfg.name} is not healthy with release {step.release} after {app.health_timeout} s: the rollout "
+        "stopped here; "
         f"{cfg.name} stays drained, no later server was touched; {back}' >&2; exit 1"
     ])
     prune_releases(app, step.release, current)

@@ -22,6 +22,8 @@ class AppSettings:
     packages: tuple[str, ...] = setting(("python3-psycopg2",), "Debian packages the application imports")
     database: str = setting("app", "database (from postgres__databases) whose URL goes in DATABASE_URL")
     health_path: str = setting("/healthz", "path that answers 200 when the server can serve")
+    health_timeout: int = setting(60, "seconds a switched server has to answer its health check with the new "
+                                      "release before the rollout stops there")
     migrate_command: str = setting(
         "", "shell command that migrates the database schema (e.g. `python3 -m migrate`): run once per release, "
         "on one host, in the new release with the app's environment, before any server switches")

@@ -214,7 +214,7 @@ def test_bad_release_stops_at_the_first_server(converged, tmp_path):
         '        start_response("500 Internal Server Error", [("Content-Type", "text/plain")])\n'
         '        return [b"broken\\n"]\n'
         '    if path == "/healthz":\n'), 1))
-    inv = inventory_copy(tmp_path, f"app__source: {bad}\n")
+    inv = inventory_copy(tmp_path, f"app__source: {bad}\napp__health_timeout: 15\n")
     before = {a: release_of(a) for a in APPS}
     assert len(set(before.values())) == 1
     with SteadyClient(interval=0.02, limit=600) as client:
