@@ -40,8 +40,9 @@ def make_ca(name: str = "webstack lab CA", days: int = 3650) -> tuple[str, str]:
     return _pem_key(key), cert.public_bytes(serialization.Encoding.PEM).decode()
 
 
-def issue(ca_key_pem: str, ca_cert_pem: str, names: list[str], ips: list[str], days: int = 397) -> tuple[str, str]:
-    """A server certificate for ``names`` and ``ips``: (key PEM, certificate chain PEM)."""
+def issue(ca_key_pem: str, ca_cert_pem: str, names: list[str], ips: list[str], days: int = 199) -> tuple[str, str]:
+    """A server certificate for ``names`` and ``ips``: (key PEM, certificate chain PEM). 199 days by
+    default: public CAs may not issue for longer than 200 days from March 2026 (CA/B Forum SC-081)."""
     ca_key = serialization.load_pem_private_key(ca_key_pem.encode(), None)
     ca_cert = x509.load_pem_x509_certificate(ca_cert_pem.encode())
     key = ec.generate_private_key(ec.SECP256R1())
@@ -63,6 +64,14 @@ def issue(ca_key_pem: str, ca_cert_pem: str, names: list[str], ips: list[str], d
     )
     chain = cert.public_bytes(serialization.Encoding.PEM).decode() + ca_cert_pem
     return _pem_key(key), chain
+
+
+def key_matches_certificate(key_pem: str, cert_pem: str) -> bool:
+    """Whether the private key belongs to the first certificate of the PEM chain."""
+    key = serialization.load_pem_private_key(key_pem.encode(), None)
+    cert = x509.load_pem_x509_certificate(cert_pem.encode())
+    fmt = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return key.public_key().public_bytes(*fmt) == cert.public_key().public_bytes(*fmt)
 
 
 def not_after(cert_pem: str) -> dt.datetime:

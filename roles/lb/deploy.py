@@ -26,6 +26,7 @@ from roles.base.deploy import codename
 from roles.base.settings import BaseSettings
 from roles.lb.settings import LbSettings
 from roles.topology import topology
+from webstack import tls as tlskeys
 from webstack.inventory import HostConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -150,6 +151,15 @@ def apply() -> None:
     release = codename()
     apt.packages(name="Install nginx and keepalived",
                  packages=["nginx", "curl", *(["keepalived"] if lb.vip else [])])
+    # Certificate and key are checked to belong together before either is swapped in (a mismatch
+    # would only show at nginx's reload, with the files already replaced).
+    try:
+        matches = tlskeys.key_matches_certificate(cfg.secret("tls_key").unmask(), cfg.secret("tls_cert").unmask())
+    except ValueError as exc:
+        raise OperationError(f"{cfg.name}: secrets tls_key / tls_cert: not a PEM key and certificate ({exc})") from None
+    if not matches:
+        raise OperationError(f"{cfg.name}: secrets tls_key and tls_cert do not match (the key is not the "
+                             "certificate's): nothing was changed")
     files.directory(name="TLS directory", path="/etc/nginx/tls", mode="750", user="root", group="root")
     # Maintenance mode's file lives here (deploys/maintenance.py); the site includes what is there.
     files.directory(name="Maintenance directory", path="/etc/nginx/webstack-maintenance", mode="755",

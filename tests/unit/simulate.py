@@ -44,6 +44,7 @@ def _fixed_secrets() -> dict[str, str]:
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
     from tests.unit.conftest import SECRETS
+    from webstack.tls import derived_leaf
 
     out = dict(SECRETS)
     for i, cluster in enumerate(("main", "legacy")):
@@ -51,6 +52,9 @@ def _fixed_secrets() -> dict[str, str]:
         out[f"pgbackrest_sftp_key_{cluster}"] = _SFTP_KEYS[cluster]
         out[f"pgbackrest_tls_ca_key_{cluster}"] = ca.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()
+    # The load balancers' certificate and key: a pair that matches (the lb role checks), the same on
+    # every run (Ed25519 signatures are deterministic).
+    out["tls_key"], out["tls_cert"] = derived_leaf(out["pgbackrest_tls_ca_key_main"], "sim", "www.webstack.test", [])
     return out
 
 

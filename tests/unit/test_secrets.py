@@ -124,3 +124,16 @@ def test_lab_certificates_pass_strict_verification(tmp_path):
     out = subprocess.run(["openssl", "verify", "-x509_strict", "-CAfile", str(tmp_path / "ca.pem"),
                           str(tmp_path / "chain.pem")], capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_certificate_and_key_are_checked_to_match_and_leaves_live_under_200_days():
+    from webstack import tls
+
+    ca_key, ca_cert = tls.make_ca()
+    key, chain = tls.issue(ca_key, ca_cert, ["www.example.test"], [])
+    other_key, _ = tls.issue(ca_key, ca_cert, ["www.example.test"], [])
+    assert tls.key_matches_certificate(key, chain)
+    assert not tls.key_matches_certificate(other_key, chain)
+    import datetime as dt
+
+    assert tls.not_after(chain) - dt.datetime.now(dt.UTC) < dt.timedelta(days=200)
