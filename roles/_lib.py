@@ -101,10 +101,7 @@ def dry_run() -> bool:
     """Whether pyinfra runs with ``--dry`` (drift and status do): nothing executes. Operations with a
     run-time condition (``_if``) are not even prepared then, so code that records what would change
     (drift) passes ``_if`` only when not dry."""
-    import click
-
-    ctx = click.get_current_context(silent=True)
-    return bool(ctx and ctx.params.get("dry"))
+    return bool(_options.command_line()["dry"])
 
 
 @operation()

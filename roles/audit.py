@@ -34,6 +34,7 @@ from pyinfra.operations import server
 
 from roles._lib import config
 from webstack.auditlog import SERVER_LOG, control_log
+from webstack.options import command_line
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = uuid.uuid4().hex[:12]
@@ -68,14 +69,7 @@ def _git() -> tuple[str, bool]:
 
 def _options() -> dict[str, str]:
     """The run's ``--data`` options as given (the pyinfra command line)."""
-    import click
-
-    ctx = click.get_current_context(silent=True)
-    out = {}
-    for item in (ctx.params.get("data") or ()) if ctx else ():
-        key, _, value = str(item).partition("=")
-        out[key] = value
-    return out
+    return command_line()["data"]
 
 
 @cache

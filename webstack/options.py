@@ -79,6 +79,20 @@ def unknown(deploys: Iterable[DeployInfo], data_keys: Iterable[str]) -> str | No
     return None
 
 
+# The running ``pyinfra`` command line, as read while the inventory loads (the click context is
+# gone in the greenlets deploy code runs in): deploy file names, ``--data`` items, ``--dry``.
+COMMAND_LINE: dict[str, Any] = {"deploys": [], "data": [], "dry": False}
+
+
+def command_line() -> dict[str, Any]:
+    """The running pyinfra command's deploys (file stems), ``--data`` (key -> value as given) and ``dry``."""
+    data = {}
+    for item in COMMAND_LINE["data"]:
+        key, _, value = str(item).partition("=")
+        data[key] = value
+    return {"deploys": list(COMMAND_LINE["deploys"]), "dry": bool(COMMAND_LINE["dry"]), "data": data}
+
+
 def check_command_line(catalog: Catalog) -> None:
     """Refuse unknown ``--data`` keys of the running ``pyinfra`` command (a no-op outside the CLI).
 
@@ -90,6 +104,9 @@ def check_command_line(catalog: Catalog) -> None:
     ctx = click.get_current_context(silent=True)
     if ctx is None or "data" not in ctx.params:
         return
+    COMMAND_LINE.update(deploys=[Path(str(op)).stem for op in ctx.params.get("operations") or ()
+                                 if str(op).endswith(".py")],
+                        data=list(ctx.params.get("data") or ()), dry=bool(ctx.params.get("dry")))
     files = [Path(str(op)) for op in ctx.params.get("operations") or () if str(op).endswith(".py")]
     if not files:
         return

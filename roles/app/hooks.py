@@ -23,16 +23,14 @@ from pyinfra.context import ctx_state
 from roles._lib import dry_run
 from roles.app.settings import AppSettings
 from webstack.inventory import HostConfig
+from webstack.options import command_line
 
 _DONE: list[str] = []
 
 
 def _deploy() -> str:
-    import click
-
-    ctx = click.get_current_context(silent=True)
-    files = [Path(str(op)).stem for op in (ctx.params.get("operations") or ())] if ctx else []
-    return files[0] if files else ""
+    deploys = command_line()["deploys"]
+    return deploys[0] if deploys else ""
 
 
 def around(cfg: HostConfig, app: AppSettings, release: str, previous: str, involved: Callable[[], bool]) -> None:

@@ -170,7 +170,10 @@ def _switch(cfg: HostConfig, step: Step) -> None:
         owed_action("restart-app", f"systemctl enable -q {name} && systemctl restart {name}", [env, unit, sock])
     else:
         server.shell(name=f"Graceful reload of {name} (gunicorn HUP)", commands=[f"systemctl reload {name}"])
-    back = (f"roll back with: pyinfra <inventory> deploys/rollback.py --data release={step.previous}"
+    top = topology(cfg)
+    lbs = [lb.name for lb in top.load_balancers() if any(u.name == cfg.name for u in top.upstreams(lb.name))]
+    limits = " ".join(f"--limit {n}" for n in [cfg.name, *lbs])
+    back = (f"roll it back with: pyinfra <inventory> deploys/rollback.py {limits} --data release={step.previous}"
             if step.previous else "fix the release and run the rollout again")
     server.shell(name=f"Wait until {name} serves release {step.release}", commands=[
         f"for i in $(seq {app.health_timeout * 2}); do python3 -c \"import sys, urllib.request as u; "

@@ -223,15 +223,16 @@ def test_bad_release_stops_at_the_first_server(converged, tmp_path):
     for result in (first, again):
         assert result.returncode != 0
         assert f"{APPS[0]} is not healthy with release" in result.output
-        assert f"deploys/rollback.py --data release={before[APPS[0]]}" in result.output
+        assert f"deploys/rollback.py --limit {APPS[0]} {' '.join(f'--limit {lb}' for lb in LBS)} " \
+               f"--data release={before[APPS[0]]}" in result.output
     assert f"Drain {APPS[0]} (unhealthy)" in again.output  # the rerun knows app1 is out
     assert release_of(APPS[0]) != before[APPS[0]] and release_of(APPS[1]) == before[APPS[1]]
     assert all(drained_on(lb, APPS[0]) and not drained_on(lb, APPS[1]) for lb in LBS)
     assert len(client.results) > 100 and client.failures() == []
     assert {https("/healthz")[1]["x-served-by"] for _ in range(6)} == {APPS[1]}
     # The way back the run printed.
-    back = run(str(BIN / "pyinfra"), "-y", "inventories/lab.py", "deploys/rollback.py",
-               "--data", f"release={before[APPS[0]]}")
+    back = run(str(BIN / "pyinfra"), "-y", "inventories/lab.py", "deploys/rollback.py", "--limit", APPS[0],
+               *[x for lb in LBS for x in ("--limit", lb)], "--data", f"release={before[APPS[0]]}")
     assert f"Put {APPS[0]} back" in back.output
     assert {a: release_of(a) for a in APPS} == before
     assert not any(drained_on(lb, a) for lb in LBS for a in APPS)
