@@ -130,6 +130,7 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--soak", type=float, default=0, help="minutes of load counting false takeovers")
     parser.add_argument("--no-throughput", action="store_true", help="skip the HTTPS/HTTP throughput part")
+    parser.add_argument("--events", default="poweroff,clean_stop", help="VIP outage events to measure")
     args = parser.parse_args()
     if not CA_FILE.exists():
         sys.exit("no lab CA: run `make demo` first")
@@ -148,14 +149,15 @@ def main() -> int:
         for lb, lines in s["transitions"].items():
             for line in lines:
                 print(f"  {lb}: {line}")
-    outages: dict[str, list[float]] = {"poweroff": [], "clean_stop": []}
+    outages: dict[str, list[float]] = {e: [] for e in args.events.split(",") if e}
     for event in outages:
         for n in range(args.trials):
             outages[event].append(outage(event))
             print(f"  {event} trial {n + 1}: {outages[event][-1]:.2f} s", flush=True)
     print(f"\n{'event':<12}{'trials':>7}{'median s':>10}{'max s':>8}")
     for event, values in outages.items():
-        print(f"{event:<12}{len(values):>7}{statistics.median(values):>10.2f}{max(values):>8.2f}")
+        if values:
+            print(f"{event:<12}{len(values):>7}{statistics.median(values):>10.2f}{max(values):>8.2f}")
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
