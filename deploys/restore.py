@@ -41,4 +41,5 @@ elif "backup" not in cfg.roles:
     host.noop("neither a backup host nor a postgres host")
 
 # The audit trail: a line on each server this run changed, and one for the run here (roles/audit.py).
+audit.note("restored_to", options(RestoreOptions).time or "the end of the archive")
 audit.record("restore")
