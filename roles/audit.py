@@ -79,8 +79,8 @@ def _base(deploy: str) -> dict[str, Any]:
             "operator": getpass.getuser(), "commit": commit, "dirty": dirty, "options": _options()}
 
 
-def _changed_ops(target: Any) -> int:
-    ops = state.ops.get(target, {})
+def _changed_ops(target: Any, run_state: Any = state) -> int:
+    ops = run_state.ops.get(target, {})
     return sum(1 for d in ops.values() if d.operation_meta.is_complete() and d.operation_meta.did_change())
 
 
@@ -105,8 +105,7 @@ def record(deploy: str) -> None:
     def at_exit() -> None:
         changed, failed = [], sorted(h.name for h in real_state.failed_hosts)
         for target in real_state.inventory:
-            ops = real_state.ops.get(target, {})
-            if any(d.operation_meta.is_complete() and d.operation_meta.did_change() for d in ops.values()):
+            if _changed_ops(target, real_state):
                 changed.append(target.name)
         if not changed and not failed:
             return  # nothing happened (a dry run, or nothing to do)

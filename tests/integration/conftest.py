@@ -197,3 +197,18 @@ def machine(request, converged):
 def release_machine(request, converged):
     """One machine per Debian release (from lab/fleet.yml)."""
     return next(n for n, m in MACHINES.items() if m["release"] == request.param)
+
+
+def drained_on(lb: str, app: str) -> bool:
+    """Whether ``app`` is marked down in ``lb``'s nginx site (drained)."""
+    from lab.probe import host
+
+    conf = host(lb).check_output("cat /etc/nginx/sites-enabled/webstack.conf")
+    return any(line.strip().endswith(f"# {app}") and " down;" in line for line in conf.splitlines())
+
+
+def release_of(app: str) -> str:
+    """The release an application server's ``current`` link points at."""
+    from lab.probe import host
+
+    return host(app).check_output("basename $(readlink /srv/webapp/current)")

@@ -14,18 +14,13 @@ from pathlib import Path
 import pytest
 
 from lab.probe import SignupClient, SteadyClient, host, https
-from tests.integration.conftest import BIN, MACHINES, ROOT, inventory_copy, run, site
+from tests.integration.conftest import BIN, MACHINES, ROOT, drained_on, inventory_copy, release_of, run, site
 from webstack.inventory import load
 
 pytestmark = pytest.mark.lab
 APPS = sorted(n for n, m in MACHINES.items() if "app" in m["roles"])
 LBS = sorted(n for n, m in MACHINES.items() if "lb" in m["roles"])
 WORKERS = sorted(n for n, m in MACHINES.items() if "worker" in m["roles"])
-
-
-def drained_on(lb: str, app: str) -> bool:
-    conf = host(lb).check_output("cat /etc/nginx/sites-enabled/webstack.conf")
-    return any(line.strip().endswith(f"# {app}") and " down;" in line for line in conf.splitlines())
 
 
 def webstack(*args: str, check: bool = True):
@@ -131,10 +126,6 @@ def inventory_with(tmp_path: Path, app_yml: str) -> Path:
     with open(inv.parent / "lab" / "group_data" / "app.yml", "a") as f:
         f.write(app_yml)
     return inv
-
-
-def release_of(app: str) -> str:
-    return host(app).check_output("basename $(readlink /srv/webapp/current)")
 
 
 def primary_sql(statement: str) -> str:

@@ -15,7 +15,7 @@ import pytest
 
 from lab.probe import SignupClient, SteadyClient, host, vip_holder
 from roles.patch import vrrp_ready
-from tests.integration.conftest import BIN, MACHINES, inventory_copy, run, wait_for
+from tests.integration.conftest import BIN, MACHINES, drained_on, inventory_copy, run, wait_for
 
 pytestmark = pytest.mark.lab
 APPS = sorted(n for n, m in MACHINES.items() if "app" in m["roles"])
@@ -29,11 +29,6 @@ def patch(*args: str, check: bool = True, inventory: str = "inventories/lab.py")
 def pending(name: str) -> list[str]:
     out = host(name).check_output("apt-get -qq update >/dev/null 2>&1; LC_ALL=C apt-get -s dist-upgrade | grep '^Inst ' || true")
     return [line.split()[1] for line in out.splitlines()]
-
-
-def drained_on(lb: str, app: str) -> bool:
-    conf = host(lb).check_output("cat /etc/nginx/sites-enabled/webstack.conf")
-    return any(line.strip().endswith(f"# {app}") and " down;" in line for line in conf.splitlines())
 
 
 def report_of(name: str) -> dict | None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from lab.probe import CA_FILE, SteadyClient, host, https, vip, vip_holder
-from tests.integration.conftest import BIN, MACHINES, ROOT, lab, run, wait_for
+from tests.integration.conftest import BIN, MACHINES, ROOT, drained_on, lab, release_of, run, wait_for
 
 pytestmark = pytest.mark.lab
 LBS = sorted(n for n, m in MACHINES.items() if "lb" in m["roles"])
@@ -189,15 +189,6 @@ def test_rollout_and_rollback_under_load(converged, tmp_path):
     assert https("/healthz")[1]["x-release"] == before
     assert len(client.results) > 100
     assert client.failures() == []
-
-
-def drained_on(lb: str, app: str) -> bool:
-    conf = host(lb).check_output("cat /etc/nginx/sites-enabled/webstack.conf")
-    return any(line.strip().endswith(f"# {app}") and " down;" in line for line in conf.splitlines())
-
-
-def release_of(app: str) -> str:
-    return host(app).check_output("basename $(readlink /srv/webapp/current)")
 
 
 def test_bad_release_stops_at_the_first_server(converged, tmp_path):
