@@ -247,12 +247,13 @@ def cmd_stop(fleet: Fleet, args: argparse.Namespace) -> int:
 
 
 def cmd_partition(fleet: Fleet, args: argparse.Namespace) -> int:
-    a, b = fleet.get(args.a), fleet.get(args.b)
-    if a.name == b.name:
+    a = fleet.get(args.a)
+    b = None if args.b == net.CONTROL else fleet.get(args.b)
+    if b is not None and a.name == b.name:
         raise LabError("partition needs two different machines")
     with lab_lock():
         added = net.partition(a, b)
-    print(f"partition {a.name} <-> {b.name}: {'added' if added else 'already present'}")
+    print(f"partition {a.name} <-> {b.name if b else net.CONTROL}: {'added' if added else 'already present'}")
     return 0
 
 
@@ -287,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("name", metavar="NAME")
         s.add_argument("command", nargs=argparse.REMAINDER, metavar="CMD")
         s.set_defaults(func=cmd_ssh)
-    s = sub.add_parser("partition", help="drop all traffic between two machines")
+    s = sub.add_parser("partition", help="drop all traffic between two machines (B: a machine or 'control')")
     s.add_argument("a", metavar="A")
     s.add_argument("b", metavar="B")
     s.set_defaults(func=cmd_partition)

@@ -200,21 +200,27 @@ def partitions() -> list[tuple[str, str]]:
     return sorted(pairs)  # type: ignore[arg-type]
 
 
-def partition(a: Machine, b: Machine) -> bool:
-    """Drop all bridged frames between a and b, both directions. False if already partitioned."""
-    key = tuple(sorted((a.name, b.name)))
+CONTROL = "control"  # the control machine (the bridge's own address), as a partition end
+
+
+def partition(a: Machine, b: Machine | None) -> bool:
+    """Drop all frames between a and b, both directions; b None: between a and the control
+    machine (so SSH from here fails too). False if already partitioned."""
+    key = tuple(sorted((a.name, b.name if b else CONTROL)))
     if key in partitions():
         return False
-    rules = (
-        f"table bridge {PARTITION_TABLE} {{\n"
-        f"  chain forward {{\n"
-        f"    type filter hook forward priority 0; policy accept;\n"
-        f"    iifname \"{a.veth}\" oifname \"{b.veth}\" drop comment \"{_partition_comment(*key)}\"\n"
-        f"    iifname \"{b.veth}\" oifname \"{a.veth}\" drop comment \"{_partition_comment(*key)}\"\n"
-        f"  }}\n"
-        f"}}\n"
-    )
-    run(["nft", "-f", "-"], input=rules)
+    note = _partition_comment(*key)
+    if b is None:
+        # The control machine's own traffic enters and leaves the bridge through its input and output hooks.
+        chains = (f"  chain input {{\n    type filter hook input priority 0; policy accept;\n"
+                  f"    iifname \"{a.veth}\" drop comment \"{note}\"\n  }}\n"
+                  f"  chain output {{\n    type filter hook output priority 0; policy accept;\n"
+                  f"    oifname \"{a.veth}\" drop comment \"{note}\"\n  }}\n")
+    else:
+        chains = (f"  chain forward {{\n    type filter hook forward priority 0; policy accept;\n"
+                  f"    iifname \"{a.veth}\" oifname \"{b.veth}\" drop comment \"{note}\"\n"
+                  f"    iifname \"{b.veth}\" oifname \"{a.veth}\" drop comment \"{note}\"\n  }}\n")
+    run(["nft", "-f", "-"], input=f"table bridge {PARTITION_TABLE} {{\n{chains}}}\n")
     return True
 
 

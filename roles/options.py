@@ -61,6 +61,9 @@ class RejoinOptions:
     """deploys/rejoin.py."""
 
     reclone: bool = option(False, "replace the former primary's data by a fresh base backup instead of pg_rewind")
+    discard_divergent: bool = option(
+        False, "rewind even though the former primary committed transactions the new primary never received "
+               "(they are saved under /var/lib/postgresql/webstack-divergent first)")
 
 
 @dataclass(frozen=True)

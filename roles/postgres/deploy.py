@@ -17,7 +17,7 @@ from pyinfra.api import FactBase, HiddenValue, OperationError, QuoteString, Stri
 from pyinfra.api.operation import OperationMeta
 from pyinfra.operations import apt, postgres, server, systemd
 
-from roles._lib import barrier, config, owed_action, render, template_file, validated_file
+from roles._lib import barrier, config, owed_action, render, template_file, unit_file, validated_file
 from roles.base.deploy import codename
 from roles.postgres import backup, scram
 from roles.postgres._release import VERSION, paths
@@ -89,6 +89,8 @@ def psql(sql: str | StringCommand, database: str = "postgres") -> StringCommand:
 
 
 UNREACHABLE = "unreachable"
+# Stops this server when a peer was promoted over it (templates/postgres/usr/local/lib/webstack/pg-watch.j2).
+WATCH = "webstack-pg-watch.service"
 
 
 def _cluster_state(version: str) -> dict[str, Any]:
@@ -173,6 +175,7 @@ def config_context(cfg: HostConfig, memory_mb: int) -> dict[str, Any]:
         "work_mem_mb": pg.work_mem_mb,
         "maintenance_work_mem_mb": max(64, min(shared // 4, 2048)),
         "archive_command": backup.archive_command(pg),
+        "archive_timeout": pg.archive_timeout_s,
         "restore_command": backup.restore_command(pg),
     }
 
@@ -357,13 +360,22 @@ def apply(restoring: bool = False) -> None:
     fence = template_file(
         "postgres/usr/local/lib/webstack/pg-fence.j2", "/usr/local/lib/webstack/pg-fence", mode="755",
         validate="sh -n {}", peers=[x.address for x in topology(cfg).cluster_peers(cfg.name)],
+        wait=cfg.settings(PostgresSettings).fence_wait_s,
     )
     dropin = template_file(
         "postgres/etc/systemd/system/postgresql@.service.d/webstack-fence.conf.j2",
         "/etc/systemd/system/postgresql@.service.d/webstack-fence.conf", owes="daemon-reload",
     )
-    owed_action("daemon-reload", "systemctl daemon-reload", [dropin, fence])
+    peers = [x.address for x in topology(cfg).cluster_peers(cfg.name)]
+    watch = template_file("postgres/usr/local/lib/webstack/pg-watch.j2", "/usr/local/lib/webstack/pg-watch",
+                          mode="755", validate="sh -n {}", owes="restart-pg-watch", peers=peers, version=version,
+                          interval=2)
+    watch_unit = unit_file(WATCH, render("postgres/etc/systemd/system/webstack-pg-watch.service.j2"),
+                           owes="daemon-reload")
+    owed_action("daemon-reload", "systemctl daemon-reload", [dropin, fence, watch_unit])
     systemd.service(name=f"{p.service} enabled", service=p.service, enabled=True, running=True)
+    systemd.service(name=f"{WATCH} enabled", service=WATCH, enabled=True, running=True)
+    owed_action("restart-pg-watch", f"systemctl restart {WATCH}", [watch, watch_unit])
 
     # The primary's work comes first in this file, so on a first run its
     # slots exist and its new configuration is live before a replica clones.

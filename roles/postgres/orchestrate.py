@@ -467,6 +467,9 @@ def rejoin() -> None:
         conf = _configure(cfg, version)
         owed_action("reload-postgres", reload_command(version), [conf])
         return
+    python.call(name=f"Look for transactions {pg.primary} never received", function=_check_divergence,
+                version=version, me=inventory.get_host(host.name), primary=inventory.get_host(pg.primary),
+                discard=options(RejoinOptions).discard_divergent)
     server.shell(
         name=f"pg_rewind against {pg.primary}",
         commands=[
@@ -479,3 +482,76 @@ def rejoin() -> None:
     )
     conf = _configure(cfg, version)
     _start_as_standby(version, conf)
+
+
+DIVERGENT = "/var/lib/postgresql/webstack-divergent"
+
+
+def fork_point(history: str, timeline: int) -> str | None:
+    """Where ``timeline`` ended, per a timeline history file (lines ``TLI<TAB>LSN<TAB>reason``);
+    None when ``timeline`` is not an ancestor in it."""
+    for line in history.splitlines():
+        fields = line.split()
+        if len(fields) >= 2 and fields[0].isdigit() and int(fields[0]) == timeline:
+            return fields[1]
+    return None
+
+
+def commits_in(waldump: str) -> tuple[int, str, str]:
+    """(commit records, first LSN, last LSN) in pg_waldump output ('' LSNs when it holds no record)."""
+    lsns = re.findall(r"\blsn: ([0-9A-F]+/[0-9A-F]+)", waldump)
+    commits = len(re.findall(r"desc: COMMIT\b", waldump))
+    return commits, (lsns[0] if lsns else ""), (lsns[-1] if lsns else "")
+
+
+def _check_divergence(version: str, me: Any, primary: Any, discard: bool) -> None:
+    """Before pg_rewind: does this former primary hold WAL past the point where the new primary's
+    timeline forked from its own? Records there are what pg_rewind throws away. They are saved
+    (pg_waldump's listing and the WAL segments) under DIVERGENT; committed transactions among
+    them stop the rejoin unless the operator said ``discard_divergent=yes``."""
+    p = paths(version)
+    _sh(me, f"systemctl stop {p.service}", timeout=600)  # a split-brain survivor may still run
+    control = _sh(me, f"LC_ALL=C {p.bin}/pg_controldata {p.data}")
+    found = re.search(r"Latest checkpoint's TimeLineID:\s+(\d+)", control)
+    if not found:
+        raise OperationError(f"{me.name}: no timeline in pg_controldata output")
+    own = int(found.group(1))
+    history = _sh(primary, f"cd {p.data}/pg_wal && f=$(ls | grep '^[0-9A-F]\\{{8\\}}[.]history$' | sort | tail -n 1); "
+                           "[ -n \"$f\" ] && cat \"$f\" || true")
+    fork = fork_point(history, own)
+    if fork is None:
+        if not history or own > max(int(line.split()[0]) for line in history.splitlines() if line.split()):
+            logger.info(f"    [{me.name}] on timeline {own}, not behind a fork of {primary.name}'s: nothing diverged")
+            return
+        raise OperationError(f"rejoin: {me.name} is on timeline {own}, which {primary.name}'s history does not hold")
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    keep = f"{DIVERGENT}/{stamp}-timeline{own}"
+    listing = _sh(me, (
+        f"install -d -m 0700 -o postgres -g postgres {keep} && cd {keep} && "
+        f"runuser -u postgres -- {p.bin}/pg_waldump -p {p.data}/pg_wal -t {own} -s {fork} > waldump.txt 2>/dev/null; "
+        "cat waldump.txt"), timeout=600)
+    commits, first, last = commits_in(listing)
+    if not first:
+        _sh(me, f"rm -rf {keep}; rmdir {DIVERGENT} 2>/dev/null || true")
+        logger.info(f"    [{me.name}] no WAL past the fork point {fork} on timeline {own}")
+        return
+    # The segments holding the divergent records, from the fork's segment on, for the record.
+    first_segment = f"{own:08X}{fork_segment(fork)}"
+    segments = [f for f in _sh(me, f"ls {p.data}/pg_wal").split()
+                if re.fullmatch(r"[0-9A-F]{24}", f) and f.startswith(f"{own:08X}") and f >= first_segment]
+    _sh(me, f"cd {p.data}/pg_wal && cp -p {' '.join(segments)} {keep}/ && chown -R postgres:postgres {keep}"
+        if segments else "true")
+    what = (f"{me.name} holds WAL {first}..{last} on timeline {own}, past the point ({fork}) where {primary.name} "
+            f"took over: {commits} committed transaction(s) that {primary.name} never received. "
+            f"Saved in {keep} on {me.name} (pg_waldump listing and WAL segments)")
+    if commits and not discard:
+        raise OperationError(f"rejoin: {what}. pg_rewind would discard them: recover what you need first, "
+                             "then rerun with --data discard_divergent=yes")
+    logger.warning(f"webstack: {what}; pg_rewind discards them{' (discard_divergent=yes)' if commits else ''}")
+
+
+def fork_segment(lsn: str, segment_size: int = 16 * 1024 * 1024) -> str:
+    """The last 16 hex digits of the WAL file name holding ``lsn`` (timeline apart)."""
+    n = _lsn(lsn) // segment_size
+    per = 0x100000000 // segment_size
+    return f"{n // per:08X}{n % per:08X}"

@@ -34,6 +34,10 @@ class PostgresSettings:
     shared_buffers_mb: int = setting(0, "shared_buffers in MiB; 0 = a quarter of the host's memory (at most 8 GiB)")
     effective_cache_size_mb: int = setting(0, "effective_cache_size in MiB; 0 = three quarters of the host's memory")
     work_mem_mb: int = setting(4, "work_mem in MiB")
+    fence_wait_s: int = setting(60, "a server starting as a primary waits this long for unreachable peers to answer "
+                                         "(pg-fence) before it starts alone")
+    archive_timeout_s: int = setting(10, "a WAL segment is archived at the latest this long after its first write "
+                                         "(the recovery point when only the backup repository survives)")
     archive_command: str = setting("", "archive_command when backups are off (with backups it is pgBackRest's archive-push)")
     backup_host: str = setting("", "host (role backup) holding this cluster's pgBackRest repository over SFTP; empty = none")
     backup_s3_bucket: str = setting("", "S3 bucket for the repository instead of a backup host (keys in secrets)")
@@ -67,6 +71,10 @@ class PostgresSettings:
             return "backup_retention_full", "retention counts must be at least 1"
         if not re.match(r"^[0-9]+(KiB|MiB|GiB|TiB)$", self.backup_queue_max):
             return "backup_queue_max", f"not a size like 4GiB: {self.backup_queue_max!r}"
+        if self.fence_wait_s < 0:
+            return "fence_wait_s", "must be 0 or more seconds"
+        if not 1 <= self.archive_timeout_s <= 3600:
+            return "archive_timeout_s", "must be between 1 and 3600 seconds"
         if self.shared_buffers_mb < 0 or self.effective_cache_size_mb < 0:
             return "shared_buffers_mb", "must be 0 (automatic) or positive"
         return None

@@ -7,6 +7,7 @@ firewall admit) with psql over TLS, as the application does.
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import pytest
@@ -166,6 +167,82 @@ def test_failover_fence_and_rejoin(client, tmp_path, cluster, primary, replica, 
         assert host_for(name).service(f"postgresql@{version}-main").is_running, f"{name}: unit not active"
     assert host_for(replica).check_output(
         "runuser -u postgres -- psql -XAtc 'select status from pg_stat_wal_receiver'") == "streaming"
+    assert slots(replica) == {} and slots(primary) == {replica: "t"}
+
+
+MAIN = next(c for c in CLUSTERS if c[0] == "main")
+
+
+def test_fence_refuses_on_a_doubtful_answer_and_starts_alone_when_no_peer_answers(client):
+    """pg-fence, when the primary (no standby.signal) starts: a peer that answers but not as a standby
+    (here: pg_hba rejects the question) may be a primary, so the start is refused after the wait;
+    a peer that never answers (a partition) is waited for, then the server starts alone."""
+    _cluster, primary, replica = MAIN
+    old, peer = host_for(primary), host_for(replica)
+    version = old.check_output("ls /etc/postgresql")
+    unit = f"postgresql@{version}-main"
+    hba = f"/etc/postgresql/{version}/main/pg_hba.conf"
+    peer.check_output(f"cp -p {hba} {hba}.test && sed -i '1i hostssl all replicator {ADDRESS[primary]}/32 reject' {hba} "
+                      "&& runuser -u postgres -- psql -XAtqc 'select pg_reload_conf()'")
+    try:
+        old.check_output(f"systemctl stop {unit}")
+        started = time.monotonic()
+        refused = old.run(f"systemctl start {unit}")
+        assert refused.rc != 0, "the primary started although its peer's answer was an error"
+        assert time.monotonic() - started >= 15, "refused without asking the peer again for the fence's wait"
+        journal = old.check_output(f"journalctl -u {unit} --no-pager -n 30")
+        assert "rejects connection" in journal and "it may be a primary; refusing" in journal, journal[-1500:]
+    finally:
+        peer.check_output(f"mv {hba}.test {hba} && runuser -u postgres -- psql -XAtqc 'select pg_reload_conf()'")
+    lab("partition", primary, replica)
+    try:
+        started = time.monotonic()
+        old.check_output(f"systemctl start {unit}")
+        assert time.monotonic() - started >= 15, "started without waiting for the unreachable peer"
+        assert "starting alone" in old.check_output(f"journalctl -u {unit} --no-pager -n 30")
+    finally:
+        lab("heal")
+    wait_for(lambda: peer.check_output("runuser -u postgres -- psql -XAtc 'select status from pg_stat_wal_receiver'")
+             == "streaming", 60, f"{replica} does not stream again")
+
+
+def test_partitioned_primary_loses_nothing_silently(client, tmp_path):
+    """Split brain, asynchronous mode: db1 is cut off from db2 and the control machine but not from
+    app1, which keeps writing through the read-write connection string. The failover promotes db2
+    while db1 still takes writes; once the partition heals, pg-watch stops db1, and the rejoin
+    refuses to rewind away what db1 alone committed, naming the count, until told to discard it."""
+    cluster, primary, replica = MAIN
+    inv = inventory_copy(tmp_path)
+    writer = Writer(client, (primary, replica), "split")
+    old = host_for(primary)
+    try:
+        wait_for(lambda: writer.acked_count() > 20, 30, "writer never got going")
+        lab("partition", primary, replica)
+        lab("partition", primary, "control")
+        before = writer.acked_count()
+        wait_for(lambda: writer.acked_count() > before + 20, 30, "the cut-off primary took no writes")
+        deploy(inv, "failover", "--limit", replica, "--data", "write_inventory=yes")
+        before = writer.acked_count()
+        wait_for(lambda: writer.acked_count() > before + 10, 30, "no writes after the failover")
+    finally:
+        lab("heal")
+    wait_for(lambda: "webstack fence:" in old.check_output("journalctl -u webstack-pg-watch --no-pager -n 5"),
+             30, "pg-watch did not stop the old primary after the partition healed")
+    before = writer.acked_count()
+    wait_for(lambda: writer.acked_count() > before + 20, 30, "no writes reached the new primary")
+    acked = writer.stop()
+    lost = acked - writer.stored(replica)
+    assert lost, "no write was acknowledged by the cut-off primary alone (the test proves nothing)"
+    refused = deploy(inv, "rejoin", "--limit", f"pg_{cluster}", check=False)
+    told = re.search(r"(\d+) committed transaction\(s\) that \S+ never received", refused.output)
+    assert refused.returncode != 0 and told, refused.output[-3000:]
+    assert int(told.group(1)) >= len(lost), f"rejoin reported {told.group(1)}, {len(lost)} acknowledged rows are missing"
+    saved = re.search(r"Saved in (\S+) on", refused.output).group(1)
+    assert old.run(f"test -s {saved}/waldump.txt").rc == 0
+    rejoin = deploy(inv, "rejoin", "--limit", f"pg_{cluster}", "--data", "discard_divergent=yes")
+    assert "pg_rewind discards them (discard_divergent=yes)" in rejoin.output
+    assert old.check_output("runuser -u postgres -- psql -XAtc 'select status from pg_stat_wal_receiver'") == "streaming"
+    deploy(inv, "switchover", "--limit", f"pg_{cluster}", "--data", f"to={primary}", "--data", "write_inventory=yes")
     assert slots(replica) == {} and slots(primary) == {replica: "t"}
 
 

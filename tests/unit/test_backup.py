@@ -224,7 +224,7 @@ def test_postgres_archives_into_the_stanza_pgbackrest_is_configured_with(cfgs, t
     """archive_command and restore_command, as PostgreSQL runs them (substituted, through /bin/sh), call
     pgBackRest's archive-push/-get with the stanza pgbackrest.conf defines and the segment's path."""
     conf = render("postgres/etc/postgresql/main/conf.d/webstack.conf.j2", **config_context(cfgs["db2"], memory_mb=4096))
-    assert "archive_mode = on" in conf and "archive_timeout = 60" in conf
+    assert "archive_mode = on" in conf and "archive_timeout = 10" in conf
     db1, db2, vault = (next(p for p in cfgs["db2"].peers if p.name == n) for n in ("db1", "db2", "vault"))
     ini = configparser.ConfigParser(interpolation=None, strict=False)  # tls-server-auth repeats
     ini.read_string(render("postgres/etc/pgbackrest/pgbackrest.conf.j2",
