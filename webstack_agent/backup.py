@@ -23,6 +23,7 @@ import glob
 import json
 import os
 import pwd
+import re
 import shutil
 import subprocess
 import sys
@@ -46,6 +47,7 @@ class Limits:
     max_age_h: float  # the newest backup of any type (h)
     max_diff_age_h: float  # the newest differential or full (h)
     max_full_age_h: float  # the newest full (h)
+    max_slot_wal_mb: float = 1024  # WAL an inactive replication slot holds back (MiB)
 
     def args(self) -> list[str]:
         """The same thresholds as ``check`` arguments (``--max-wal-lag-s 300 ...``)."""
@@ -161,6 +163,44 @@ def breaches(now: float, stanza: dict[str, Any], archiver: dict[str, Any], ready
     return out
 
 
+SEGMENT = re.compile(r"([0-9A-F]{8})([0-9A-F]{8})([0-9A-F]{8})(?![.]partial)")
+
+
+def archive_gaps(names: list[str], start: str, timeline: int, pending: set[str], segment_size: int) -> list[str]:
+    """Ranges of WAL segments missing from the archive between ``start`` (the segment the newest
+    backup needs first) and the newest archived one: point-in-time recovery from that backup
+    cannot cross them. A segment counts as archived on ``timeline`` or any lower one (its
+    ancestors), so a timeline switch is no gap; partial segments do not count. ``pending``:
+    segment names still waiting in pg_wal for the archive (late, not lost)."""
+    per_log = 0x100000000 // segment_size
+
+    def number(name: str) -> int:
+        return int(name[8:16], 16) * per_log + int(name[16:24], 16)
+
+    present = set()
+    for path in names:
+        found = SEGMENT.match(path.rsplit("/", 1)[-1])
+        if found and int(found.group(1), 16) <= timeline:
+            present.add(number(found.group(0)))
+    present |= {number(name) for name in pending}
+    first = number(start)
+    newest = max((n for n in present if n >= first), default=None)
+    if newest is None:
+        return []
+    missing = [n for n in range(first, newest) if n not in present]
+    ranges: list[list[int]] = []
+    for n in missing:
+        if ranges and ranges[-1][1] == n - 1:
+            ranges[-1][1] = n
+        else:
+            ranges.append([n, n])
+
+    def name(n: int) -> str:
+        return f"{timeline:08X}{n // per_log:08X}{n % per_log:08X}"
+
+    return [name(a) if a == b else f"{name(a)}..{name(b)}" for a, b in ranges]
+
+
 def run(argv: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, check=check, text=True, capture_output=True)
 
@@ -187,6 +227,25 @@ def archiver() -> dict[str, Any]:
 def ready_ages(now: float) -> list[float]:
     data = psql("show data_directory")
     return [now - os.stat(p).st_mtime for p in glob.glob(f"{data}/pg_wal/archive_status/*.ready")]
+
+
+def gaps(stanza: str, st: dict[str, Any]) -> list[str]:
+    """``archive_gaps`` of this primary's archive, from the newest backup's first segment on."""
+    backups = st.get("backup", [])
+    archives = st.get("archive", [])
+    if not backups or not archives:
+        return []
+    start = max(backups, key=lambda b: b["timestamp"]["stop"]).get("archive", {}).get("start")
+    if not start:
+        return []
+    archive_id = max(archives, key=lambda a: a.get("max") or "")["id"]
+    listing = json.loads(run(["pgbackrest", f"--stanza={stanza}", "--output=json", "repo-ls", "--recurse",
+                              f"archive/{stanza}/{archive_id}"]).stdout or "{}")
+    row = psql("select ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int, "
+               "(select setting from pg_settings where name = 'wal_segment_size')").split("|")
+    data = psql("show data_directory")
+    pending = {os.path.basename(p)[:24] for p in glob.glob(f"{data}/pg_wal/archive_status/*.ready")}
+    return archive_gaps(list(listing), start, int(row[0]), pending, int(row[1]))
 
 
 def local_only(cfg: Config) -> list[str]:
@@ -242,6 +301,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     problems = [] if chk.returncode == 0 else [f"pgbackrest check failed: {(chk.stderr or chk.stdout).strip()[-300:]}"]
     st = info(args.stanza)
     problems += breaches(now, st, arch, ages, limits)
+    missing = gaps(args.stanza, st)
+    if missing:
+        problems.append(f"WAL archive gap: {', '.join(missing)} missing after the newest backup's start: "
+                        "point-in-time recovery cannot cross it (the next backup closes it)")
+    problems += slot_problems(limits)
     newest = {t: max((b["timestamp"]["stop"] for b in st.get("backup", []) if b["type"] == t), default=None)
               for t in ("full", "diff", "incr")}
     report = {"stanza": args.stanza, "unarchived_wal": len(ages), "oldest_unarchived_s": round(max(ages, default=0), 1),
@@ -249,6 +313,23 @@ def cmd_check(args: argparse.Namespace) -> int:
               "backups": len(st.get("backup", [])), "problems": problems}
     print(json.dumps(report))
     return 1 if problems else 0
+
+
+def slot_problems(limits: Limits) -> list[str]:
+    """Replication slots that hold WAL for a replica that is gone too long, or that lost it."""
+    out = []
+    rows = psql("select slot_name, active, coalesce(wal_status, ''), "
+                "coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn), 0)::bigint "
+                "from pg_replication_slots where slot_type = 'physical'")
+    for line in rows.splitlines():
+        name, active, status, held = line.split("|")
+        if status == "lost":
+            out.append(f"replication slot {name} was invalidated (its replica fell more than max_slot_wal_keep_size "
+                       "behind): a site run recreates it and the replica catches up from the archive")
+        elif active != "t" and int(held) > limits.max_slot_wal_mb * 1024 * 1024:
+            out.append(f"inactive replication slot {name} holds {int(held) // 1048576} MiB of WAL "
+                       f"(limit {_num(limits.max_slot_wal_mb)} MiB): is its replica down?")
+    return out
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

@@ -122,7 +122,8 @@ def repo_context(pg: PostgresSettings, release: str, version: str, backup_peer: 
 def check_limits(pg: PostgresSettings) -> agent.Limits:
     """The inventory's thresholds of ``webstack-backup check``."""
     return agent.Limits(max_wal_lag_s=pg.backup_check_max_wal_lag_s, max_age_h=pg.backup_check_max_age_h,
-                        max_diff_age_h=pg.backup_check_max_diff_age_h, max_full_age_h=pg.backup_check_max_full_age_h)
+                        max_diff_age_h=pg.backup_check_max_diff_age_h, max_full_age_h=pg.backup_check_max_full_age_h,
+                        max_slot_wal_mb=pg.backup_check_max_slot_wal_mb)
 
 
 def check_args(pg: PostgresSettings) -> list[str]:

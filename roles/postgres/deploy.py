@@ -176,6 +176,8 @@ def config_context(cfg: HostConfig, memory_mb: int) -> dict[str, Any]:
         "maintenance_work_mem_mb": max(64, min(shared // 4, 2048)),
         "archive_command": backup.archive_command(pg),
         "archive_timeout": pg.archive_timeout_s,
+        "max_slot_wal_keep_mb": pg.max_slot_wal_keep_mb,
+        "wal_keep_mb": pg.wal_keep_mb,
         "restore_command": backup.restore_command(pg),
     }
 
@@ -262,7 +264,7 @@ def ensure_slots(cfg: HostConfig, unconditional: bool = False) -> None:
     slots seen while the run was prepared may be gone by then: the statement creates what is
     missing when it runs.
     """
-    slots = [] if unconditional else host.get_fact(PgReplicationSlots)
+    slots: dict[str, str] = {} if unconditional else host.get_fact(PgReplicationSlots)
     members = [p.name for p in topology(cfg).cluster_peers(cfg.name)]
     # A server removed from the cluster (the inventory) leaves its slot, and an unused slot keeps
     # every WAL segment from its position on: the primary's disk fills. A removed server still
@@ -276,9 +278,16 @@ def ensure_slots(cfg: HostConfig, unconditional: bool = False) -> None:
                 sql=f"SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
                     f"WHERE slot_name = '{stale}' AND slot_type = 'physical' AND NOT active")
     for member in members:
-        if slot_name(member) not in slots:
+        slot = slot_name(member)
+        if slots.get(slot) == "lost":
+            # Invalidated by max_slot_wal_keep_size: its replica cannot stream through it any more.
+            # A new slot reserves WAL from now on; the replica (restore_command) fetches what it
+            # missed from the archive, then streams again, without a re-clone.
+            run_sql(name=f"Recreate replication slot {slot} (invalidated: {member} fell too far behind)",
+                    sql=f"SELECT pg_drop_replication_slot(slot_name), pg_create_physical_replication_slot(slot_name, true) "
+                        f"FROM pg_replication_slots WHERE slot_name = '{slot}' AND wal_status = 'lost' AND NOT active")
+        elif slot not in slots:
             # Idempotent: a server down while the run was prepared may have the slot after all.
-            slot = slot_name(member)
             run_sql(name=f"Replication slot for {member}",
                     sql=f"SELECT pg_create_physical_replication_slot('{slot}') WHERE NOT EXISTS "
                         f"(SELECT 1 FROM pg_replication_slots WHERE slot_name = '{slot}')")

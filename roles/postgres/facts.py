@@ -82,18 +82,20 @@ class PgRoleVerifiers(FactBase):
 
 
 class PgReplicationSlots(FactBase):
-    """Names of the physical replication slots on a running server."""
+    """The physical replication slots on a running server: name -> wal_status
+    (``reserved``, ``extended``, ``unreserved``, or ``lost``: invalidated by
+    ``max_slot_wal_keep_size``, its replica can no longer stream through it)."""
 
-    default = list
+    default = dict
 
     def command(self) -> str:
         return (
-            "runuser -u postgres -- psql -XAt -c "
-            "\"select slot_name from pg_replication_slots where slot_type = 'physical'\" 2>/dev/null || true"
+            "runuser -u postgres -- psql -XAt -c \"select slot_name || ' ' || coalesce(wal_status, 'none') "
+            "from pg_replication_slots where slot_type = 'physical'\" 2>/dev/null || true"
         )
 
-    def process(self, output: Sequence[str]) -> list[str]:
-        return [line.strip() for line in output if line.strip()]
+    def process(self, output: Sequence[str]) -> dict[str, str]:
+        return dict(line.split(None, 1) for line in output if len(line.split()) == 2)
 
 
 def primary_probe(address: str) -> str:

@@ -425,6 +425,12 @@ def failover() -> None:
                                "then run deploys/site.py")
             ensure_slots(cfg, unconditional=True)
             _inventory_change(cfg, old, target, request.write_inventory)
+            if backup.enabled(pg):
+                # The old primary may have died with WAL the archive never got: point-in-time
+                # recovery from a backup taken before the failover could not cross that gap.
+                # A backup on the new timeline makes every later point reachable without it.
+                server.shell(name=f"Start a backup of {pg.cluster} on the new timeline",
+                             commands=["systemctl start --no-block webstack-backup.service"])
 
     python.call(name=f"Configure for {target} as the primary, reload, slots, inventory change", function=follow)
 

@@ -51,6 +51,10 @@ class PostgresSettings:
     backup_check_max_age_h: int = setting(2, "backup check fails when the newest backup of any type is older (h)")
     backup_check_max_diff_age_h: int = setting(26, "... when the newest differential or full is older (h)")
     backup_check_max_full_age_h: int = setting(192, "... when the newest full is older (h)")
+    backup_check_max_slot_wal_mb: int = setting(1024, "... when an inactive replication slot holds more WAL (MiB)")
+    max_slot_wal_keep_mb: int = setting(4096, "a replication slot holding more WAL than this is invalidated "
+                                              "(max_slot_wal_keep_size); the next site run recreates it")
+    wal_keep_mb: int = setting(256, "WAL kept for replicas regardless of slots (wal_keep_size)")
 
     def check(self) -> tuple[str, str] | None:
         """Field-level consistency; returns (key, message) on a problem."""

@@ -106,8 +106,8 @@ def _fact(host: Any, cls: type, kwargs: dict[str, Any], down: frozenset[str] = f
     if name == "PendingUpgrades":  # the patch run: one library everywhere, a kernel-ish one on the lb pair
         extra = [{"package": "libssl3t64", "from": "3.5.1-1", "to": "3.5.1-1+deb13u1"}] if host.name.startswith("lb") else []
         return [{"package": "tzdata", "from": "2025a-1", "to": "2025b-0+deb13u1"}, *extra]
-    if name == "PgReplicationSlots":  # db1 still has the slot of a server removed from the inventory
-        return {"db1": ["db2", "db9"], "db3": ["db4"]}.get(host.name, [])
+    if name == "PgReplicationSlots":  # db1: the slot of a removed server; db2's invalidated by max_slot_wal_keep_size
+        return {"db1": {"db2": "lost", "db9": "reserved"}, "db3": {"db4": "reserved"}}.get(host.name, {})
     if name == "VipHeld":
         return host.name == "lb1"
     instance = cls()

@@ -365,7 +365,7 @@ def test_agent_settings_come_from_the_inventory_and_name_every_other_member(cfgs
         pg.backup_check_max_wal_lag_s, pg.backup_check_max_age_h, pg.backup_check_max_diff_age_h,
         pg.backup_check_max_full_age_h)
     assert backup.check_args(pg) == ["--max-wal-lag-s", "300", "--max-age-h", "2", "--max-diff-age-h", "26",
-                                     "--max-full-age-h", "192"]
+                                     "--max-full-age-h", "192", "--max-slot-wal-mb", "1024"]
 
 
 def settings_file(tmp_path: Path, options: tuple[str, ...] = (), limits: agent.Limits = LIMITS) -> Path:
@@ -489,3 +489,21 @@ def test_promotion_skips_the_archive_only_when_it_holds_nothing_newer():
     # A newer timeline in the archive (another promotion happened): ask it.
     assert not archive_not_ahead("000000020000000000000009", [2, 3], "0/A000100", mb16, 2)
     assert archive_not_ahead("", [], "0/3000060", mb16, 1)
+
+
+def test_archive_gaps_name_missing_segments_after_the_newest_backup_only():
+    seg = 16 * 1024 * 1024
+    names = [f"0000000100000000/00000001000000000000000{n}-{'a' * 40}.gz" for n in "12356"]
+    # 4 is missing; 1 lies before the backup's start and does not matter.
+    assert agent.archive_gaps(names, "000000010000000000000002", 1, set(), seg) == ["000000010000000000000004"]
+    # Still waiting in pg_wal (.ready): late, not lost.
+    assert agent.archive_gaps(names, "000000010000000000000002", 1, {"000000010000000000000004"}, seg) == []
+    # A timeline switch is no gap: segments of the parent timeline count; a partial one does not.
+    switched = [*names[:3], "0000000100000000/000000010000000000000004.partial-x.gz",
+                "0000000200000000/000000020000000000000004-b.gz", "0000000200000000/000000020000000000000006-c.gz"]
+    assert agent.archive_gaps(switched, "000000010000000000000002", 2, set(), seg) == ["000000020000000000000005"]
+    # Segments of a later (foreign) timeline do not fill a gap of this one; ranges are joined.
+    assert agent.archive_gaps(switched, "000000010000000000000002", 1, set(), seg) == []
+    far = [*names, "0000000100000000/00000001000000010000000A-d.gz"]
+    assert agent.archive_gaps(far, "000000010000000000000005", 1, set(), seg) == [
+        "000000010000000000000007..000000010000000100000009"]  # across a log boundary (...FF -> next log)

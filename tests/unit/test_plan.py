@@ -76,7 +76,10 @@ def test_sql_runs_as_the_postgres_os_user(site):
     # pyinfra's postgres.sql connects by peer authentication: as root, psql would be refused.
     lines = [x.strip() for x in site.splitlines()
              if "pg_create_physical_replication_slot" in x or "pg_drop_replication_slot" in x or "GRANT EXECUTE" in x]
-    assert len(lines) == 4  # db1's stale slot dropped (the others exist), three primaries' (db1, db3, drill1) pg_rewind grants
+    # db1's stale slot dropped, db2's invalidated one recreated (the others exist), three primaries'
+    # (db1, db3, drill1) pg_rewind grants
+    assert len(lines) == 5
+    assert any("wal_status = '\"'\"'lost'\"'\"'" in x and "pg_create_physical_replication_slot" in x for x in lines), lines
     assert all(x.startswith("as postgres: run psql -d postgres -Ac ") for x in lines), lines
 
 
