@@ -246,6 +246,39 @@ def test_partitioned_primary_loses_nothing_silently(client, tmp_path):
     assert slots(replica) == {} and slots(primary) == {replica: "t"}
 
 
+def test_invalidated_slot_is_recreated_and_the_replica_catches_up_without_a_reclone(client):
+    """db2 stops; db1 writes more WAL than max_slot_wal_keep_size (the lab: 128 MiB), so its slot is
+    invalidated. The check names it, a site run recreates it, and db2, started again, fetches
+    what it missed from the archive and streams, with every row and the same data directory."""
+    cluster, primary, replica = MAIN
+    db1, db2 = host_for(primary), host_for(replica)
+    version = db2.check_output("ls /etc/postgresql")
+    identity = db2.check_output(f"stat -c %i /var/lib/postgresql/{version}/main/PG_VERSION")
+    db2.check_output(f"systemctl stop postgresql@{version}-main")
+    try:
+        sql(client, primary, "create table if not exists slot_marks (id int primary key)")
+        for n in range(12):  # 12 segments of 16 MiB: past the slot's limit and wal_keep_size
+            sql(client, primary, f"insert into slot_marks values ({n}) on conflict do nothing")
+            db1.check_output("runuser -u postgres -- psql -XAtqc 'select pg_switch_wal()'")
+        db1.check_output("runuser -u postgres -- psql -XAtqc checkpoint -c checkpoint")
+        assert slots(primary) == {replica: "f"}
+        status = db1.check_output(f"runuser -u postgres -- psql -XAtc \"select wal_status from pg_replication_slots "
+                                  f"where slot_name = '{replica}'\"")
+        assert status == "lost", f"slot not invalidated ({status}): the test proves nothing"
+        check = run(str(BIN / "pyinfra"), "-y", "inventories/lab.py", "deploys/check.py", "--limit", primary,
+                    check=False)
+        assert check.returncode != 0 and f"replication slot {replica} was invalidated" in check.output
+        fixed = deploy(ROOT / "inventories" / "lab.py", "site", "--limit", f"pg_{cluster}")
+        assert f"Recreate replication slot {replica}" in fixed.output
+    finally:
+        db2.check_output(f"systemctl start postgresql@{version}-main")
+    wait_for(lambda: db2.check_output("runuser -u postgres -- psql -XAtc 'select status from pg_stat_wal_receiver'")
+             == "streaming", 180, f"{replica} does not stream again")
+    assert slots(primary) == {replica: "t"}
+    wait_for(lambda: sql(client, replica, "select count(*) from slot_marks") == "12", 30, "rows missing on the replica")
+    assert db2.check_output(f"stat -c %i /var/lib/postgresql/{version}/main/PG_VERSION") == identity, "re-cloned"
+
+
 def test_committed_inventory_matches_the_lab_again(converged):
     """After every switch, the committed inventory converges with zero changes."""
     assert run(str(BIN / "pyinfra"), "-y", "inventories/lab.py", "deploys/site.py").totals()["changed"] == "-"
