@@ -104,6 +104,21 @@ def dry_run() -> bool:
     return bool(_options.command_line()["dry"])
 
 
+FAULT_ENV = "WEBSTACK_FAULT"
+
+
+def fault_point(name: str) -> None:
+    """Fault injection for the lab tests: with ``WEBSTACK_FAULT=<name>`` in the environment, the
+    control machine's process dies here (SIGKILL: no cleanup, no atexit), as if its machine
+    lost power at that step. Without the variable it does nothing."""
+    if os.environ.get(FAULT_ENV) == name:
+        import signal
+        import sys
+
+        print(f"webstack: fault injected: killed at {name}", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 @operation()
 def barrier(label: str):
     """A no-op shared by several hosts, so later operations wait for all earlier ones (see deploys/site.py).

@@ -61,6 +61,9 @@ class RejoinOptions:
     """deploys/rejoin.py."""
 
     reclone: bool = option(False, "replace the former primary's data by a fresh base backup instead of pg_rewind")
+    write_inventory: bool = option(
+        False, "when the inventory still names the old primary but a member recorded its own promotion (a "
+               "switchover or failover killed before it finished), write postgres__primary into the inventory files")
     discard_divergent: bool = option(
         False, "rewind even though the former primary committed transactions the new primary never received "
                "(they are saved under /var/lib/postgresql/webstack-divergent first)")

@@ -150,6 +150,8 @@ def guard(cfg: HostConfig, version: str) -> dict[str, Any]:
             f"(timeline {st['timeline']}) but the inventory names {pg.primary}"
             + (f" (timeline {named['timeline']})" if named else " (unreachable or not installed)")
             + ("; a failover happened: " if newer else "; two primaries: ") + hint
+            + (f". {name} recorded its promotion ({st['promoted']}): deploys/rejoin.py --limit {' --limit '.join(states)} "
+               "--data write_inventory=yes finishes it" if st.get("promoted") and newer else "")
         )
     return states
 

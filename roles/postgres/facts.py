@@ -9,6 +9,10 @@ from pyinfra.api import FactBase
 
 from roles.postgres._release import paths
 
+# Written on a server in the same command that promotes it (switchover, failover): the inventory
+# change it calls for survives the control machine's process.
+PROMOTED = "/var/lib/webstack/pg-promoted"
+
 
 class PgCluster(FactBase):
     """State of the Debian 'main' cluster of one PostgreSQL version.
@@ -16,7 +20,9 @@ class PgCluster(FactBase):
     ``None`` when no cluster exists, else a dict: ``running`` (bool),
     ``in_recovery`` (bool, None when stopped), ``standby_signal`` (bool),
     ``system_id`` (str), ``timeline`` (int), ``state`` (pg_controldata's
-    "Database cluster state"), ``user_databases`` (int, None when stopped).
+    "Database cluster state"), ``user_databases`` (int, None when stopped),
+    ``promoted`` (the record a switchover or failover left when it promoted this server:
+    ``cluster=main from=db1 to=db2 at=... by=switchover``, or None).
     """
 
     def command(self, version: str) -> str:
@@ -34,6 +40,7 @@ class PgCluster(FactBase):
             "s/^Database cluster state: *\\(.*\\)/state=\\1/p; "
             "s/^Latest checkpoint.s TimeLineID: *\\(.*\\)/checkpoint_tli=\\1/p'; "
             "test -f $D/standby.signal && echo standby_signal=1; "
+            f"test -f {PROMOTED} && sed -n '1s/^/promoted=/p' {PROMOTED}; "
             f"if systemctl is-active -q {p.service}; then echo running=1; "
             f"runuser -u postgres -- psql -XAtF= -c \"{sql}\" 2>/dev/null | sed 's/^/live=/'; fi"
         )
@@ -54,6 +61,7 @@ class PgCluster(FactBase):
             "in_recovery": None,
             "timeline": int(raw.get("checkpoint_tli") or 0),
             "user_databases": None,
+            "promoted": raw.get("promoted") or None,
         }
         if live and len(live) == 3:
             info["in_recovery"] = live[0] == "t"

@@ -23,7 +23,7 @@ from pyinfra.api import OperationError
 from pyinfra.operations import python, server
 
 from roles import audit
-from roles._lib import barrier, config, options, owed_action, root_shell, template_file
+from roles._lib import barrier, config, fault_point, options, owed_action, root_shell, template_file
 from roles.base.deploy import codename
 from roles.options import FailoverOptions, RejoinOptions, SwitchoverOptions
 from roles.postgres import backup
@@ -40,7 +40,7 @@ from roles.postgres.deploy import (
     reload_command,
     slot_name,
 )
-from roles.postgres.facts import primary_probe
+from roles.postgres.facts import PROMOTED, primary_probe
 from roles.postgres.settings import PostgresSettings
 from roles.topology import topology
 from webstack.inventory import HostConfig
@@ -189,6 +189,7 @@ def switch(cfg: HostConfig, version: str, old: str, target: str, write_inventory
             raise OperationError(f"{old}: no checkpoint location in pg_controldata output")
         shared["checkpoint"] = found.group(1)
         logger.info(f"    [{old}] stopped cleanly at {shared['checkpoint']}")
+        fault_point("switchover:old-stopped")
 
     def promote_target() -> None:
         if "checkpoint" not in shared:
@@ -202,10 +203,11 @@ def switch(cfg: HostConfig, version: str, old: str, target: str, write_inventory
                 raise OperationError(f"{target} did not replay up to {shared['checkpoint']} in 120 s; "
                                      f"switchover abandoned, {old} restarted as the primary")
             time.sleep(0.2)
-        _psql(new_host, "select pg_promote(true, 60)")
+        _sh(new_host, promote_command(pg.cluster, old, target, "switchover"))
         if _psql(new_host, "select pg_is_in_recovery()") != "f":
             raise OperationError(f"{target} did not leave recovery")
         logger.info(f"    [{target}] promoted after replaying {shared['checkpoint']}")
+        fault_point("switchover:promoted")
         # From here on the inventory must name the new primary, whatever happens next:
         # the steps below are finished by deploys/rejoin.py (or site.py) run with it.
         if announce:
@@ -249,6 +251,17 @@ def _start_as_standby(version: str, conf: Any, hint: str = "") -> None:
         ],
     )
     owed_action("reload-postgres", reload_command(version), [conf])
+
+
+def promote_command(cluster: str, old: str, new: str, by: str, extra: str = "") -> str:
+    """Shell run on ``new``: promote it (``pg_promote`` waits until it left recovery) and, in the
+    same command, record the promotion on it (``PROMOTED``), so the inventory change it calls
+    for is known even if the control machine dies right after. Prints pg_promote's answer
+    (``t``) first. ``extra``: more ``-c`` statements for the same psql."""
+    record = (f"install -d -m 0755 /var/lib/webstack && printf '%s\\n' \"cluster={cluster} from={old} to={new} "
+              f"at=$(date -u +%Y-%m-%dT%H:%M:%SZ) by={by}\" > {PROMOTED}.new && mv {PROMOTED}.new {PROMOTED}")
+    return (f"out=$(runuser -u postgres -- psql -XAt -c 'select pg_promote(true, 60)'{extra}); s=$?; "
+            f"if [ $s = 0 ] && [ \"${{out%%[!tf]*}}\" = t ]; then {record}; fi; printf '%s\\n' \"$out\"; (exit $s)")
 
 
 class _Probe:
@@ -402,11 +415,12 @@ def failover() -> None:
         reload_now = " -c 'select pg_reload_conf()'" if reload else ""
         marker = f"{paths(version).data}/pg_wal/{backup.PROMOTING}"
         mark = f"runuser -u postgres -- touch {marker} && " if archive.nothing_newer(version) else ""
-        out = _sh(new_host, f"{mark}runuser -u postgres -- psql -XAt -c 'select pg_promote(true, 60)'{reload_now}; "
+        out = _sh(new_host, f"{mark}{promote_command(pg.cluster, old, target, 'failover', reload_now)}; "
                             f"r=$?; rm -f {marker}; exit $r")
         if out.splitlines()[:1] != ["t"]:
             raise OperationError(f"{target} did not leave recovery within 60 s")
         logger.info(f"    [{target}] promoted; {old} is fenced by pg-fence if it comes back")
+        fault_point("failover:promoted")
 
     if host.name == target:
         python.call(name=f"Promote {target} ({old} is {'unreachable' if states.get(old) == UNREACHABLE else 'down'})",
@@ -448,12 +462,24 @@ def rejoin() -> None:
     pg = cfg.settings(PostgresSettings)
     primary_st = _live(states.get(pg.primary))
     if not (primary_st and primary_st["running"] and primary_st["in_recovery"] is False):
-        raise OperationError(
-            f"rejoin: the inventory names {pg.primary} primary, but it is not a running primary; "
-            "commit the inventory change from failover/switchover first"
-        )
+        recorded = recorded_primary(pg.primary, states)
+        if recorded is None:
+            raise OperationError(
+                f"rejoin: the inventory names {pg.primary} primary, but it is not a running primary; "
+                "commit the inventory change from failover/switchover first"
+            )
+        # A switchover or failover died after the promotion, before the inventory changed: the
+        # promoted server's own record says which member is the primary now.
+        new, record = recorded
+        if host.name == new:
+            logger.warning(f"webstack: {new} recorded its promotion ({record}); the inventory still names {pg.primary}")
+            _inventory_change(cfg, pg.primary, new, options(RejoinOptions).write_inventory)
+        cfg = with_primary(cfg, new)
+        pg = cfg.settings(PostgresSettings)
     p = paths(version)
     if host.name == pg.primary:
+        # Its configuration as the primary (a switchover killed after the promotion never wrote it).
+        owed_action("reload-postgres", reload_command(version), [_configure(cfg, version)])
         ensure_slots(cfg, unconditional=True)
     barrier(name="Primary has slots", label=f"rejoin to {pg.primary}")
     if host.name == pg.primary:
@@ -464,7 +490,7 @@ def rejoin() -> None:
     if streaming and not reclone:
         host.noop(f"{host.name} is already a standby")
         return
-    primary_address = topology(cfg).primary(cfg.name).address
+    primary_address = topology(cfg).host(pg.primary).address
     if reclone or not mine:
         # A running standby holds its slot: it stops first, so the base backup can use the slot.
         stop = [f"systemctl stop {p.service}"] if streaming else []
@@ -488,6 +514,16 @@ def rejoin() -> None:
     )
     conf = _configure(cfg, version)
     _start_as_standby(version, conf)
+
+
+def recorded_primary(named: str, states: dict[str, Any]) -> tuple[str, str] | None:
+    """(member, record) of the one running primary other than ``named`` that recorded its own
+    promotion (``PROMOTED``) on a timeline past ``named``'s; None when there is not exactly one."""
+    old = _live(states.get(named)) or {}
+    found = [(name, st["promoted"]) for name, raw in states.items() if name != named
+             and (st := _live(raw)) and st["running"] and st["in_recovery"] is False
+             and f" to={name} " in f" {st.get('promoted') or ''} " and st["timeline"] > old.get("timeline", 0)]
+    return found[0] if len(found) == 1 else None
 
 
 DIVERGENT = "/var/lib/postgresql/webstack-divergent"

@@ -44,9 +44,11 @@ class Run:
         return dict(zip(("hosts", "changed", "error", "no_change"), cols, strict=True))
 
 
-def run(*args: str, check: bool = True, timeout: int = 1200) -> Run:
+def run(*args: str, check: bool = True, timeout: int = 1200, env: dict[str, str] | None = None) -> Run:
+    """Run a command from the repository root; ``env``: variables added to this process's environment."""
     start = time.monotonic()
-    proc = subprocess.run(list(args), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(list(args), cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **env} if env else None)
     result = Run(list(args), proc.returncode, proc.stdout + proc.stderr, time.monotonic() - start)
     if check and proc.returncode != 0:
         errors = [line for line in result.output.splitlines()
@@ -84,8 +86,8 @@ def inventory_copy(tmp_path: Path) -> Path:
     return inv / "lab.py"
 
 
-def deploy(inventory: Path, name: str, *args: str, check: bool = True):
-    return run(str(BIN / "pyinfra"), "-y", str(inventory), f"deploys/{name}.py", *args, check=check)
+def deploy(inventory: Path, name: str, *args: str, check: bool = True, env: dict[str, str] | None = None):
+    return run(str(BIN / "pyinfra"), "-y", str(inventory), f"deploys/{name}.py", *args, check=check, env=env)
 
 
 def wait_for(predicate, seconds: float, what: str) -> None:

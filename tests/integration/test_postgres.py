@@ -279,6 +279,50 @@ def test_invalidated_slot_is_recreated_and_the_replica_catches_up_without_a_recl
     assert db2.check_output(f"stat -c %i /var/lib/postgresql/{version}/main/PG_VERSION") == identity, "re-cloned"
 
 
+def test_killed_switchover_is_finished_by_a_site_run_or_rejoin(client, tmp_path):
+    """The control machine dies (SIGKILL, injected) during a switchover under writes: once after the
+    old primary stopped and before the promotion (no primary at all: the next site run starts it
+    again), once right after the promotion (the inventory still names the old primary: the site
+    run refuses, naming the promotion the new primary recorded, and one rejoin finishes the job).
+    Every acknowledged row survives."""
+    cluster, primary, replica = MAIN
+    inv = inventory_copy(tmp_path)
+    group_file = inv.parent / "lab" / "group_data" / f"pg_{cluster}.yml"
+    writer = Writer(client, (primary, replica), "killed")
+    wait_for(lambda: writer.acked_count() > 20, 30, "writer never got going")
+
+    killed = deploy(inv, "switchover", "--limit", f"pg_{cluster}", check=False,
+                    env={"WEBSTACK_FAULT": "switchover:old-stopped"})
+    assert killed.returncode == -9 and "killed at switchover:old-stopped" in killed.output, killed.output[-2000:]
+    assert sql(client, replica, "select pg_is_in_recovery()") == "t"
+    assert sql(client, primary, "select 1", check=False).rc != 0, "the old primary should be stopped"
+    deploy(inv, "site", "--limit", f"pg_{cluster}")
+    assert sql(client, primary, "select pg_is_in_recovery()") == "f"
+    before = writer.acked_count()
+    wait_for(lambda: writer.acked_count() > before + 20, 30, "no writes after the site run")
+
+    killed = deploy(inv, "switchover", "--limit", f"pg_{cluster}", check=False,
+                    env={"WEBSTACK_FAULT": "switchover:promoted"})
+    assert killed.returncode == -9 and "killed at switchover:promoted" in killed.output, killed.output[-2000:]
+    assert f"postgres__primary: {primary}" in group_file.read_text()
+    record = host_for(replica).check_output("cat /var/lib/webstack/pg-promoted")
+    assert f"from={primary} to={replica}" in record and "by=switchover" in record
+    before = writer.acked_count()
+    wait_for(lambda: writer.acked_count() > before + 20, 30, "the promoted server takes no writes")
+    stale = deploy(inv, "site", "--limit", f"pg_{cluster}", check=False)
+    assert stale.returncode != 0 and f"{replica} recorded its promotion" in stale.output
+    assert "--data write_inventory=yes finishes it" in stale.output
+    deploy(inv, "rejoin", "--limit", f"pg_{cluster}", "--data", "write_inventory=yes")
+    assert f"postgres__primary: {replica}" in group_file.read_text()
+    assert host_for(primary).check_output(
+        "runuser -u postgres -- psql -XAtc 'select status from pg_stat_wal_receiver'") == "streaming"
+    assert deploy(inv, "site", "--limit", f"pg_{cluster}").totals()["changed"] == "-"
+    acked = writer.stop()
+    assert acked - writer.stored(replica) == set(), "acknowledged rows lost"
+    deploy(inv, "switchover", "--limit", f"pg_{cluster}", "--data", f"to={primary}", "--data", "write_inventory=yes")
+    assert slots(replica) == {} and slots(primary) == {replica: "t"}
+
+
 def test_committed_inventory_matches_the_lab_again(converged):
     """After every switch, the committed inventory converges with zero changes."""
     assert run(str(BIN / "pyinfra"), "-y", "inventories/lab.py", "deploys/site.py").totals()["changed"] == "-"
