@@ -502,12 +502,15 @@ def rejoin() -> None:
     python.call(name=f"Look for transactions {pg.primary} never received", function=_check_divergence,
                 version=version, me=inventory.get_host(host.name), primary=inventory.get_host(pg.primary),
                 discard=options(RejoinOptions).discard_divergent)
+    # WAL the rewind needs from before the fork may be recycled already on this server (its crash
+    # recovery, run by pg_rewind first, checkpoints): with backups it is fetched from the archive.
+    restore_target_wal = "--restore-target-wal " if backup.enabled(pg) else ""
     server.shell(
         name=f"pg_rewind against {pg.primary}",
         commands=[
             f"systemctl stop {p.service}; "
             f"runuser -u postgres -- env PGPASSFILE={PGPASS} {p.bin}/pg_rewind -D {p.data} "
-            f"--config-file={p.etc}/postgresql.conf "
+            f"--config-file={p.etc}/postgresql.conf {restore_target_wal}"
             f"--source-server='host={primary_address} user=replicator dbname=postgres sslmode=require' "
             "|| { echo 'pg_rewind failed: rerun with --data reclone=yes' >&2; exit 1; }"
         ],
