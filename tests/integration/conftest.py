@@ -77,12 +77,16 @@ def ssh_login(address: str, user: str, **kwargs) -> None:
         client.close()
 
 
-def inventory_copy(tmp_path: Path) -> Path:
-    """A copy of the lab inventory the operational deploys may rewrite (--data write_inventory=yes)."""
+def inventory_copy(tmp_path: Path, app_settings: str = "") -> Path:
+    """A copy of the lab inventory the operational deploys may rewrite (--data write_inventory=yes);
+    ``app_settings``: YAML lines appended to its group_data/app.yml."""
     inv = tmp_path / "inventories"
     inv.mkdir()
     shutil.copytree(ROOT / "inventories" / "lab", inv / "lab")
     shutil.copy(ROOT / "inventories" / "lab.py", inv / "lab.py")
+    if app_settings:
+        with open(inv / "lab" / "group_data" / "app.yml", "a") as f:
+            f.write(app_settings)
     return inv / "lab.py"
 
 

@@ -8,12 +8,12 @@ import socket
 import ssl
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
+import yaml
 
 from lab.probe import CA_FILE, SteadyClient, host, https, vip, vip_holder
-from tests.integration.conftest import BIN, MACHINES, ROOT, drained_on, lab, release_of, run, wait_for
+from tests.integration.conftest import BIN, MACHINES, ROOT, drained_on, inventory_copy, lab, release_of, run, wait_for
 
 pytestmark = pytest.mark.lab
 LBS = sorted(n for n, m in MACHINES.items() if "lb" in m["roles"])
@@ -161,17 +161,6 @@ def test_killing_an_app_server_fails_no_request(converged):
     assert client.failures() == []
 
 
-def inventory_copy(tmp_path: Path, extra: str = "") -> Path:
-    inv = tmp_path / "inventories"
-    inv.mkdir()
-    shutil.copytree(ROOT / "inventories" / "lab", inv / "lab")
-    shutil.copy(ROOT / "inventories" / "lab.py", inv / "lab.py")
-    if extra:
-        with open(inv / "lab" / "group_data" / "app.yml", "a") as f:
-            f.write(extra)
-    return inv / "lab.py"
-
-
 def test_rollout_and_rollback_under_load(converged, tmp_path):
     v2 = tmp_path / "demoapp-v2"
     shutil.copytree(ROOT / "examples" / "demoapp", v2)
@@ -228,6 +217,39 @@ def test_bad_release_stops_at_the_first_server(converged, tmp_path):
     assert {a: release_of(a) for a in APPS} == before
     assert not any(drained_on(lb, a) for lb in LBS for a in APPS)
     assert host(APPS[0]).run("test -e /srv/webapp/unverified").rc != 0
+
+
+def test_database_down_during_a_rollout_stops_it_at_the_first_server(converged, tmp_path):
+    """The primary database stops as the rollout starts (its pre-rollout hook stops it): app1's
+    health check, which queries the database, fails with the new release, so app1 stays drained
+    and app2 is not touched; pages without database work keep answering. With the database back,
+    the same rollout finishes, and a rollback returns both servers to the release they had."""
+    v3 = tmp_path / "demoapp-v3"
+    shutil.copytree(ROOT / "examples" / "demoapp", v3)
+    with open(v3 / "app.py", "a") as f:
+        f.write("\n# version 3 of the demo app\n")
+    db = yaml.safe_load((ROOT / "inventories" / "lab" / "group_data" / "pg_main.yml").read_text())["postgres__primary"]
+    unit = "postgresql@17-main"  # cluster main runs on Debian 13
+    stop = f"{BIN / 'python'} -m lab exec {db} -- sudo systemctl stop {unit}"
+    inv = inventory_copy(tmp_path, f"app__source: {v3}\napp__health_timeout: 15\napp__pre_rollout_hook: \"{stop}\"\n")
+    before = {a: release_of(a) for a in APPS}
+    try:
+        with SteadyClient(path="/ping", interval=0.05, limit=300) as client:
+            first = run(str(BIN / "pyinfra"), "-y", str(inv), "deploys/rollout.py", "--limit", "web", check=False)
+        assert first.returncode != 0 and f"{APPS[0]} is not healthy with release" in first.output, first.output[-3000:]
+        assert release_of(APPS[0]) != before[APPS[0]] and release_of(APPS[1]) == before[APPS[1]]
+        assert all(drained_on(lb, APPS[0]) and not drained_on(lb, APPS[1]) for lb in LBS)
+        assert len(client.results) > 50 and client.failures() == []
+    finally:
+        host(db).run(f"systemctl start {unit}")
+    (inv.parent / "lab" / "group_data" / "app.yml").write_text(
+        (inv.parent / "lab" / "group_data" / "app.yml").read_text().replace(f"app__pre_rollout_hook: \"{stop}\"\n", ""))
+    done = run(str(BIN / "pyinfra"), "-y", str(inv), "deploys/rollout.py", "--limit", "web")
+    assert f"Put {APPS[0]} back" in done.output or not any(drained_on(lb, APPS[0]) for lb in LBS)
+    assert release_of(APPS[0]) == release_of(APPS[1]) != before[APPS[0]]
+    run(str(BIN / "pyinfra"), "-y", str(inv), "deploys/rollback.py", "--limit", "web")
+    assert {a: release_of(a) for a in APPS} == before
+    assert not any(drained_on(lb, a) for lb in LBS for a in APPS)
 
 
 def test_power_off_active_lb_moves_the_vip(converged):
