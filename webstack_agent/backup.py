@@ -360,23 +360,28 @@ def cmd_restore(args: argparse.Namespace) -> int:
         print(f"no usable backup of {args.stanza}: {stanza.get('status') or raw.stderr.strip()}", file=sys.stderr)
         return 1
     old = data + ".webstack-pre-restore"
-    if os.path.exists(old):
-        print(f"{old} exists (left by an earlier restore that failed): move it away or delete it first",
-              file=sys.stderr)
-        return 1
-    subprocess.run(["systemctl", "stop", service], check=True)
-    if os.path.exists(data):
-        os.rename(data, old)
-    _empty_data_directory(data)
 
-    def roll_back(why: str) -> int:
-        print(f"restore failed ({why}): putting the previous data directory back", file=sys.stderr)
+    def put_back() -> None:
         subprocess.call(["systemctl", "stop", service])
         shutil.rmtree(data, ignore_errors=True)
         if os.path.exists(old):
             os.rename(old, data)
             subprocess.call(["systemctl", "start", service])
+
+    def roll_back(why: str) -> int:
+        print(f"restore failed ({why}): putting the previous data directory back", file=sys.stderr)
+        put_back()
         return 1
+
+    if os.path.exists(old):
+        # An earlier restore was interrupted (its machine rebooted, its unit was killed) before it
+        # finished or rolled back: finish that rollback first, then start afresh.
+        print(f"{old} is left by an interrupted restore: putting it back first", file=sys.stderr, flush=True)
+        put_back()
+    subprocess.run(["systemctl", "stop", service], check=True)
+    if os.path.exists(data):
+        os.rename(data, old)
+    _empty_data_directory(data)
 
     argv = [*asuser, "pgbackrest", *conf, f"--stanza={args.stanza}", "--log-level-console=info", "--process-max=4"]
     if args.time:

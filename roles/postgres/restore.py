@@ -109,6 +109,30 @@ def plan(request: RestoreOptions) -> RestorePlan:
                        check_db=request.check_db)
 
 
+def restore_unit_command(p: RestorePlan, argv: list[str]) -> str:
+    """Shell that runs the restore as the transient unit ``webstack-restore-<cluster>`` and waits for it.
+
+    A dropped SSH connection (or a dead control machine) no longer stops a long restore halfway:
+    the unit goes on, and the next run of the deploy finds it running and waits for it. Whatever
+    the outcome, the unit's ExecStopPost removes a drill host's repository key and passphrase and
+    records the result, which the command returns (with the unit's last lines on a failure).
+    """
+    unit = f"webstack-restore-{p.source_cluster}"
+    result = f"/run/{unit}.result"
+    stop_post = [f"/bin/sh -c 'echo $$SERVICE_RESULT > {result}'"]
+    if p.drill:
+        stop_post.insert(0, f"/bin/rm -f {backup.KEY_FILE} {backup.CONF_DIR}/conf.d/secrets.conf")
+    props = " ".join(shlex.quote(f"--property=ExecStopPost={c}") for c in stop_post)
+    start = (f"rm -f {result}; systemctl reset-failed {unit} 2>/dev/null; "
+             f"systemd-run --quiet --unit={unit} --wait --collect --property=Type=exec {props} {shlex.join(argv)}")
+    attach = (f"echo 'a restore started earlier still runs ({unit}): waiting for it'; "
+              f"while systemctl is-active -q {unit}; do sleep 2; done")
+    return (f"if systemctl is-active -q {unit}; then {attach}; else {start}; fi; "
+            f"if [ \"$(cat {result} 2>/dev/null)\" = success ]; then journalctl -u {unit} --no-pager -o cat -n 1; exit 0; fi; "
+            f"journalctl -u {unit} --no-pager -o cat -n 30 >&2; echo \"{unit}: $(cat {result} 2>/dev/null || "
+            "echo no result)\" >&2; exit 1")
+
+
 def restore(p: RestorePlan) -> None:
     """Set up access to the source repository, restore, wait for promotion, then run the check query."""
     cfg = p.cfg
@@ -122,7 +146,7 @@ def restore(p: RestorePlan) -> None:
     if p.drill:
         argv += ["--archive-off"]
     what = f"{p.source_cluster} at {p.time or 'the latest archived WAL'}"
-    server.shell(name=f"Restore {what} into {p.paths.data}", commands=[shlex.join(argv)])
+    server.shell(name=f"Restore {what} into {p.paths.data}", commands=[restore_unit_command(p, argv)])
     sql = p.check_sql or (
         "select 'restored: ' || now() || ', databases: ' || string_agg(datname, ',') "
         "from pg_database where not datistemplate"

@@ -164,6 +164,35 @@ def test_dropped_table_comes_back_to_the_second(converged):
     assert host_for("drill1").run("test -e /etc/pgbackrest/conf.d/secrets.conf || test -e /etc/pgbackrest/sftp_key").rc == 1
 
 
+def test_restore_outlives_its_control_machine_and_cleans_up_on_failure(converged):
+    """The restore runs as a unit on the target: killing the deploy (SIGKILL: its SSH connections
+    drop) halfway leaves it running to the end, and the drill host keeps no repository key. A
+    restore that fails (a target before the oldest backup) also removes the key, puts the
+    previous data back, and shows the unit's last lines."""
+    drill = host_for("drill1")
+    keys = "test -e /etc/pgbackrest/conf.d/secrets.conf || test -e /etc/pgbackrest/sftp_key"
+    psql("db1", "create table if not exists restore_marks (id int); insert into restore_marks values (1)")
+    archive_now("db1", "main")
+    proc = subprocess.Popen([str(BIN / "pyinfra"), "-y", str(LAB), "deploys/restore.py", "--limit", "drill1",
+                             "--limit", "backup1", "--data", "from=main", "--data", "confirm=drill1"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: drill.run("systemctl is-active -q webstack-restore-main").rc == 0, 120,
+                 "the restore unit never started")
+    finally:
+        proc.kill()
+        proc.wait()
+    wait_for(lambda: drill.run("systemctl is-active -q webstack-restore-main").rc != 0, 600, "the restore never ended")
+    assert drill.check_output("cat /run/webstack-restore-main.result") == "success"
+    assert psql("drill1", "select count(*) from restore_marks") == "1"
+    assert drill.run(keys).rc == 1, "the drill host kept the repository key"
+    failed = restore_drill("time=2000-01-01 00:00:00+00", check=False)
+    assert failed.returncode != 0 and "webstack-restore-main: exit-code" in failed.output, failed.output[-3000:]
+    assert "putting the previous data directory back" in failed.output
+    assert drill.run(keys).rc == 1, "a failed restore left the repository key on the drill host"
+    assert psql("drill1", "select count(*) from restore_marks") == "1", "the previous data did not come back"
+
+
 def test_restore_refuses_to_replace_data_without_confirmation(converged):
     result = deploy(LAB, "restore", "--limit", "drill1", "--limit", "backup1", "--data", "from=main", check=False)
     assert result.returncode != 0
