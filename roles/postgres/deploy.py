@@ -17,7 +17,7 @@ from pyinfra.api import FactBase, HiddenValue, OperationError, QuoteString, Stri
 from pyinfra.api.operation import OperationMeta
 from pyinfra.operations import apt, postgres, server, systemd
 
-from roles._lib import barrier, config, owed_action, render, template_file, unit_file, validated_file
+from roles._lib import PENDING_DIR, barrier, config, owed_action, render, template_file, unit_file, validated_file
 from roles.base.deploy import codename
 from roles.postgres import backup, scram
 from roles.postgres._release import VERSION, paths
@@ -295,26 +295,33 @@ def ensure_slots(cfg: HostConfig, unconditional: bool = False) -> None:
                         f"(SELECT 1 FROM pg_replication_slots WHERE slot_name = '{slot}')")
 
 
-def reload_command(version: str) -> str:
-    """Reload; restart only if pending_restart says so; fail on config errors.
+def reload_command(version: str, defer_restart: bool = False) -> str:
+    """Reload; fail on config errors; then restart only if pending_restart says so.
 
     ``systemctl reload`` returns once SIGHUP is sent, before the server has read
     its files: the new load time (``pg_conf_load_time()`` of a fresh session) is
     awaited before ``pending_restart`` is read, or a busy server's stale answer
-    would skip a restart that is owed.
+    would skip a restart that is owed. The files are validated (pg_file_settings,
+    pg_hba_file_rules) before any restart: a bad value never takes a server down.
+    ``defer_restart``: leave the owed marker ``restart-postgres`` instead of
+    restarting (the primary restarts after its replicas, see ``apply``).
     """
     p = paths(version)
     q = "runuser -u postgres -- psql -XAt -c"
     loaded = f"{q} 'select pg_conf_load_time()'"
+    restart = f"touch {PENDING_DIR}/restart-postgres" if defer_restart else f"systemctl restart {p.service}"
     return (
         f"t=$({loaded}) && systemctl reload {p.service} && n=0 && "
         f"until [ \"$({loaded})\" != \"$t\" ]; do n=$((n+1)); "
         "[ $n -le 300 ] || { echo 'the server did not reload its configuration within 30 s' >&2; exit 1; }; "
         "sleep 0.1; done && "
-        f"if [ \"$({q} 'select bool_or(pending_restart) from pg_settings')\" = t ]; "
-        f"then systemctl restart {p.service}; fi && "
-        f"test \"$({q} 'select count(*) from pg_file_settings where error is not null')\" = 0 && "
-        f"test \"$({q} 'select count(*) from pg_hba_file_rules where error is not null')\" = 0"
+        f"{{ test \"$({q} 'select count(*) from pg_file_settings where error is not null')\" = 0 || "
+        f"{{ {q} 'select sourcefile, sourceline, name, error from pg_file_settings where error is not null' >&2; "
+        "exit 1; }; } && "
+        f"{{ test \"$({q} 'select count(*) from pg_hba_file_rules where error is not null')\" = 0 || "
+        f"{{ {q} 'select file_name, line_number, error from pg_hba_file_rules where error is not null' >&2; "
+        "exit 1; }; } && "
+        f"if [ \"$({q} 'select bool_or(pending_restart) from pg_settings')\" = t ]; then {restart}; fi"
     )
 
 
@@ -391,7 +398,7 @@ def apply(restoring: bool = False) -> None:
     # The primary's work comes first in this file, so on a first run its
     # slots exist and its new configuration is live before a replica clones.
     if is_primary:
-        owed_action("reload-postgres", reload_command(version), [conf, hba])
+        reload = owed_action("reload-postgres", reload_command(version, defer_restart=True), [conf, hba])
         login_role(name="Role replicator", role="replicator", replication=True,
                    password=cfg.secret("postgres_password_replicator"))
         if not host.get_fact(PgRewindGrants):
@@ -410,9 +417,20 @@ def apply(restoring: bool = False) -> None:
     # after all of the primary's (pyinfra orders operations per host).
     barrier(name="Primary ready for replicas", label=f"cluster {pg.cluster}")
     backup.apply(cfg, release, version, is_primary, restoring=restoring)
+    if not is_primary:
+        _replica(cfg, version, states, conf, hba)
+    # A setting that needs a restart (max_connections...) is taken by the replicas first: a hot
+    # standby must not run with less than its primary (for a decrease, restart the primary by hand
+    # first). The primary's reload left the restart owed; it restarts once every replica is done.
+    barrier(name="Replicas configured", label=f"cluster {pg.cluster}")
     if is_primary:
-        return
+        owed_action("restart-postgres", f"if [ -e {PENDING_DIR}/restart-postgres ]; then systemctl restart {p.service}; fi",
+                    [reload])
 
+
+def _replica(cfg: HostConfig, version: str, states: dict[str, Any], conf: Any, hba: Any) -> None:
+    """A replica's part of ``apply``: clone it when it holds no copy of the primary, then reload."""
+    pg = cfg.settings(PostgresSettings)
     mine = _live(states.get(cfg.name))
     primary_raw = states.get(pg.primary)
     primary_state = _live(primary_raw)

@@ -323,6 +323,32 @@ def test_killed_switchover_is_finished_by_a_site_run_or_rejoin(client, tmp_path)
     assert slots(replica) == {} and slots(primary) == {replica: "t"}
 
 
+def test_restart_only_setting_restarts_the_replica_before_the_primary(client, tmp_path):
+    """shared_buffers changes only with a restart: the site run restarts the replica first, then the
+    primary (validated before either restart); the committed inventory puts it back the same way."""
+    cluster, primary, replica = MAIN
+    inv = inventory_copy(tmp_path)
+    with open(inv.parent / "lab" / "group_data" / f"pg_{cluster}.yml", "a") as f:
+        f.write("postgres__shared_buffers_mb: 144\n")
+
+    def started(name: str) -> float:
+        return float(host_for(name).check_output(
+            "runuser -u postgres -- psql -XAtc 'select extract(epoch from pg_postmaster_start_time())'"))
+
+    for inventory, value in ((inv, "144MB"), (ROOT / "inventories" / "lab.py", "128MB")):
+        before = time.time()
+        out = deploy(inventory, "site", "--limit", f"pg_{cluster}").output
+        assert "restart-postgres (owed)" in out
+        first, last = started(replica), started(primary)
+        assert before < first < last, f"{replica} restarted at {first}, {primary} at {last} (run began {before})"
+        for name in (primary, replica):
+            assert host_for(name).check_output("runuser -u postgres -- psql -XAtc 'show shared_buffers'") == value
+        wait_for(lambda: host_for(replica).check_output(
+            "runuser -u postgres -- psql -XAtc 'select status from pg_stat_wal_receiver'") == "streaming", 60,
+            f"{replica} does not stream after the restarts")
+    assert deploy(ROOT / "inventories" / "lab.py", "site", "--limit", f"pg_{cluster}").totals()["changed"] == "-"
+
+
 def test_committed_inventory_matches_the_lab_again(converged):
     """After every switch, the committed inventory converges with zero changes."""
     assert run(str(BIN / "pyinfra"), "-y", "inventories/lab.py", "deploys/site.py").totals()["changed"] == "-"

@@ -468,9 +468,16 @@ def test_restore_keeps_the_old_data_directory_until_recovery_is_done(tmp_path, m
         assert rc == 0 and (data / "PG_VERSION").read_text() == "17\n"
         assert (data.stat().st_mode & 0o777) == 0o700
         assert server.calls[-1] == ["timeout", "600", "systemctl", "restart", "postgresql@17-main"]
-    # A copy left by an earlier failed restore is never deleted: the next restore refuses.
-    (tmp_path / "17" / "main.webstack-pre-restore").mkdir()
-    assert agent.main(["restore", "--stanza", "main", "--data", str(data), "--service", "postgresql@17-main"]) == 1
+    # A restore interrupted before it finished or rolled back (its machine lost power) left the previous
+    # data directory aside: the next restore first puts it back (a half-restored copy is dropped), then
+    # restores afresh; a failure then leaves exactly that previous data in place.
+    left = tmp_path / "17" / "main.webstack-pre-restore"
+    left.mkdir()
+    (left / "PG_VERSION").write_text("older\n")
+    (data / "half-restored").write_text("x")
+    rc = agent.main(["restore", "--stanza", "main", "--data", str(data), "--service", "postgresql@17-main"])
+    assert not left.exists() and sorted(p.name for p in data.iterdir()) == ["PG_VERSION"]
+    assert (rc, (data / "PG_VERSION").read_text()) == ((1, "older\n") if fail else (0, "17\n"))
 
 
 def test_promotion_skips_the_archive_only_when_it_holds_nothing_newer():
