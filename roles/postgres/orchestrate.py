@@ -443,8 +443,11 @@ def failover() -> None:
                 # The old primary may have died with WAL the archive never got: point-in-time
                 # recovery from a backup taken before the failover could not cross that gap.
                 # A backup on the new timeline makes every later point reachable without it.
+                # (The checkpoint first: until one completes, pg_control still names the old
+                # timeline, and pgBackRest refuses to back up.)
                 server.shell(name=f"Start a backup of {pg.cluster} on the new timeline",
-                             commands=["systemctl start --no-block webstack-backup.service"])
+                             commands=["runuser -u postgres -- psql -XAtqc checkpoint && "
+                                       "systemctl start --no-block webstack-backup.service"])
 
     python.call(name=f"Configure for {target} as the primary, reload, slots, inventory change", function=follow)
 

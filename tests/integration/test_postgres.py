@@ -226,7 +226,8 @@ def test_partitioned_primary_loses_nothing_silently(client, tmp_path):
         wait_for(lambda: writer.acked_count() > before + 10, 30, "no writes after the failover")
     finally:
         lab("heal")
-    wait_for(lambda: "webstack fence:" in old.check_output("journalctl -u webstack-pg-watch --no-pager -n 5"),
+    wait_for(lambda: "webstack fence:" in old.check_output("journalctl -u webstack-pg-watch --no-pager -g 'webstack fence' "
+                                                           "|| true"),
              30, "pg-watch did not stop the old primary after the partition healed")
     before = writer.acked_count()
     wait_for(lambda: writer.acked_count() > before + 20, 30, "no writes reached the new primary")
