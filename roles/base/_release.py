@@ -45,3 +45,7 @@ SYSCTLS = (
 )
 
 PACKAGES = ("sudo", "openssh-server", "nftables", "chrony", "unattended-upgrades", "needrestart", "tzdata", "ca-certificates")
+
+# OpenSSH 9.8+ (Debian 13) penalises addresses that fail to authenticate (PerSourcePenalties):
+# the admin networks are exempted, so a control machine's failed attempts never lock it out.
+SSH_PENALTIES = {"bookworm": False, "trixie": True}

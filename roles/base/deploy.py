@@ -93,6 +93,9 @@ def sshd_context(cfg: HostConfig, release: str, host_keys: list[str]) -> dict:
         "permit_root_login": "prohibit-password" if base.ssh_permit_root_login else "no",
         "tcp_forwarding": "yes" if base.ssh_tcp_forwarding else "no",
         "sftp_accounts": sftp_match_blocks(cfg),
+        # Exempting "everywhere" would switch the penalties off: only narrower admin networks are listed.
+        "penalty_exempt": [n for n in base.admin_networks if n not in ("0.0.0.0/0", "::/0")]
+        if _release.SSH_PENALTIES.get(release, True) else [],
     }
 
 

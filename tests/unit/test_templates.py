@@ -71,6 +71,10 @@ def test_sshd_config_is_hardened(hosts, release):
         assert lines["AuthenticationMethods"] == "publickey"
         assert "diffie-hellman-group14-sha1" not in lines["KexAlgorithms"]
         assert "hmac-sha1" not in lines["MACs"] and "cbc" not in lines["Ciphers"]
+        # OpenSSH 9.8+ only: the narrow admin networks are exempt from PerSourcePenalties.
+        exempt = lines.get("PerSourcePenaltyExemptList")
+        if _env == "lab":
+            assert exempt == ("10.77.0.1/32" if _release.SSH_PENALTIES[release] else None), exempt
 
 
 @pytest.mark.skipif(not shutil.which("nft"), reason="nft not installed on the control machine")
