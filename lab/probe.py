@@ -72,6 +72,8 @@ while [ ! -f /root/stop-{tag} ]; do
     sleep 0.02
 done
 """
+        # A writer of the same tag left running by an interrupted test or benchmark goes first.
+        app1.run(f"systemctl stop writer-{tag} 2>/dev/null; systemctl reset-failed writer-{tag} 2>/dev/null; true")
         sql(app1, hosts[0], f"drop table if exists writes_{tag}; create table writes_{tag} (id bigint primary key)")
         app1.run(f"cat > /root/writer-{tag}.sh <<'EOF'\n{script}EOF")
         if app1.run(f"systemd-run --unit=writer-{tag} --collect sh /root/writer-{tag}.sh").rc != 0:

@@ -216,6 +216,13 @@ def test_partitioned_primary_loses_nothing_silently(client, tmp_path):
     writer = Writer(client, (primary, replica), "split")
     old = host_for(primary)
     try:
+        _split_brain(inv, cluster, primary, replica, writer, old)
+    finally:
+        writer.stop()
+
+
+def _split_brain(inv, cluster: str, primary: str, replica: str, writer: Writer, old) -> None:
+    try:
         wait_for(lambda: writer.acked_count() > 20, 30, "writer never got going")
         lab("partition", primary, replica)
         lab("partition", primary, "control")
