@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from pyinfra import host, inventory, state
+from pyinfra import host, inventory, logger, state
 from pyinfra.api import FactBase, HiddenValue, OperationError, QuoteString, StringCommand, deploy, operation
 from pyinfra.api.operation import OperationMeta
 from pyinfra.operations import apt, postgres, server, systemd
@@ -21,7 +21,7 @@ from roles._lib import PENDING_DIR, barrier, config, owed_action, render, templa
 from roles.base.deploy import codename
 from roles.postgres import backup, scram
 from roles.postgres._release import VERSION, paths
-from roles.postgres.facts import PgCluster, PgReplicationSlots, PgRoleVerifiers
+from roles.postgres.facts import PgCluster, PgReplicationSlots, PgRoleVerifiers, PgStreamingStandbys
 from roles.postgres.settings import PostgresSettings
 from roles.topology import topology
 from webstack.inventory import HostConfig
@@ -156,8 +156,27 @@ def guard(cfg: HostConfig, version: str) -> dict[str, Any]:
     return states
 
 
-def config_context(cfg: HostConfig, memory_mb: int) -> dict[str, Any]:
-    """Template variables of conf.d/webstack.conf for a cluster member."""
+def sync_standbys(cfg: HostConfig, states: dict[str, Any], streaming: list[str]) -> list[str]:
+    """The standbys a synchronous primary waits for (``postgres__synchronous``): every other member
+    that can acknowledge, so a dead one never makes commits hang. Kept: members streaming now
+    (``streaming``, the primary's view), standbys of this run (the run starts them) and members not
+    installed yet (this run clones them). Left out: a stopped former primary waiting for its
+    rejoin, and a member outside this run that does not stream (dead, or fenced after a failover).
+    When none is left the primary runs asynchronously (a warning says so) until a site run after
+    the rejoin finds a standby again."""
+    if not cfg.settings(PostgresSettings).synchronous:
+        return []
+    out = []
+    for peer in topology(cfg).cluster_peers(cfg.name):
+        st = states.get(peer.name)
+        if peer.name in streaming or st is None or (_live(st) and st["standby_signal"]):
+            out.append(peer.name)
+    return out
+
+
+def config_context(cfg: HostConfig, memory_mb: int, standbys: list[str] | None = None) -> dict[str, Any]:
+    """Template variables of conf.d/webstack.conf for a cluster member; ``standbys``: the synchronous
+    standbys (default: every other member, when ``postgres__synchronous``)."""
     pg = cfg.settings(PostgresSettings)
     top = topology(cfg)
     shared = pg.shared_buffers_mb or min(memory_mb // 4, 8192)
@@ -170,7 +189,8 @@ def config_context(cfg: HostConfig, memory_mb: int) -> dict[str, Any]:
         # pg.primary, not the inventory's: switchover and failover render the configuration to come.
         "primary_address": top.host(pg.primary).address,
         "slot": slot_name(cfg.name),
-        "synchronous_standbys": [p.name for p in top.cluster_peers(cfg.name)] if pg.synchronous else [],
+        "synchronous_standbys": (standbys if standbys is not None else
+                                 [p.name for p in top.cluster_peers(cfg.name)] if pg.synchronous else []),
         "max_connections": pg.max_connections,
         "shared_buffers_mb": shared,
         "effective_cache_size_mb": pg.effective_cache_size_mb or memory_mb * 3 // 4,
@@ -361,9 +381,13 @@ def apply(restoring: bool = False) -> None:
 
     apt.packages(name="Install PostgreSQL", packages=["postgresql", "postgresql-client"])
     memory = host.get_fact(MemTotalMb)
+    standbys = sync_standbys(cfg, states, host.get_fact(PgStreamingStandbys)) if is_primary else None
+    if is_primary and pg.synchronous and not standbys:
+        logger.warning(f"webstack: {cfg.name} runs asynchronously: no other member of cluster {pg.cluster} can "
+                       "acknowledge a commit now (rejoin the former primary, then run site.py again)")
     conf = template_file(
         "postgres/etc/postgresql/main/conf.d/webstack.conf.j2", f"{p.etc}/conf.d/webstack.conf",
-        owes="reload-postgres", user="postgres", group="postgres", **config_context(cfg, memory),
+        owes="reload-postgres", user="postgres", group="postgres", **config_context(cfg, memory, standbys=standbys),
     )
     hba = template_file(
         "postgres/etc/postgresql/main/pg_hba.conf.j2", f"{p.etc}/pg_hba.conf",

@@ -124,3 +124,16 @@ def primary_probe(address: str) -> str:
         f"psql 'host={address} user=replicator dbname=postgres sslmode=require' "
         "-XAtc 'select pg_is_in_recovery()' 2>/dev/null; break; fi; done; true"
     )
+
+
+class PgStreamingStandbys(FactBase):
+    """application_name of every standby streaming from this server now (empty on a standby)."""
+
+    default = list
+
+    def command(self) -> str:
+        return ("runuser -u postgres -- psql -XAt -c \"select application_name from pg_stat_replication "
+                "where state = 'streaming'\" 2>/dev/null || true")
+
+    def process(self, output: Sequence[str]) -> list[str]:
+        return [line.strip() for line in output if line.strip()]

@@ -119,3 +119,24 @@ def test_divergence_helpers_read_history_files_and_waldump():
     assert commits_in(dump) == (1, "0/05000028", "0/05000090")
     assert commits_in("") == (0, "", "")
     assert fork_segment("0/50000A0") == "0000000000000005" and fork_segment("1/FF000000") == "00000001000000FF"
+
+
+def test_a_synchronous_primary_waits_only_for_members_that_can_acknowledge(make_inventory):
+    from roles.postgres.deploy import sync_standbys
+
+    hosts = {**DB_HOSTS, "db3": {"address": "10.1.0.33", "roles": ["postgres"], "groups": ["db"], "release": "trixie"}}
+    cfgs = {c.name: c for c in load(make_inventory(hosts=hosts, groups={"db": {**DB_GROUP, "postgres__synchronous": True}}),
+                                    secrets=SECRETS)}
+    standby = {"standby_signal": True, "running": True}
+    fenced = {"standby_signal": False, "running": False}  # a former primary waiting for its rejoin
+    # Both replicas standbys of this run, or one streaming from outside it: both count.
+    assert sync_standbys(cfgs["db1"], {"db2": standby, "db3": standby}, []) == ["db2", "db3"]
+    assert sync_standbys(cfgs["db1"], {"db2": "unreachable", "db3": standby}, ["db2"]) == ["db2", "db3"]
+    # Not installed yet: this run clones it.
+    assert sync_standbys(cfgs["db1"], {"db2": None, "db3": standby}, []) == ["db2", "db3"]
+    # After a failover: the old primary is fenced, or outside the run and silent: left out.
+    assert sync_standbys(cfgs["db1"], {"db2": fenced, "db3": "unreachable"}, []) == []
+    assert sync_standbys(cfgs["db1"], {"db2": fenced, "db3": standby}, ["db3"]) == ["db3"]
+    ctx = config_context(cfgs["db1"], memory_mb=4096, standbys=[])
+    assert ctx["synchronous_standbys"] == []
+    assert config_context(cfgs["db1"], memory_mb=4096)["synchronous_standbys"] == ["db2", "db3"]
