@@ -74,13 +74,14 @@ def with_primary(cfg: HostConfig, primary: str, synchronous: bool | None = None)
     return cfg.with_settings(pg)
 
 
-def _configure(cfg: HostConfig, version: str, force: bool = False):
-    """Render conf.d/webstack.conf for ``cfg`` (which may name a new primary)."""
+def _configure(cfg: HostConfig, version: str, force: bool = False, standbys: list[str] | None = None):
+    """Render conf.d/webstack.conf for ``cfg`` (which may name a new primary); ``standbys``: its
+    synchronous standbys (default: every other member, when ``postgres__synchronous``)."""
     p = paths(version)
     return template_file(
         "postgres/etc/postgresql/main/conf.d/webstack.conf.j2", f"{p.etc}/conf.d/webstack.conf",
         owes="reload-postgres", user="postgres", group="postgres", force=force,
-        **config_context(cfg, host.get_fact(MemTotalMb)),
+        **config_context(cfg, host.get_fact(MemTotalMb), standbys=standbys),
     )
 
 
@@ -221,8 +222,12 @@ def switch(cfg: HostConfig, version: str, old: str, target: str, write_inventory
     barrier(name="New primary promoted", label=f"switchover {old} -> {target}")
 
     # Only reloadable settings differ between the two roles (see webstack.conf.j2): no restart.
+    # Synchronous: the new primary does not wait for the old one until it streams again (its
+    # commits would hang meanwhile, for ever if the control machine died in between).
     future = with_primary(cfg, target)
-    conf = _configure(future, version, force=again)
+    others = ([m.name for m in topology(cfg).cluster_peers(target) if m.name != old]
+              if pg.synchronous and host.name == target else None)
+    conf = _configure(future, version, force=again, standbys=others)
     if host.name == target:
         owed_action("reload-postgres", reload_command(version), [conf],
                     hint=f"{target} is the primary; finish with deploys/rejoin.py --limit {old} --limit {target}")
@@ -231,6 +236,10 @@ def switch(cfg: HostConfig, version: str, old: str, target: str, write_inventory
     if host.name == old:
         _start_as_standby(version, conf, hint=f"{target} is the primary; finish with deploys/rejoin.py "
                                               f"--limit {old} --limit {target}")
+    if pg.synchronous:
+        barrier(name="Old primary streams", label=f"switchover {old} -> {target}")
+        if host.name == target:
+            owed_action("reload-postgres", reload_command(version), [_configure(future, version, force=True)])
 
 
 def _start_as_standby(version: str, conf: Any, hint: str = "") -> None:

@@ -254,6 +254,61 @@ def _split_brain(inv, cluster: str, primary: str, replica: str, writer: Writer, 
     assert slots(replica) == {} and slots(primary) == {replica: "t"}
 
 
+def test_partitioned_synchronous_primary_acknowledges_nothing_that_is_lost(client, tmp_path):
+    """The same split brain with postgres__synchronous: the cut-off primary cannot acknowledge a commit,
+    so after the failover, the healing (pg-watch stops it) and the rejoin, every acknowledged row is
+    on the new primary. A site run between the failover and the rejoin keeps the new primary
+    asynchronous (its old peer is fenced); the one after the rejoin makes it synchronous again; a
+    synchronous switchover back never waits for the stopped old primary."""
+    cluster, primary, replica = MAIN
+    inv = inventory_copy(tmp_path)
+    group_file = inv.parent / "lab" / "group_data" / f"pg_{cluster}.yml"
+    group_file.write_text(group_file.read_text() + "postgres__synchronous: true\n")
+
+    def standbys(name: str) -> str:
+        return host_for(name).check_output("runuser -u postgres -- psql -XAtc 'show synchronous_standby_names'")
+
+    deploy(inv, "site", "--limit", f"pg_{cluster}")
+    assert standbys(primary) == f"ANY 1 ({replica})"
+    writer = Writer(client, (primary, replica), "syncsplit")
+    old = host_for(primary)
+    try:
+        wait_for(lambda: writer.acked_count() > 20, 30, "writer never got going")
+        try:
+            lab("partition", primary, replica)
+            lab("partition", primary, "control")
+            time.sleep(3)
+            deploy(inv, "failover", "--limit", replica, "--data", "write_inventory=yes")
+            time.sleep(3)
+        finally:
+            lab("heal")
+        wait_for(lambda: old.run(f"systemctl is-active -q postgresql@{old.check_output('ls /etc/postgresql')}-main").rc != 0,
+                 30, "pg-watch did not stop the old primary")
+        # Between the failover and the rejoin: the new primary stays asynchronous.
+        between = deploy(inv, "site", "--limit", replica)
+        assert "runs asynchronously" in between.output and standbys(replica) == ""
+        before = writer.acked_count()
+        wait_for(lambda: writer.acked_count() > before + 20, 30, "no writes reached the new primary")
+        rejoin = deploy(inv, "rejoin", "--limit", f"pg_{cluster}", check=False)
+        if rejoin.returncode != 0:  # the cut-off primary's own waiting commits: never acknowledged
+            assert "discard_divergent=yes" in rejoin.output, rejoin.output[-3000:]
+            deploy(inv, "rejoin", "--limit", f"pg_{cluster}", "--data", "discard_divergent=yes")
+        deploy(inv, "site", "--limit", f"pg_{cluster}")
+        assert standbys(replica) == f"ANY 1 ({primary})"
+        before = writer.acked_count()
+        wait_for(lambda: writer.acked_count() > before + 20, 30, "no synchronous writes after the rejoin")
+        deploy(inv, "switchover", "--limit", f"pg_{cluster}", "--data", f"to={primary}", "--data", "write_inventory=yes")
+        assert standbys(primary) == f"ANY 1 ({replica})"
+        before = writer.acked_count()
+        wait_for(lambda: writer.acked_count() > before + 20, 30, "no writes after the switchover back")
+        acked = writer.stop()
+        assert acked - writer.stored(primary) == set(), "synchronous mode lost acknowledged rows"
+    finally:
+        writer.stop()
+    deploy(ROOT / "inventories" / "lab.py", "site", "--limit", f"pg_{cluster}")
+    assert standbys(primary) == ""
+
+
 def test_invalidated_slot_is_recreated_and_the_replica_catches_up_without_a_reclone(client):
     """db2 stops; db1 writes more WAL than max_slot_wal_keep_size (the lab: 128 MiB), so its slot is
     invalidated. The check names it, a site run recreates it, and db2, started again, fetches
