@@ -330,13 +330,15 @@ def reload_command(version: str, defer_restart: bool = False) -> str:
     q = "runuser -u postgres -- psql -XAt -c"
     loaded = f"{q} 'select pg_conf_load_time()'"
     restart = f"touch {PENDING_DIR}/restart-postgres" if defer_restart else f"systemctl restart {p.service}"
+    # A setting waiting for the restart shows as "setting could not be applied": not an error.
+    bad = "error is not null and error <> 'setting could not be applied'"
     return (
         f"t=$({loaded}) && systemctl reload {p.service} && n=0 && "
         f"until [ \"$({loaded})\" != \"$t\" ]; do n=$((n+1)); "
         "[ $n -le 300 ] || { echo 'the server did not reload its configuration within 30 s' >&2; exit 1; }; "
         "sleep 0.1; done && "
-        f"{{ test \"$({q} 'select count(*) from pg_file_settings where error is not null')\" = 0 || "
-        f"{{ {q} 'select sourcefile, sourceline, name, error from pg_file_settings where error is not null' >&2; "
+        f"{{ test \"$({q} \"select count(*) from pg_file_settings where {bad}\")\" = 0 || "
+        f"{{ {q} \"select sourcefile, sourceline, name, error from pg_file_settings where {bad}\" >&2; "
         "exit 1; }; } && "
         f"{{ test \"$({q} 'select count(*) from pg_hba_file_rules where error is not null')\" = 0 || "
         f"{{ {q} 'select file_name, line_number, error from pg_hba_file_rules where error is not null' >&2; "
