@@ -97,6 +97,29 @@ def test_check_deploy_passes_on_a_healthy_cluster(converged):
     assert '"stanza": "main"' in result.output and '"problems": []' in result.output
 
 
+def test_check_finds_a_gap_in_the_wal_archive_and_the_next_backup_closes_it(converged):
+    """A WAL segment archived after the newest backup disappears from the repository (held aside on
+    backup1): the check fails naming it; the next backup starts past it, and the check passes."""
+    archive = "/srv/pgbackrest/main/repo/archive/main"
+    for n in range(3):
+        psql("db1", f"create table if not exists gap_marks (n int); insert into gap_marks values ({n})")
+        archive_now("db1", "main")
+    backup1 = host_for("backup1")
+    names = sorted(backup1.check_output(f"find {archive} -type f -name '0000*' ! -name '*.partial*' "
+                                        "! -name '*.history*' -printf '%P\\n'").split())
+    held = names[-2]  # the newest but one: later segments exist, so it is a gap, not the tail
+    backup1.check_output(f"install -d -m 700 /root/held && mv {archive}/{held} /root/held/")
+    try:
+        check = run(str(BIN / "pyinfra"), "-y", "inventories/lab.py", "deploys/check.py", "--limit", "db1", check=False)
+        assert check.returncode != 0 and "WAL archive gap: " + held.rsplit("/", 1)[-1][:24] in check.output, \
+            check.output[-3000:]
+        host_for("db1").check_output(f"runuser -u postgres -- {SCRIPT} scheduled --stanza main --type incr")
+        check = run(str(BIN / "pyinfra"), "-y", "inventories/lab.py", "deploys/check.py", "--limit", "db1", check=False)
+        assert check.returncode == 0 and '"problems": []' in check.output, check.output[-3000:]
+    finally:
+        backup1.check_output(f"mv /root/held/{held.rsplit('/', 1)[-1]} {archive}/{held}")
+
+
 @pytest.mark.parametrize("cluster,primary", [("main", "db1"), ("legacy", "db3")])
 def test_scheduled_backup_reads_from_the_standby(converged, cluster, primary):
     out = host_for(primary).check_output(f"runuser -u postgres -- {SCRIPT} scheduled --stanza {cluster} --type incr 2>&1")
