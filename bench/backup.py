@@ -1,6 +1,6 @@
 """Backup-tier benchmark: backup durations, repository size, restore time, recovery point after power loss.
 
-    .venv/bin/python bench/backup.py [--scale 70] [--rpo-trials 5]
+    .venv/bin/python bench/backup.py [--scale 70] [--rpo-trials 5] [--skip-size] [--growth-minutes 10]
 
 Needs a converged lab (`make demo`); uses cluster main (db1 primary, db2
 replica, PostgreSQL 17, pgBackRest 2.55 over SFTP to backup1) and the drill
@@ -18,6 +18,11 @@ host drill1. Prints a table and writes bench/results/backup-<utc>.json.
    drill1 from backup1 alone; seconds of acknowledged commits missing = ack time
    of the last acknowledged row − ack time of the newest restored row. Then power
    comes back and the cluster resumes.
+5. archive growth (``--growth-minutes M``): for archive_timeout 60 s and then the
+   inventory's setting (a copy of the inventory, applied with site.py to cluster main),
+   M minutes of the lab's ordinary background (job ticks, health checks) plus a writer
+   committing one row per second: WAL segments and bytes added to the repository's
+   archive on backup1, extrapolated to a day.
 """
 
 from __future__ import annotations
@@ -142,10 +147,58 @@ done
             "restore_deploy_s": round(restore_s, 1)}
 
 
+def archived_since(epoch: float) -> tuple[int, int]:
+    """(files, bytes) that reached cluster main's WAL archive on backup1 since ``epoch`` (retention
+    may expire older ones meanwhile: only new files are counted)."""
+    out = host("backup1").check_output("find /srv/pgbackrest/main/repo/archive/main -type f -name '0000*' "
+                                       f"-newermt @{epoch:.0f} -printf '%s\\n'").split()
+    return len(out), sum(int(x) for x in out)
+
+
+def growth(app1, minutes: float) -> dict:
+    """Archive growth per day at archive_timeout 60 s and at the inventory's setting."""
+    import shutil
+    import tempfile
+
+    import yaml
+
+    tmp = Path(tempfile.mkdtemp(prefix="webstack-bench-"))
+    shutil.copytree(ROOT / "inventories" / "lab", tmp / "lab")
+    shutil.copy(ROOT / "inventories" / "lab.py", tmp / "lab.py")
+    group = tmp / "lab" / "group_data" / "pg_main.yml"
+    original = group.read_text()
+    configured = yaml.safe_load((ROOT / "inventories" / "lab" / "group_data" / "db.yml").read_text()).get(
+        "postgres__archive_timeout_s", 10)
+    psql("db1", "create table if not exists growth_ticks (at timestamptz); grant all on growth_ticks to app")
+    info = conninfo("db1", "db2", target_session_attrs="read-write")
+    app1.run("systemctl stop growth-writer 2>/dev/null; true")
+    app1.check_output(f"systemd-run --unit=growth-writer --collect sh -c 'while :; do PGPASSFILE={PGPASS} "
+                      f"psql \"{info}\" -XAtqc \"insert into growth_ticks values (now())\"; sleep 1; done'")
+    out = {}
+    try:
+        for timeout in (60, configured):
+            group.write_text(original + f"\npostgres__archive_timeout_s: {timeout}\n")
+            sh(str(BIN / "pyinfra"), "-y", str(tmp / "lab.py"), "deploys/site.py", "--limit", "pg_main")
+            start = time.time()
+            time.sleep(minutes * 60)
+            files, size = archived_since(start)
+            per_day = 24 * 60 / minutes
+            out[str(timeout)] = {"segments_per_day": round(files * per_day),
+                                 "mib_per_day": round(size * per_day / 2**20, 1),
+                                 "wal_switched_gib_per_day": round(files * per_day * 16 / 1024, 1)}
+            print(json.dumps({"archive_timeout": timeout, **out[str(timeout)]}), flush=True)
+    finally:
+        app1.run("systemctl stop growth-writer 2>/dev/null; true")
+        sh(str(BIN / "pyinfra"), "-y", LAB, "deploys/site.py", "--limit", "pg_main")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--scale", type=int, default=70)
     ap.add_argument("--rpo-trials", type=int, default=5)
+    ap.add_argument("--skip-size", action="store_true", help="skip the pgbench load, backups and restore timing")
+    ap.add_argument("--growth-minutes", type=float, default=0, help="measure archive growth (0: skip)")
     args = ap.parse_args()
     app1 = host("app1")
     app1.run("DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql-client >/dev/null")
@@ -154,8 +207,11 @@ def main() -> None:
     db = next(c for c in load(ROOT / "inventories" / "lab") if c.name == "db1")
     app1.run(f"umask 077; echo '*:5432:app:app:{db.secret('postgres_password_app').unmask()}' > {PGPASS}")
     results: dict = {"when": datetime.now(UTC).isoformat(timespec="seconds")}
-    results["size"] = backups_and_restore(args.scale)
-    print(json.dumps(results["size"]), flush=True)
+    if not args.skip_size:
+        results["size"] = backups_and_restore(args.scale)
+        print(json.dumps(results["size"]), flush=True)
+    if args.growth_minutes:
+        results["growth"] = growth(app1, args.growth_minutes)
     rng = random.Random(7)
     results["rpo"] = []
     base = int(time.time())
@@ -165,6 +221,16 @@ def main() -> None:
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
     (out / f"backup-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json").write_text(json.dumps(results, indent=2))
+    for timeout, g in results.get("growth", {}).items():
+        print(f"archive_timeout {timeout} s: {g['segments_per_day']} segments/day, {g['mib_per_day']} MiB/day "
+              f"in the repository ({g['wal_switched_gib_per_day']} GiB/day of 16 MiB WAL files)")
+    if results["rpo"]:
+        lost = [t["lost_s"] for t in results["rpo"]]
+        print(f"power loss of db1+db2, restore from backup1: committed data lost "
+              f"{', '.join(f'{x:.1f}' for x in lost)} s (median {statistics.median(lost):.1f} s; "
+              f"rows lost {[t['lost_rows'] for t in results['rpo']]})")
+    if "size" not in results:
+        return
     s = results["size"]
     gib = 1024 ** 3
     print(f"database {s['after_init']['database_bytes'] / gib:.2f} GiB (pgbench scale {s['scale']}, "
@@ -176,9 +242,6 @@ def main() -> None:
           f"(ratio {s['after_backups']['repository_bytes'] / s['after_backups']['database_bytes']:.2f})")
     print(f"restore onto drill1: deploy {s['restore_deploy_s']:.1f} s, restore step {s['restore_step_s']:.1f} s "
           f"({s['restored_rows']} pgbench_accounts rows)")
-    lost = [t["lost_s"] for t in results["rpo"]]
-    print(f"power loss of db1+db2, restore from backup1: committed data lost {', '.join(f'{x:.1f}' for x in lost)} s "
-          f"(median {statistics.median(lost):.1f} s; rows lost {[t['lost_rows'] for t in results['rpo']]})")
 
 
 if __name__ == "__main__":
