@@ -319,9 +319,10 @@ def test_invalidated_slot_is_recreated_and_the_replica_catches_up_without_a_recl
     identity = db2.check_output(f"stat -c %i /var/lib/postgresql/{version}/main/PG_VERSION")
     db2.check_output(f"systemctl stop postgresql@{version}-main")
     try:
-        sql(client, primary, "create table if not exists slot_marks (id int primary key)")
+        sql(client, primary, "drop table if exists slot_marks; create table slot_marks (id int primary key)")
         for n in range(12):  # 12 segments of 16 MiB: past the slot's limit and wal_keep_size
-            sql(client, primary, f"insert into slot_marks values ({n}) on conflict do nothing")
+            # (each INSERT writes WAL, so each switch starts a new segment)
+            sql(client, primary, f"insert into slot_marks values ({n})")
             db1.check_output("runuser -u postgres -- psql -XAtqc 'select pg_switch_wal()'")
         assert slots(primary) == {replica: "f"}
 
