@@ -95,6 +95,7 @@ done
 # --- HTTPS through the load balancers' floating IP -------------------------------------------
 
 import http.client  # noqa: E402
+import re  # noqa: E402
 import ssl  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
@@ -121,9 +122,55 @@ def https(path: str, method: str = "GET", body: str | None = None, timeout: floa
             headers["Content-Type"] = "application/x-www-form-urlencoded"
         conn.request(method, path, body=body, headers=headers)
         response = conn.getresponse()
-        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+        out: dict[str, str] = {}
+        for key, value in response.getheaders():  # several Set-Cookie headers: one per line
+            key = key.lower()
+            out[key] = f"{out[key]}\n{value}" if key == "set-cookie" and key in out else value
+        return response.status, out, response.read()
     finally:
         conn.close()
+
+
+class SignupForm:
+    """Sign-ups as a browser makes them: the form is loaded once (its session and CSRF cookies, and the
+    token in its hidden field), then each POST carries both; a 403 (the form expired) loads it again."""
+
+    def __init__(self, address: str | None = None, timeout: float = 10.0) -> None:
+        self.address, self.timeout = address, timeout
+        self.cookies: dict[str, str] = {}
+        self.token = ""
+
+    def _keep(self, headers: dict[str, str]) -> None:
+        for line in headers.get("set-cookie", "").splitlines():
+            name, _, rest = line.partition("=")
+            self.cookies[name.strip()] = rest.split(";", 1)[0]
+
+    def load(self) -> None:
+        status, headers, body = https("/app", timeout=self.timeout, address=self.address,
+                                      headers={"Cookie": self._cookie()} if self.cookies else None)
+        if status != 200:
+            raise http.client.HTTPException(f"the sign-up form answered HTTP {status}")
+        self._keep(headers)
+        found = re.search(rb"name=csrf value=([0-9a-f]{32})", body)
+        if not found:
+            raise http.client.HTTPException("no CSRF token in the sign-up form")
+        self.token = found.group(1).decode()
+
+    def _cookie(self) -> str:
+        return "; ".join(f"{k}={v}" for k, v in self.cookies.items())
+
+    def post(self, email: str, **fields: str) -> tuple[int, dict[str, str], bytes]:
+        """POST /signup; (status, headers, body)."""
+        for attempt in (1, 2):
+            if not self.token:
+                self.load()
+            result = https("/signup", "POST", urlencode({"email": email, "csrf": self.token, **fields}),
+                           timeout=self.timeout, address=self.address, headers={"Cookie": self._cookie()})
+            self._keep(result[1])
+            if result[0] != 403 or attempt == 2:
+                return result
+            self.token = ""
+        raise AssertionError("unreachable")
 
 
 class SteadyClient:
@@ -189,6 +236,7 @@ class SignupClient:
     def __init__(self, interval: float = 0.2, limit: float = 1800, address: str | None = None) -> None:
         self.interval, self.limit, self.tag = interval, limit, f"patch-{uuid.uuid4().hex[:8]}"
         self.address = address  # None: the VIP
+        self.form = SignupForm(address, timeout=30)
         self.results: list[tuple[float, float, bool, str]] = []
         self.errors: dict[str, str] = {}  # email -> why its sign-up failed (status or exception)
         self._stop = threading.Event()
@@ -209,7 +257,7 @@ class SignupClient:
             email = f"{self.tag}-{n}@customer.test"
             start = time.monotonic()
             try:
-                status, _, _ = https("/signup", "POST", urlencode({"email": email}), timeout=30, address=self.address)
+                status, _, _ = self.form.post(email)
                 ok = status == 201
                 if not ok:
                     self.errors[email] = f"HTTP {status}"

@@ -3,8 +3,14 @@
 Pages say which application server answered; /signup writes to PostgreSQL;
 a session cookie counts visits per browser; /healthz checks the database.
 Configuration comes from the environment (the app role writes it from the
-inventory and secrets): DATABASE_URL (a libpq connection string), SECRET_KEY.
+inventory and secrets): DATABASE_URL (a libpq connection string), SECRET_KEY
+(required: the app refuses to start without it), SESSION_MAX_AGE (seconds, 12 h).
 A sign-up enqueues its welcome_email job in the same transaction (jobs.py runs it).
+
+What people copy from it, so it does the basics right: the sign-up form carries a
+CSRF token (the double-submit pattern: a SameSite=Strict cookie and a hidden field,
+which must match), addresses are validated (and limited to 254 characters), a
+malformed or oversized body gets a 400 or 413 (never a 500), and sessions expire.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import hashlib
 import hmac
 import html
 import os
+import re
 import secrets
 import socket
 import time
@@ -26,7 +33,13 @@ import psycopg2.errors
 HOST = socket.gethostname()
 # The release id is the name of the directory this release was unpacked into.
 RELEASE = os.path.basename(os.path.dirname(os.path.realpath(__file__)))
-SECRET = os.environ.get("SECRET_KEY", "dev-only").encode()
+if not os.environ.get("SECRET_KEY"):
+    raise SystemExit("SECRET_KEY is not set: refusing to start (sessions and CSRF tokens are signed with it)")
+SECRET = os.environ["SECRET_KEY"].encode()
+SESSION_MAX_AGE = int(os.environ.get("SESSION_MAX_AGE", str(12 * 3600)))
+MAX_BODY = 8 * 1024
+# One @, no spaces, a dot in the domain; 254 characters at most (RFC 5321's path limit).
+EMAIL = re.compile(r"[^@\s]{1,64}@[^@\s]+\.[^@\s.]+")
 # How long a write waits for a primary while the cluster changes its primary (a switchover
 # stops writes for about a second, a failover for a few): the request waits, it does not fail.
 WRITE_WAIT_S = float(os.environ.get("DB_WRITE_WAIT", "15"))
@@ -97,18 +110,37 @@ def application(environ, start_response):
         start_response("200 OK", [("Content-Type", "text/plain"), ("X-Served-By", HOST),
                                   ("X-Client-Address", environ.get("HTTP_X_FORWARDED_FOR", ""))])
         return [b"pong\n"]
-    cookie = SimpleCookie(environ.get("HTTP_COOKIE", ""))
+    cookie = SimpleCookie()
+    try:
+        cookie.load(environ.get("HTTP_COOKIE", ""))
+    except Exception:  # a malformed Cookie header is no session, not an error
+        cookie = SimpleCookie()
+    now = int(time.time())
     session = unsign(cookie["session"].value) if "session" in cookie else None
-    visits = int(session.split(":")[1]) + 1 if session else 1
-    sid = session.split(":")[0] if session else secrets.token_hex(8)
-    # Plain cookie on purpose: the load balancer adds Secure, HttpOnly and SameSite.
-    headers.append(("Set-Cookie", f"session={sign(f'{sid}:{visits}')}; Path=/"))
+    fields = session.split(":") if session else []
+    if len(fields) != 3 or not all(f.isdigit() for f in fields[1:]) or now - int(fields[2]) > SESSION_MAX_AGE:
+        fields = [secrets.token_hex(8), "0", str(now)]  # none, forged or expired: a new session
+    sid, visits, started = fields[0], int(fields[1]) + 1, fields[2]
+    # The load balancer adds Secure and HttpOnly; SameSite is the application's choice.
+    headers.append(("Set-Cookie", f"session={sign(f'{sid}:{visits}:{started}')}; Path=/; Max-Age={SESSION_MAX_AGE}; "
+                                  "SameSite=Lax"))
+    csrf = cookie["csrf"].value if "csrf" in cookie and re.fullmatch(r"[0-9a-f]{32}", cookie["csrf"].value) else None
     if path == "/signup" and method == "POST":
-        size = int(environ.get("CONTENT_LENGTH") or 0)
-        form = parse_qs(environ["wsgi.input"].read(size).decode())
+        try:
+            size = int(environ.get("CONTENT_LENGTH") or 0)
+            if size > MAX_BODY:
+                start_response("413 Content Too Large", headers)
+                return [page("Sign up", "<p>That form is too large.</p>")]
+            form = parse_qs(environ["wsgi.input"].read(size).decode("utf-8"), strict_parsing=size > 0)
+        except (ValueError, UnicodeDecodeError):
+            start_response("400 Bad Request", headers)
+            return [page("Sign up", "<p>That form could not be read.</p>")]
+        if not csrf or not hmac.compare_digest((form.get("csrf") or [""])[0], csrf):
+            start_response("403 Forbidden", headers)
+            return [page("Sign up", "<p>The form expired: load it again.</p>")]
         email = (form.get("email") or [""])[0].strip()
         source = (form.get("source") or ["web"])[0].strip()[:40] or "web"
-        if "@" not in email:
+        if len(email) > 254 or not EMAIL.fullmatch(email):
             start_response("400 Bad Request", headers)
             return [page("Sign up", "<p>That is not an e-mail address.</p>")]
         # One transaction: no welcome mail for a sign-up that rolls back, no sign-up without its mail;
@@ -125,9 +157,12 @@ def application(environ, start_response):
         start_response("201 Created", headers)
         return [page("Thanks", f"<p>Signed up as #{new_id}.</p>")]
     if path in ("/app", "/signup"):
+        if not csrf:
+            csrf = secrets.token_hex(16)
+            headers.append(("Set-Cookie", f"csrf={csrf}; Path=/; SameSite=Strict"))
         start_response("200 OK", headers)
-        form = ('<form method=post action=/signup><input name=email type=email required>'
-                '<button>Sign up</button></form>')
+        form = (f'<form method=post action=/signup><input type=hidden name=csrf value={csrf}>'
+                '<input name=email type=email maxlength=254 required><button>Sign up</button></form>')
         return [page("webstack demo", f"<p>Visit {visits} in this session.</p>{form}")]
     start_response("404 Not Found", headers)
     return [page("Not found", "")]

@@ -12,7 +12,7 @@ import time
 import pytest
 import yaml
 
-from lab.probe import CA_FILE, SteadyClient, host, https, vip, vip_holder
+from lab.probe import CA_FILE, SignupForm, SteadyClient, host, https, vip, vip_holder
 from tests.integration.conftest import BIN, MACHINES, ROOT, drained_on, inventory_copy, lab, release_of, run, wait_for
 
 pytestmark = pytest.mark.lab
@@ -43,8 +43,12 @@ def test_https_headers_and_cookie_flags(converged):
     assert status == 200 and b"served by" in body
     assert headers["strict-transport-security"] == "max-age=63072000; includeSubDomains"
     assert headers["x-content-type-options"] == "nosniff" and headers["x-frame-options"] == "DENY"
-    cookie = headers["set-cookie"]
-    assert cookie.startswith("session=") and "; Secure" in cookie and "; HttpOnly" in cookie and "SameSite=Lax" in cookie
+    cookies = {line.split("=", 1)[0]: line for line in headers["set-cookie"].splitlines()}
+    assert set(cookies) == {"session", "csrf"}
+    assert all("; Secure" in c and "; HttpOnly" in c for c in cookies.values()), cookies
+    # SameSite as the application set it: the load balancer never weakens Strict to Lax.
+    assert "SameSite=Lax" in cookies["session"] and "Max-Age=" in cookies["session"]
+    assert "SameSite=Strict" in cookies["csrf"] and "Lax" not in cookies["csrf"]
     assert headers["x-served-by"] in APPS
 
 
@@ -142,7 +146,9 @@ def test_both_app_servers_answer_and_signup_writes(converged):
     assert not client.failures()
     assert client.served_by() == set(APPS)
     email = f"t{int(time.time())}@example.com"
-    status, headers, body = https("/signup", method="POST", body=f"email={email}")
+    # A POST without the form's CSRF token is refused; a browser's (the form loaded first) goes through.
+    assert https("/signup", method="POST", body=f"email={email}")[0] == 403
+    status, headers, body = SignupForm().post(email)
     assert status == 201 and b"Signed up as #" in body
     primary = host("db1")
     assert primary.check_output(f"runuser -u postgres -- psql -XAt -d app -c \"select served_by from signups "

@@ -13,11 +13,10 @@ import shlex
 import time
 import uuid
 from collections import Counter
-from urllib.parse import urlencode
 
 import pytest
 
-from lab.probe import host, https
+from lab.probe import SignupForm, host
 from tests.integration.conftest import BIN, lab, run, wait_for
 
 pytestmark = pytest.mark.lab
@@ -37,7 +36,7 @@ def provider(converged):
 def signup(tag: str) -> str:
     """Sign up a new address through the VIP; the address."""
     email = f"{tag}-{uuid.uuid4().hex[:10]}@customer.test"
-    status, _, body = https("/signup", "POST", urlencode({"email": email}), timeout=10)
+    status, _, body = SignupForm(timeout=10).post(email)
     assert status in (200, 201, 303), body[:300]
     return email
 

@@ -12,6 +12,7 @@ import importlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socketserver
@@ -260,16 +261,33 @@ def state(dsn: str, job_id: int) -> tuple:
 def load_app(monkeypatch):
     """The demo app on a database its migrations brought up to date (as app__migrate_command does)."""
     assert importlib.import_module("migrate").main() == 0
+    monkeypatch.setenv("SECRET_KEY", "unit-test-key")
     sys.modules.pop("app", None)
     return importlib.import_module("app")
 
 
+def call(app, path: str, method: str = "GET", body: bytes = b"", cookie: str = "",
+         length: str | None = None) -> tuple[str, dict[str, str], bytes]:
+    """One request to the WSGI app: (status line, cookies it set (name -> full Set-Cookie), body)."""
+    env = {"PATH_INFO": path, "REQUEST_METHOD": method, "CONTENT_LENGTH": str(len(body)) if length is None else length,
+           "wsgi.input": io.BytesIO(body), "HTTP_COOKIE": cookie}
+    seen: list = []
+    out = b"".join(app.application(env, lambda s, h: seen.append((s, h))))
+    status, headers = seen[0]
+    return status, {v.split("=", 1)[0]: v for k, v in headers if k == "Set-Cookie"}, out
+
+
+def form(app) -> tuple[str, str]:
+    """(Cookie header, CSRF token) as a browser has them after loading the sign-up form."""
+    _, cookies, body = call(app, "/app")
+    token = re.search(rb"name=csrf value=([0-9a-f]{32})", body).group(1).decode()
+    return "; ".join(v.split(";", 1)[0] for v in cookies.values()), token
+
+
 def post_signup(app, email: str) -> tuple[str, bytes]:
-    body = f"email={email}".encode()
-    env = {"PATH_INFO": "/signup", "REQUEST_METHOD": "POST", "CONTENT_LENGTH": str(len(body)), "wsgi.input": io.BytesIO(body)}
-    status: list[str] = []
-    out = b"".join(app.application(env, lambda s, h: status.append(s)))
-    return status[0], out
+    cookie, token = form(app)
+    status, _, out = call(app, "/signup", "POST", f"email={email}&csrf={token}".encode(), cookie)
+    return status, out
 
 
 # --- tests ----------------------------------------------------------------------------------------------------------
@@ -527,3 +545,37 @@ def test_migrations_apply_once_in_order_and_a_failure_names_the_file(dsn, tmp_pa
     assert query(dsn, "select count(*) from schema_migrations") == [(2,)]
     assert query(dsn, "select count(*) from information_schema.columns where column_name = 'plan'") == [(0,)]
     assert query(dsn, "select count(*) from information_schema.tables where table_name = 'later'") == [(0,)]
+
+
+def test_demo_app_form_csrf_validation_and_sessions(dsn, monkeypatch):
+    """What the demo app teaches: CSRF token on the form, validated addresses, 400/413 for bad bodies
+    (never a 500), sessions that expire, no start without SECRET_KEY."""
+    app = load_app(monkeypatch)
+    cookie, token = form(app)
+    _, cookies, _ = call(app, "/app")
+    assert "SameSite=Strict" in cookies["csrf"] and "SameSite=Lax" in cookies["session"]
+    # No token, a wrong one, or a token without its cookie: refused.
+    assert call(app, "/signup", "POST", b"email=a@example.test", cookie)[0].startswith("403")
+    assert call(app, "/signup", "POST", b"email=a@example.test&csrf=" + b"0" * 32, cookie)[0].startswith("403")
+    assert call(app, "/signup", "POST", f"email=a@example.test&csrf={token}".encode())[0].startswith("403")
+    # Addresses: one @, a dot in the domain, at most 254 characters.
+    for bad in ("no-at-sign", "two@@example.test", "a@nodot", "a b@example.test", "x" * 60 + "@" + "d" * 190 + ".test"):
+        status, _, _ = call(app, "/signup", "POST", f"email={bad}&csrf={token}".encode(), cookie)
+        assert status.startswith("400"), (bad, status)
+    # Malformed bodies: a 400 or 413, not a 500.
+    assert call(app, "/signup", "POST", b"\xff\xfe", cookie)[0].startswith("400")
+    assert call(app, "/signup", "POST", b"x", cookie, length="many")[0].startswith("400")
+    assert call(app, "/signup", "POST", b"e" * 9000, cookie)[0].startswith("413")
+    assert call(app, "/signup", "POST", f"email=ok@example.test&csrf={token}".encode(), cookie)[0].startswith("201")
+    assert query(dsn, "select email from signups") == [("ok@example.test",)]
+    # Sessions expire: a session older than SESSION_MAX_AGE starts again at visit 1.
+    session = app.sign(f"abcd:41:{int(time.time()) - app.SESSION_MAX_AGE - 5}")
+    assert b"Visit 1 in" in call(app, "/app", cookie=f"session={session}")[2]
+    fresh = app.sign(f"abcd:41:{int(time.time()) - 60}")
+    assert b"Visit 42 in" in call(app, "/app", cookie=f"session={fresh}")[2]
+    assert b"Visit 1 in" in call(app, "/app", cookie="session=abcd:41:0.forged")[2]
+    # No SECRET_KEY: it refuses to start.
+    monkeypatch.delenv("SECRET_KEY")
+    sys.modules.pop("app", None)
+    with pytest.raises(SystemExit, match="SECRET_KEY is not set"):
+        importlib.import_module("app")
