@@ -190,7 +190,8 @@ def validated_file(
     parent = str(Path(dest).parent)
     if not host.get_fact(Directory, path=parent):
         yield StringCommand("mkdir", "-p", QuoteString(parent))
-    yield from _upload(data, staged)
+    # A file others may not read never exists readable, not even staged (a secret: a key, a password).
+    yield from _upload(data, staged, private=mode[-1] in "0")
     steps = [
         StringCommand("chown", f"{user}:{group}", QuoteString(staged)),
         StringCommand("chmod", mode, QuoteString(staged)),
@@ -356,10 +357,35 @@ def _write_drift(path: str, run_state: Any) -> None:
     Path(path).write_text(json.dumps(out, indent=2) + "\n")
 
 
-def _upload(data: bytes, dest: str):
+def _upload(data: bytes, dest: str, private: bool = False):
+    """Put ``data`` at ``dest``. ``private``: never a readable copy on the way (pyinfra's upload goes
+    through a 0644 file in the login user's temp directory): the content is piped, base64-encoded,
+    into a file created under umask 077 (0600 root), and never appears in a command line."""
+    import base64
+
     from pyinfra.api.command import FileUploadCommand
 
-    yield FileUploadCommand(io.BytesIO(data), dest)
+    if private:
+        yield stdin_command(f"umask 077 && base64 -d > {shlex.quote(dest)}", base64.encodebytes(data).decode())
+    else:
+        yield FileUploadCommand(io.BytesIO(data), dest)
+
+
+def stdin_command(command: str, data: str, timeout: int = 120) -> Any:
+    """A command (run as root) that reads ``data`` on its standard input: for secrets, which must not
+    show in any process's arguments (``/proc/<pid>/cmdline`` is readable by every local user)."""
+    from pyinfra import logger
+    from pyinfra.api.command import FunctionCommand
+
+    def run(state: Any, host: Any) -> bool:
+        sudo = host.data.get("ssh_user", "root") != "root"
+        factcache.host_changed(host)
+        ok, out = host.run_shell_command(StringCommand(command), _sudo=sudo, _stdin=data, _timeout=timeout)
+        if not ok:
+            logger.error(f"    [{host.name}] `{command}` (input on stdin) failed: {out.stderr.strip()[-500:]}")
+        return ok
+
+    return FunctionCommand(run, (), {})
 
 
 def owed_action(name: str, command: str, swaps: Sequence[OperationMeta], hint: str = "") -> OperationMeta:

@@ -13,12 +13,12 @@ import ipaddress
 from pathlib import Path
 
 from pyinfra import host
-from pyinfra.api import OperationError, QuoteString, StringCommand, deploy, operation
+from pyinfra.api import OperationError, deploy, operation
 from pyinfra.facts.files import File
 from pyinfra.facts.server import LinuxDistribution, Sysctl
 from pyinfra.operations import apt, files, server, systemd
 
-from roles._lib import config, owed_action, template_file
+from roles._lib import config, owed_action, stdin_command, template_file
 from roles.base import _release, mail
 from roles.base.facts import Container, ShadowHash, WeakSshModuli
 from roles.base.settings import BaseSettings
@@ -109,7 +109,8 @@ def password_hash(user: str, hashed):
     if host.get_fact(ShadowHash, user=user) == hashed.unmask():
         host.noop(f"password of {user} is set")
         return
-    yield StringCommand("usermod", "-p", QuoteString(hashed), user)
+    # On stdin (chpasswd -e), not as usermod -p's argument: every local user can read process arguments.
+    yield stdin_command("chpasswd -e", f"{user}:{hashed.unmask()}\n")
 
 
 @deploy("Base: packages, time, journal")

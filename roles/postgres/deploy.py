@@ -17,7 +17,7 @@ from pyinfra.api import FactBase, HiddenValue, OperationError, QuoteString, Stri
 from pyinfra.api.operation import OperationMeta
 from pyinfra.operations import apt, postgres, server, systemd
 
-from roles._lib import PENDING_DIR, barrier, config, owed_action, render, template_file, unit_file, validated_file
+from roles._lib import PENDING_DIR, barrier, config, owed_action, render, stdin_command, template_file, unit_file, validated_file
 from roles.base.deploy import codename
 from roles.postgres import backup, scram
 from roles.postgres._release import VERSION, paths
@@ -238,7 +238,8 @@ def login_role(role: str, password: HiddenValue, replication: bool = False):
     verb = "ALTER" if role in current else "CREATE"
     attrs = "LOGIN REPLICATION" if replication else "LOGIN"
     sql = f"{verb} ROLE \"{role}\" {attrs} PASSWORD '{scram.verifier(plain)}'"
-    yield psql(StringCommand(QuoteString(HiddenValue(sql))))
+    # The statement on psql's stdin: a verifier in its arguments would show in the process list.
+    yield stdin_command("runuser -u postgres -- psql -X -q -v ON_ERROR_STOP=1 -d postgres", sql + ";\n")
 
 
 def run_sql(name: str, sql: str) -> OperationMeta:

@@ -157,3 +157,18 @@ def test_migrations_run_once_before_the_first_switch(site):
     switches = [step for n, step in at.items() if n.startswith("Rolling step | Switch current -> ")]
     assert at[migrations[0]] < min(switches)
     assert "-p EnvironmentFile=/etc/webstack/webapp.env" in site and "sh -c 'python3 -m migrate'" in site
+
+
+def test_no_secret_is_in_a_command_or_a_readable_upload(site):
+    """Every secret reaches the servers on a command's stdin (files created 0600 under umask 077,
+    chpasswd -e, psql reading its statement): none is in a command line (readable by every local user
+    in /proc/*/cmdline) or in a file uploaded through a world-readable temp file."""
+    from tests.unit.simulate import _fixed_secrets
+
+    for name, value in _fixed_secrets().items():
+        if name.endswith("_cert"):  # a certificate is public
+            continue
+        lines = [line.strip() for line in value.strip().splitlines() if len(line.strip()) >= 12 and "-----" not in line]
+        for line in lines[:3]:
+            assert line not in site, f"secret {name} appears in the site plan"
+    assert "usermod -p" not in site
