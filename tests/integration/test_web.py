@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import re
 import shutil
 import socket
 import ssl
@@ -226,10 +227,12 @@ def test_bad_release_stops_at_the_first_server(converged, tmp_path):
 
 
 def test_database_down_during_a_rollout_stops_it_at_the_first_server(converged, tmp_path):
-    """The primary database stops as the rollout starts (its pre-rollout hook stops it): app1's
-    health check, which queries the database, fails with the new release, so app1 stays drained
-    and app2 is not touched; pages without database work keep answering. With the database back,
-    the same rollout finishes, and a rollback returns both servers to the release they had."""
+    """The primary database stops as the rollout starts (its pre-rollout hook stops it), under load on
+    a page without database work. With a migration to run (the lab's app__migrate_command), the
+    migration fails and no server is switched or drained. Without one, app1's health check (it
+    queries the database) fails with the new release: app1 stays drained, app2 is not touched. No
+    request fails either way. With the database back, the rollout finishes, and a rollback returns
+    both servers to the release they had."""
     v3 = tmp_path / "demoapp-v3"
     shutil.copytree(ROOT / "examples" / "demoapp", v3)
     with open(v3 / "app.py", "a") as f:
@@ -237,10 +240,18 @@ def test_database_down_during_a_rollout_stops_it_at_the_first_server(converged, 
     db = yaml.safe_load((ROOT / "inventories" / "lab" / "group_data" / "pg_main.yml").read_text())["postgres__primary"]
     unit = "postgresql@17-main"  # cluster main runs on Debian 13
     stop = f"{BIN / 'python'} -m lab exec {db} -- sudo systemctl stop {unit}"
-    inv = inventory_copy(tmp_path, f"app__source: {v3}\napp__health_timeout: 15\napp__pre_rollout_hook: \"{stop}\"\n")
+    hook = f"app__pre_rollout_hook: \"{stop}\"\n"
+    inv = inventory_copy(tmp_path, f"app__source: {v3}\napp__health_timeout: 15\n{hook}")
+    app_yml = inv.parent / "lab" / "group_data" / "app.yml"
     before = {a: release_of(a) for a in APPS}
     try:
         with SteadyClient(path="/ping", interval=0.05, limit=300) as client:
+            migrating = run(str(BIN / "pyinfra"), "-y", str(inv), "deploys/rollout.py", "--limit", "web", check=False)
+            assert migrating.returncode != 0 and "no server was switched" in migrating.output, migrating.output[-3000:]
+            assert {a: release_of(a) for a in APPS} == before
+            assert not any(drained_on(lb, a) for lb in LBS for a in APPS)
+            host(db).run(f"systemctl start {unit}")
+            app_yml.write_text(re.sub(r"(?m)^app__migrate_command:.*$", 'app__migrate_command: ""', app_yml.read_text()))
             first = run(str(BIN / "pyinfra"), "-y", str(inv), "deploys/rollout.py", "--limit", "web", check=False)
         assert first.returncode != 0 and f"{APPS[0]} is not healthy with release" in first.output, first.output[-3000:]
         assert release_of(APPS[0]) != before[APPS[0]] and release_of(APPS[1]) == before[APPS[1]]
@@ -248,8 +259,7 @@ def test_database_down_during_a_rollout_stops_it_at_the_first_server(converged, 
         assert len(client.results) > 50 and client.failures() == []
     finally:
         host(db).run(f"systemctl start {unit}")
-    (inv.parent / "lab" / "group_data" / "app.yml").write_text(
-        (inv.parent / "lab" / "group_data" / "app.yml").read_text().replace(f"app__pre_rollout_hook: \"{stop}\"\n", ""))
+    app_yml.write_text(app_yml.read_text().replace(hook, ""))
     done = run(str(BIN / "pyinfra"), "-y", str(inv), "deploys/rollout.py", "--limit", "web")
     assert f"Put {APPS[0]} back" in done.output or not any(drained_on(lb, APPS[0]) for lb in LBS)
     assert release_of(APPS[0]) == release_of(APPS[1]) != before[APPS[0]]
