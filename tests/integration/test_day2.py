@@ -130,3 +130,52 @@ def test_removing_the_load_balancer_holding_the_vip_is_refused(converged, tmp_pa
     assert "no load balancer of the inventory holds it" in refused.output and "systemctl stop keepalived" in refused.output
     assert host(other).check_output("cat /etc/keepalived/keepalived.conf") == before
     assert MACHINES[holder]["address"] in before
+
+
+SNOOP = r"""end=$(( $(date +%s) + 300 ))
+while [ "$(date +%s)" -lt "$end" ] && [ ! -e /tmp/snoop-stop ]; do
+    for f in /proc/[0-9]*/cmdline; do tr '\000' ' ' < "$f" 2>/dev/null; echo; done
+    find /tmp /var/tmp /dev/shm /etc/webstack /etc/pgbackrest /var/lib/postgresql /srv /root -maxdepth 4 \
+        -type f -readable -size -256k ! -path '/tmp/snoop*' -exec cat {} + 2>/dev/null
+    sleep 0.02
+done | awk '!seen[$0]++' > /var/tmp/snoop-seen/all
+"""
+
+
+def test_a_rotated_password_is_never_readable_by_another_local_user(converged, tmp_path):
+    """An unprivileged user on a database server and an application server reads every process's
+    arguments and every file it can in the temporary and target directories, over and over, while
+    the application's database password is rotated (new SCRAM verifier on db1, new environment file
+    on the application servers). It never sees the password or the verifier."""
+    inv = inventory_copy(tmp_path)
+    new = "rotated-" + __import__("secrets").token_hex(16)
+    done = __import__("subprocess").run([str(BIN / "webstack"), "secrets", "set", str(inv.parent / "lab"),
+                                         "postgres_password_app"], input=new, text=True, capture_output=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    watched = ("db1", "app1")
+    for name in watched:
+        h = host(name)
+        h.check_output("id snoop >/dev/null 2>&1 || useradd --system --shell /usr/sbin/nologin snoop; "
+                       "rm -rf /var/tmp/snoop-seen /tmp/snoop-stop; install -d -o snoop -m 700 /var/tmp/snoop-seen")
+        h.check_output(f"cat > /var/tmp/snoop.sh <<'EOF'\n{SNOOP}EOF\nchmod 755 /var/tmp/snoop.sh")
+        h.check_output("systemctl stop snoop 2>/dev/null; systemctl reset-failed snoop 2>/dev/null; "
+                       "systemd-run --unit=snoop --uid=snoop --collect sh /var/tmp/snoop.sh")
+    try:
+        out = deploy(inv, "site", "--limit", "db1", "--limit", "app", "--limit", "worker").output
+        assert "Role app" in out
+        verifier = host("db1").check_output(
+            "runuser -u postgres -- psql -XAtc \"select rolpassword from pg_authid where rolname = 'app'\"")
+        assert verifier.startswith("SCRAM-SHA-256$")
+    finally:
+        for name in watched:
+            host(name).run("touch /tmp/snoop-stop")
+    for name in watched:
+        h = host(name)
+        wait_for(lambda h=h: h.run("systemctl is-active -q snoop").rc != 0, 30, f"the snoop on {name} did not stop")
+        seen = h.check_output("wc -c < /var/tmp/snoop-seen/all")
+        assert int(seen) > 1000, f"the snoop on {name} saw nothing: the test proves nothing"
+        for needle in (new, verifier.split("$", 2)[-1]):
+            found = h.run(f"grep -c -F -e {needle!r} /var/tmp/snoop-seen/all")
+            assert found.stdout.strip() == "0", f"an unprivileged user on {name} read a secret"
+    # Back to the committed password.
+    site("--limit", "db1", "--limit", "app", "--limit", "worker")
