@@ -11,6 +11,10 @@ client requesting a page every 20 ms:
 3. back to the lab's release.
 Prints the seconds of 1 and 2 per round, their medians and the failed requests. Results are
 also written to bench/results/rollout-<time>.json.
+
+``--bad-releases N``: afterwards, N rollouts of a release that answers 500 everywhere (its
+health check included), each followed by the rollback the run prints, under the same client:
+the requests that failed (goal: 0) and the seconds until the rollout stopped.
 """
 
 from __future__ import annotations
@@ -34,11 +38,42 @@ from lab.probe import SteadyClient, host  # noqa: E402
 BIN = Path(sys.executable).parent
 
 
-def rollout(inv: Path) -> float:
+def rollout(inv: Path, check: bool = True) -> float:
     start = time.monotonic()
     subprocess.run([str(BIN / "pyinfra"), "-y", str(inv), "deploys/rollout.py", "--limit", "web"], cwd=ROOT,
-                   check=True, capture_output=True, text=True)
+                   check=check, capture_output=True, text=True)
     return time.monotonic() - start
+
+
+def bad_release(tmp: Path, n: int) -> tuple[float, int, int]:
+    """Roll out a release whose every page (its /healthz too) answers 500, then roll app1 back as the
+    run says: (seconds until the rollout stopped, requests, failed requests)."""
+    import re
+
+    bad = tmp / f"bad{n}"
+    shutil.copytree(ROOT / "examples" / "demoapp", bad)
+    app = (bad / "app.py").read_text()
+    (bad / "app.py").write_text(app.replace('    if path == "/healthz":\n', (
+        '    if path:  # a broken release\n'
+        '        start_response("500 Internal Server Error", [("Content-Type", "text/plain")])\n'
+        '        return [b"broken\\n"]\n'
+        '    if path == "/healthz":\n'), 1))
+    inv = inventory(tmp, f"b{n}", bad)
+    with open(inv.parent / "lab" / "group_data" / "app.yml", "a") as f:
+        f.write("app__health_timeout: 15\n")
+    with SteadyClient(interval=0.02, limit=900) as client:
+        start = time.monotonic()
+        out = subprocess.run([str(BIN / "pyinfra"), "-y", str(inv), "deploys/rollout.py", "--limit", "web"],
+                             cwd=ROOT, capture_output=True, text=True)
+        stopped = time.monotonic() - start
+        if out.returncode == 0:
+            sys.exit("the bad release was rolled out")
+        back = re.search(r"deploys/rollback\.py (.*?--data release=\S+)", out.stdout + out.stderr)
+        if not back:
+            sys.exit(f"no rollback command in the output:\n{(out.stdout + out.stderr)[-2000:]}")
+        subprocess.run([str(BIN / "pyinfra"), "-y", "inventories/lab.py", "deploys/rollback.py",
+                        *back.group(1).split()], cwd=ROOT, check=True, capture_output=True, text=True)
+    return stopped, len(client.results), len(client.failures())
 
 
 def inventory(tmp: Path, name: str, source: Path) -> Path:
@@ -53,6 +88,7 @@ def inventory(tmp: Path, name: str, source: Path) -> Path:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--bad-releases", type=int, default=0)
     args = parser.parse_args()
     plain_s, migrate_s, failed, requests = [], [], 0, 0
     with tempfile.TemporaryDirectory(prefix="webstack-rollout-") as tmp_dir:
@@ -73,13 +109,18 @@ def main() -> int:
             failed += len(client.failures())
             requests += len(client.results)
             print(f"round {n + 1}: without migration {plain_s[-1]:.1f} s, with one {migrate_s[-1]:.1f} s", flush=True)
+        bad = [bad_release(tmp, n) for n in range(args.bad_releases)]
+        for n, (stopped, sent, lost) in enumerate(bad):
+            print(f"bad release {n + 1}: stopped after {stopped:.1f} s; {sent} requests, {lost} failed", flush=True)
     drops = "; ".join(f"alter table signups drop column if exists bench_{n}" for n in range(args.rounds))
     host("db1").run(f"runuser -u postgres -- psql -XAtq -d app -c \"{drops}; delete from schema_migrations "
                     "where version like '900_bench_%'\"")
     result = {"rounds": args.rounds, "without_migration_s": [round(x, 1) for x in plain_s],
-              "with_migration_s": [round(x, 1) for x in migrate_s], "requests": requests, "failed": failed}
-    print(f"median: without {statistics.median(plain_s):.1f} s, with {statistics.median(migrate_s):.1f} s; "
-          f"{requests} page requests meanwhile, {failed} failed")
+              "with_migration_s": [round(x, 1) for x in migrate_s], "requests": requests, "failed": failed,
+              "bad_releases": [{"stopped_s": round(a, 1), "requests": b, "failed": c} for a, b, c in bad]}
+    if plain_s:
+        print(f"median: without {statistics.median(plain_s):.1f} s, with {statistics.median(migrate_s):.1f} s; "
+              f"{requests} page requests meanwhile, {failed} failed")
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
     (out / f"rollout-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.json").write_text(json.dumps(result, indent=2))
