@@ -78,6 +78,22 @@ def firewall_rules(cfg: HostConfig) -> tuple[list[dict], list[str]]:
     return sets, rules
 
 
+def backup_host_logins(cfg: HostConfig) -> list[str]:
+    """``AllowUsers`` of a backup host: the operators (and root while it may log in) from the admin
+    networks, each repository account from its cluster's members and drill hosts only. A database
+    host (or a key stolen from one) gets no shell there, whatever account it tries. Empty elsewhere."""
+    from roles.backup.deploy import account
+
+    if "backup" not in cfg.roles:
+        return []
+    base = cfg.settings(BaseSettings)
+    people = [u.name for u in base.admin_users] + (["root"] if base.ssh_permit_root_login else [])
+    out = [f"{who}@{net}" for who in people for net in base.admin_networks]
+    for cluster, addresses in topology(cfg).backup_clients(cfg.name).items():
+        out += [f"{account(cluster)}@{address}" for address in addresses]
+    return out
+
+
 def sshd_context(cfg: HostConfig, release: str, host_keys: list[str]) -> dict:
     """Template variables of sshd_config for a host on a Debian release."""
     from roles.backup.deploy import sftp_match_blocks
@@ -93,6 +109,7 @@ def sshd_context(cfg: HostConfig, release: str, host_keys: list[str]) -> dict:
         "permit_root_login": "prohibit-password" if base.ssh_permit_root_login else "no",
         "tcp_forwarding": "yes" if base.ssh_tcp_forwarding else "no",
         "sftp_accounts": sftp_match_blocks(cfg),
+        "allow_users": backup_host_logins(cfg),
         # Exempting "everywhere" would switch the penalties off: only narrower admin networks are listed.
         "penalty_exempt": [n for n in base.admin_networks if n not in ("0.0.0.0/0", "::/0")]
         if _release.SSH_PENALTIES.get(release, True) else [],

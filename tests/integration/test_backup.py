@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 import pytest
 import yaml
 
+from lab.probe import KEY
 from roles.postgres.retention import Backup, add, expire
 from tests.integration.conftest import (
     BIN,
@@ -156,6 +157,17 @@ def test_repository_account_is_sftp_only_inside_its_chroot(converged):
     shell = db1.run(f"runuser -u postgres -- ssh -v {opts} pgbr-main@10.77.0.51 id </dev/null")
     assert "Authenticated to 10.77.0.51" in shell.stderr  # the key works...
     assert "uid=" not in shell.stdout  # ...but the forced internal-sftp runs no command
+    # An operator's key stolen onto a database host opens nothing on backup1: from there, sshd lets in
+    # the repository account only (AllowUsers).
+    db1.check_output(f"install -m 600 /dev/null /root/stolen && cat > /root/stolen <<'EOF'\n{KEY.read_text()}EOF")
+    try:
+        stolen = db1.run("ssh -i /root/stolen -o UserKnownHostsFile=/etc/pgbackrest/sftp_known_hosts "
+                         "-o StrictHostKeyChecking=yes -o BatchMode=yes ops@10.77.0.51 id </dev/null")
+    finally:
+        db1.run("rm -f /root/stolen")
+    assert stolen.rc != 0 and "uid=" not in stolen.stdout
+    assert "not listed in AllowUsers" in host_for("backup1").check_output(
+        "journalctl -u ssh --no-pager -n 50 | grep -F 'User ops from 10.77.0.31' || true")
     # A host that is neither a member nor a drill host never reaches backup1's sshd.
     probe = host_for("app1").run(
         "python3 -c \"import socket; s=socket.socket(); s.settimeout(2); print(s.connect_ex(('10.77.0.51', 22)))\"")

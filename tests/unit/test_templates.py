@@ -71,6 +71,13 @@ def test_sshd_config_is_hardened(hosts, release):
         assert lines["AuthenticationMethods"] == "publickey"
         assert "diffie-hellman-group14-sha1" not in lines["KexAlgorithms"]
         assert "hmac-sha1" not in lines["MACs"] and "cbc" not in lines["Ciphers"]
+        # The backup host: operators from the admin networks, repository accounts from their clusters only.
+        if cfg.name == "backup1" and _env == "lab":
+            assert lines["AllowUsers"].split() == [
+                "ops@10.77.0.1/32", "pgbr-legacy@10.77.0.33", "pgbr-legacy@10.77.0.34", "pgbr-legacy@10.77.0.71",
+                "pgbr-main@10.77.0.31", "pgbr-main@10.77.0.32", "pgbr-main@10.77.0.71"], lines["AllowUsers"]
+        elif _env == "lab":
+            assert "AllowUsers" not in lines
         # OpenSSH 9.8+ only: the narrow admin networks are exempt from PerSourcePenalties.
         exempt = lines.get("PerSourcePenaltyExemptList")
         if _env == "lab":
