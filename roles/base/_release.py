@@ -42,7 +42,15 @@ SYSCTLS = (
     ("kernel.dmesg_restrict", "1"),
     ("fs.protected_hardlinks", "1"),
     ("fs.protected_symlinks", "1"),
+    ("fs.suid_dumpable", "0"),
+    ("net.ipv4.conf.all.log_martians", "1"),
+    ("net.ipv4.conf.default.log_martians", "1"),
 )
+
+# Kernel modules a server of this stack never needs (CIS 1.1.1, 3.4): rare network protocols and
+# filesystems, USB storage. "install ... /bin/false" also stops a load on demand.
+DISABLED_MODULES = ("dccp", "sctp", "rds", "tipc", "cramfs", "freevxfs", "hfs", "hfsplus", "jffs2", "udf",
+                    "usb-storage")
 
 PACKAGES = ("sudo", "openssh-server", "nftables", "chrony", "unattended-upgrades", "needrestart", "tzdata", "ca-certificates")
 

@@ -18,7 +18,7 @@ from pyinfra.facts.files import File
 from pyinfra.facts.server import LinuxDistribution, Sysctl
 from pyinfra.operations import apt, files, server, systemd
 
-from roles._lib import config, owed_action, stdin_command, template_file
+from roles._lib import config, owed_action, stdin_command, template_file, validated_file
 from roles.base import _release, mail
 from roles.base.facts import Container, ShadowHash, WeakSshModuli
 from roles.base.settings import BaseSettings
@@ -110,6 +110,7 @@ def sshd_context(cfg: HostConfig, release: str, host_keys: list[str]) -> dict:
         "tcp_forwarding": "yes" if base.ssh_tcp_forwarding else "no",
         "sftp_accounts": sftp_match_blocks(cfg),
         "allow_users": backup_host_logins(cfg),
+        "banner": bool(base.login_banner.strip()),
         # Exempting "everywhere" would switch the penalties off: only narrower admin networks are listed.
         "penalty_exempt": [n for n in base.admin_networks if n not in ("0.0.0.0/0", "::/0")]
         if _release.SSH_PENALTIES.get(release, True) else [],
@@ -224,6 +225,9 @@ def sshd() -> None:
             commands=["awk '$1 ~ /^#/ || $5 >= 3071' /etc/ssh/moduli > /etc/ssh/moduli.new"
                       " && mv /etc/ssh/moduli.new /etc/ssh/moduli"],
         )
+    banner = cfg.settings(BaseSettings).login_banner.strip()
+    for path in ("/etc/issue", "/etc/issue.net"):
+        validated_file(name=f"Login banner {path}", dest=path, content=f"{banner}\n" if banner else "")
     swap = template_file(
         "base/etc/ssh/sshd_config.j2", "/etc/ssh/sshd_config",
         validate="sshd -t -f {}", owes="reload-ssh", **sshd_context(cfg, release, host_keys),
@@ -246,6 +250,8 @@ def firewall_and_sysctl() -> None:
         owed_action("apply-nftables", "nft -f /etc/nftables.conf", [swap])
 
     in_container = bool(host.get_fact(Container))
+    template_file("base/etc/modprobe.d/webstack-hardening.conf.j2", "/etc/modprobe.d/webstack-hardening.conf",
+                  modules=_release.DISABLED_MODULES)
     template_file("base/etc/sysctl.d/60-webstack.conf.j2", "/etc/sysctl.d/60-webstack.conf",
                   sysctls=_release.SYSCTLS)
     # Kept before server.sysctl (which checks too): one fact for all keys, not a fact and an operation per key on every run.

@@ -45,6 +45,8 @@ class BaseSettings:
     ssh_port: int = setting(22, "port sshd listens on")
     ssh_permit_root_login: bool = setting(False, "allow root over SSH (keys only); off once onboarded")
     ssh_tcp_forwarding: bool = setting(False, "allow SSH TCP forwarding (tunnels)")
+    login_banner: str = setting("Authorised access only. Activity on this system is logged and may be reported.",
+                                "text shown before login (/etc/issue, /etc/issue.net, the SSH banner); empty: none")
     firewall_enabled: bool = setting(True, "manage nftables with default-deny inbound")
     firewall_openings: tuple[Opening, ...] = setting((), "extra inbound openings beyond those roles derive")
     unattended_upgrades: bool = setting(True, "install security updates daily (unattended-upgrades)")

@@ -273,7 +273,7 @@ def test_backup_host_gets_public_keys_never_the_passphrase(cfgs):
     assert [b["user"] for b in blocks] == ["pgbr-legacy", "pgbr-main"]
     sshd = render("base/etc/ssh/sshd_config.j2", port=22, host_keys=[], kex=[], ciphers=[], macs=[],
                   host_key_algorithms=[], permit_root_login="no", tcp_forwarding="no", sftp_accounts=blocks,
-                  penalty_exempt=[], allow_users=[])
+                  penalty_exempt=[], allow_users=[], banner=False)
     assert "Match User pgbr-main\n    ChrootDirectory /srv/pgbackrest/main\n    ForceCommand internal-sftp" in sshd
     # SSH to the backup host: the admin networks, plus each cluster's members and the drill hosts.
     sets, _rules = firewall_rules(vault)
