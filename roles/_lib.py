@@ -366,7 +366,9 @@ def _upload(data: bytes, dest: str, private: bool = False):
     from pyinfra.api.command import FileUploadCommand
 
     if private:
-        yield stdin_command(f"umask 077 && base64 -d > {shlex.quote(dest)}", base64.encodebytes(data).decode())
+        # rm first: umask applies to new files only, and a leftover staged file may be readable.
+        yield stdin_command(f"rm -f {shlex.quote(dest)} && umask 077 && base64 -d > {shlex.quote(dest)}",
+                            base64.encodebytes(data).decode())
     else:
         yield FileUploadCommand(io.BytesIO(data), dest)
 

@@ -166,13 +166,17 @@ def breaches(now: float, stanza: dict[str, Any], archiver: dict[str, Any], ready
 SEGMENT = re.compile(r"([0-9A-F]{8})([0-9A-F]{8})([0-9A-F]{8})(?![.]partial)")
 
 
-def archive_gaps(names: list[str], start: str, timeline: int, pending: set[str], segment_size: int) -> list[str]:
+def archive_gaps(names: list[str], start: str, timeline: int, pending: set[str], segment_size: int,
+                 ancestors: dict[int, int] | None = None) -> list[str]:
     """Ranges of WAL segments missing from the archive between ``start`` (the segment the newest
     backup needs first) and the newest archived one: point-in-time recovery from that backup
-    cannot cross them. A segment counts as archived on ``timeline`` or any lower one (its
-    ancestors), so a timeline switch is no gap; partial segments do not count. ``pending``:
-    segment names still waiting in pg_wal for the archive (late, not lost)."""
+    cannot cross them. A segment counts as archived on ``timeline``, or on an ancestor timeline
+    up to the segment where that timeline ended (``ancestors``: timeline -> its last segment
+    number, from the timeline history file), so a timeline switch is no gap, while what a
+    former primary archived past its fork (or a sibling timeline) fills nothing; partial
+    segments do not count. ``pending``: segment names still waiting in pg_wal (late, not lost)."""
     per_log = 0x100000000 // segment_size
+    ancestors = ancestors or {}
 
     def number(name: str) -> int:
         return int(name[8:16], 16) * per_log + int(name[16:24], 16)
@@ -180,8 +184,11 @@ def archive_gaps(names: list[str], start: str, timeline: int, pending: set[str],
     present = set()
     for path in names:
         found = SEGMENT.match(path.rsplit("/", 1)[-1])
-        if found and int(found.group(1), 16) <= timeline:
-            present.add(number(found.group(0)))
+        if not found:
+            continue
+        tli, n = int(found.group(1), 16), number(found.group(0))
+        if tli == timeline or (tli in ancestors and n <= ancestors[tli]):
+            present.add(n)
     present |= {number(name) for name in pending}
     first = number(start)
     newest = max((n for n in present if n >= first), default=None)
@@ -244,8 +251,31 @@ def gaps(stanza: str, st: dict[str, Any]) -> list[str]:
     row = psql("select ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int, "
                "(select setting from pg_settings where name = 'wal_segment_size')").split("|")
     data = psql("show data_directory")
-    pending = {os.path.basename(p)[:24] for p in glob.glob(f"{data}/pg_wal/archive_status/*.ready")}
-    return archive_gaps(list(listing), start, int(row[0]), pending, int(row[1]))
+    pending = {name[:24] for name in (os.path.basename(p) for p in glob.glob(f"{data}/pg_wal/archive_status/*.ready"))
+               if SEGMENT.match(name)}
+    timeline, segment_size = int(row[0]), int(row[1])
+    return archive_gaps(list(listing), start, timeline, pending, segment_size,
+                        ancestors_of(f"{data}/pg_wal/{timeline:08X}.history", segment_size))
+
+
+def ancestors_of(history_file: str, segment_size: int) -> dict[int, int]:
+    """Timeline -> the number of the segment where it ended, from a timeline history file (empty on
+    timeline 1, which has none)."""
+    out: dict[int, int] = {}
+    try:
+        text = open(history_file).read()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 2 and fields[0].isdigit() and "/" in fields[1]:
+            hi, lo = fields[1].split("/")
+            lsn = (int(hi, 16) << 32) + int(lo, 16)
+            # The switch point is where the next record would start: a switch exactly at a segment
+            # boundary ends the timeline in the segment before.
+            last = (lsn - 1) // segment_size
+            out[int(fields[0])] = last
+    return out
 
 
 def local_only(cfg: Config) -> list[str]:
@@ -360,24 +390,29 @@ def cmd_restore(args: argparse.Namespace) -> int:
         print(f"no usable backup of {args.stanza}: {stanza.get('status') or raw.stderr.strip()}", file=sys.stderr)
         return 1
     old = data + ".webstack-pre-restore"
+    doomed = data + ".webstack-restored-over"  # the previous directory once a restore succeeded
 
-    def put_back() -> None:
+    def put_back(start: bool = True) -> None:
         subprocess.call(["systemctl", "stop", service])
         shutil.rmtree(data, ignore_errors=True)
         if os.path.exists(old):
             os.rename(old, data)
-            subprocess.call(["systemctl", "start", service])
+            if start:
+                subprocess.call(["systemctl", "start", service])
 
     def roll_back(why: str) -> int:
         print(f"restore failed ({why}): putting the previous data directory back", file=sys.stderr)
         put_back()
         return 1
 
+    if os.path.lexists(doomed):
+        shutil.rmtree(doomed)  # an earlier restore succeeded but was cut off while deleting it
     if os.path.exists(old):
         # An earlier restore was interrupted (its machine rebooted, its unit was killed) before it
-        # finished or rolled back: finish that rollback first, then start afresh.
+        # finished or rolled back: finish that rollback first (the server stays stopped), then
+        # start afresh.
         print(f"{old} is left by an interrupted restore: putting it back first", file=sys.stderr, flush=True)
-        put_back()
+        put_back(start=False)
     subprocess.run(["systemctl", "stop", service], check=True)
     if os.path.exists(data):
         os.rename(data, old)
@@ -409,7 +444,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
                     "-c", "ALTER SYSTEM RESET recovery_target"], check=True)
     subprocess.run(["timeout", "600", "systemctl", "restart", service], check=True)  # recovery_* need a restart
     if os.path.lexists(old):
-        shutil.rmtree(old)
+        os.rename(old, doomed)  # renamed first: a cut during the deletion leaves no directory to put back
+        shutil.rmtree(doomed)
     print(json.dumps({"restored": args.stanza, "target": args.time or "latest", "seconds": round(time.time() - started, 1)}))
     return 0
 

@@ -38,6 +38,7 @@ if not os.environ.get("SECRET_KEY"):
 SECRET = os.environ["SECRET_KEY"].encode()
 SESSION_MAX_AGE = int(os.environ.get("SESSION_MAX_AGE", str(12 * 3600)))
 MAX_BODY = 8 * 1024
+CSRF_COOKIE = "__Host-csrf"
 # One @, no spaces, a dot in the domain; 254 characters at most (RFC 5321's path limit).
 EMAIL = re.compile(r"[^@\s]{1,64}@[^@\s]+\.[^@\s.]+")
 # How long a write waits for a primary while the cluster changes its primary (a switchover
@@ -124,7 +125,10 @@ def application(environ, start_response):
     # The load balancer adds Secure and HttpOnly; SameSite is the application's choice.
     headers.append(("Set-Cookie", f"session={sign(f'{sid}:{visits}:{started}')}; Path=/; Max-Age={SESSION_MAX_AGE}; "
                                   "SameSite=Lax"))
-    csrf = cookie["csrf"].value if "csrf" in cookie and re.fullmatch(r"[0-9a-f]{32}", cookie["csrf"].value) else None
+    # __Host-: the browser keeps it only as set by this very host over HTTPS (Secure, Path=/, no Domain),
+    # so a sibling subdomain cannot plant a token of its own (cookie tossing).
+    held = cookie[CSRF_COOKIE].value if CSRF_COOKIE in cookie else ""
+    csrf = held if re.fullmatch(r"[0-9a-f]{32}", held) else None
     if path == "/signup" and method == "POST":
         try:
             size = int(environ.get("CONTENT_LENGTH") or 0)
@@ -159,7 +163,7 @@ def application(environ, start_response):
     if path in ("/app", "/signup"):
         if not csrf:
             csrf = secrets.token_hex(16)
-            headers.append(("Set-Cookie", f"csrf={csrf}; Path=/; SameSite=Strict"))
+            headers.append(("Set-Cookie", f"{CSRF_COOKIE}={csrf}; Path=/; Secure; SameSite=Strict"))
         start_response("200 OK", headers)
         form = (f'<form method=post action=/signup><input type=hidden name=csrf value={csrf}>'
                 '<input name=email type=email maxlength=254 required><button>Sign up</button></form>')

@@ -331,8 +331,10 @@ def reload_command(version: str, defer_restart: bool = False) -> str:
     q = "runuser -u postgres -- psql -XAt -c"
     loaded = f"{q} 'select pg_conf_load_time()'"
     restart = f"touch {PENDING_DIR}/restart-postgres" if defer_restart else f"systemctl restart {p.service}"
-    # A setting waiting for the restart shows as "setting could not be applied": not an error.
-    bad = "error is not null and error <> 'setting could not be applied'"
+    # A setting waiting for the restart shows as "setting could not be applied": no error when that
+    # setting is pending_restart (PostgreSQL words a rejected value the same way).
+    bad = ("error is not null and not (error = 'setting could not be applied' and lower(name) in "
+           "(select name from pg_settings where pending_restart))")
     return (
         f"t=$({loaded}) && systemctl reload {p.service} && n=0 && "
         f"until [ \"$({loaded})\" != \"$t\" ]; do n=$((n+1)); "

@@ -23,7 +23,7 @@ from pyinfra.api import OperationError
 from pyinfra.operations import python, server
 
 from roles import audit
-from roles._lib import barrier, config, fault_point, options, owed_action, root_shell, template_file
+from roles._lib import barrier, config, dry_run, fault_point, options, owed_action, root_shell, template_file
 from roles.base.deploy import codename
 from roles.options import FailoverOptions, RejoinOptions, SwitchoverOptions
 from roles.postgres import backup
@@ -39,8 +39,9 @@ from roles.postgres.deploy import (
     ensure_slots,
     reload_command,
     slot_name,
+    sync_standbys,
 )
-from roles.postgres.facts import PROMOTED, primary_probe
+from roles.postgres.facts import PROMOTED, PgStreamingStandbys, primary_probe
 from roles.postgres.settings import PostgresSettings
 from roles.topology import topology
 from webstack.inventory import HostConfig
@@ -225,8 +226,8 @@ def switch(cfg: HostConfig, version: str, old: str, target: str, write_inventory
     # Synchronous: the new primary does not wait for the old one until it streams again (its
     # commits would hang meanwhile, for ever if the control machine died in between).
     future = with_primary(cfg, target)
-    others = ([m.name for m in topology(cfg).cluster_peers(target) if m.name != old]
-              if pg.synchronous and host.name == target else None)
+    # (Other standbys still follow the old primary until repointed: none is waited for meanwhile.)
+    others = [] if pg.synchronous and host.name == target else None
     conf = _configure(future, version, force=again, standbys=others)
     if host.name == target:
         owed_action("reload-postgres", reload_command(version), [conf],
@@ -485,13 +486,15 @@ def rejoin() -> None:
         new, record = recorded
         if host.name == new:
             logger.warning(f"webstack: {new} recorded its promotion ({record}); the inventory still names {pg.primary}")
-            _inventory_change(cfg, pg.primary, new, options(RejoinOptions).write_inventory)
+            _inventory_change(cfg, pg.primary, new, options(RejoinOptions).write_inventory and not dry_run())
         cfg = with_primary(cfg, new)
         pg = cfg.settings(PostgresSettings)
     p = paths(version)
     if host.name == pg.primary:
-        # Its configuration as the primary (a switchover killed after the promotion never wrote it).
-        owed_action("reload-postgres", reload_command(version), [_configure(cfg, version)])
+        # Its configuration as the primary (a switchover killed after the promotion never wrote it),
+        # synchronous only with members that can acknowledge now (never the one rejoining).
+        standbys = sync_standbys(cfg, states, host.get_fact(PgStreamingStandbys))
+        owed_action("reload-postgres", reload_command(version), [_configure(cfg, version, standbys=standbys)])
         ensure_slots(cfg, unconditional=True)
     barrier(name="Primary has slots", label=f"rejoin to {pg.primary}")
     if host.name == pg.primary:
@@ -513,6 +516,7 @@ def rejoin() -> None:
         return
     python.call(name=f"Look for transactions {pg.primary} never received", function=_check_divergence,
                 version=version, me=inventory.get_host(host.name), primary=inventory.get_host(pg.primary),
+                primary_timeline=int((_live(states.get(pg.primary)) or {}).get("timeline") or 0),
                 discard=options(RejoinOptions).discard_divergent)
     # WAL the rewind needs from before the fork may be recycled already on this server (its crash
     # recovery, run by pg_rewind first, checkpoints): with backups it is fetched from the archive.
@@ -554,40 +558,60 @@ def fork_point(history: str, timeline: int) -> str | None:
     return None
 
 
-def commits_in(waldump: str) -> tuple[int, str, str]:
-    """(commit records, first LSN, last LSN) in pg_waldump output ('' LSNs when it holds no record)."""
-    lsns = re.findall(r"\blsn: ([0-9A-F]+/[0-9A-F]+)", waldump)
-    commits = len(re.findall(r"desc: COMMIT\b", waldump))
-    return commits, (lsns[0] if lsns else ""), (lsns[-1] if lsns else "")
-
-
-def _check_divergence(version: str, me: Any, primary: Any, discard: bool) -> None:
+def _check_divergence(version: str, me: Any, primary: Any, primary_timeline: int, discard: bool) -> None:
     """Before pg_rewind: does this former primary hold WAL past the point where the new primary's
     timeline forked from its own? Records there are what pg_rewind throws away. They are saved
     (pg_waldump's listing and the WAL segments) under DIVERGENT; committed transactions among
-    them stop the rejoin unless the operator said ``discard_divergent=yes``."""
+    them, or any doubt (WAL that cannot be read, a timeline the primary's history does not
+    hold), stop the rejoin unless the operator said ``discard_divergent=yes``."""
     p = paths(version)
     _sh(me, f"systemctl stop {p.service}", timeout=600)  # a split-brain survivor may still run
     control = _sh(me, f"LC_ALL=C {p.bin}/pg_controldata {p.data}")
     found = re.search(r"Latest checkpoint's TimeLineID:\s+(\d+)", control)
     if not found:
         raise OperationError(f"{me.name}: no timeline in pg_controldata output")
-    own = int(found.group(1))
+    # The checkpoint's timeline lags a promotion until the next checkpoint: the newest history
+    # file the server wrote itself is the timeline it was on.
+    own = max([int(found.group(1))] + [int(f[:8], 16) for f in _sh(me, f"ls {p.data}/pg_wal").split()
+                                       if re.fullmatch(r"[0-9A-F]{8}[.]history", f)])
+
+    def refuse_or_warn(what: str) -> None:
+        if not discard:
+            raise OperationError(f"rejoin: {what}. pg_rewind could discard transactions: check first, then "
+                                 "rerun with --data discard_divergent=yes")
+        logger.warning(f"webstack: {what}; going on (discard_divergent=yes)")
+
     history = _sh(primary, f"cd {p.data}/pg_wal && f=$(ls | grep '^[0-9A-F]\\{{8\\}}[.]history$' | sort | tail -n 1); "
                            "[ -n \"$f\" ] && cat \"$f\" || true")
     fork = fork_point(history, own)
     if fork is None:
-        if not history or own > max(int(line.split()[0]) for line in history.splitlines() if line.split()):
-            logger.info(f"    [{me.name}] on timeline {own}, not behind a fork of {primary.name}'s: nothing diverged")
+        if own == primary_timeline:
+            logger.info(f"    [{me.name}] on {primary.name}'s timeline {own}: nothing diverged")
             return
-        raise OperationError(f"rejoin: {me.name} is on timeline {own}, which {primary.name}'s history does not hold")
+        refuse_or_warn(f"{me.name} is on timeline {own}, which {primary.name}'s history (timeline "
+                       f"{primary_timeline}) does not hold: it may have taken writes {primary.name} never saw")
+        return
     stamp = time.strftime("%Y%m%dT%H%M%S")
     keep = f"{DIVERGENT}/{stamp}-timeline{own}"
-    listing = _sh(me, (
+    # Counted on the server (the listing can be long); pg_waldump's own errors are kept: only the
+    # normal end of the WAL is no error.
+    out = _sh(me, (
         f"install -d -m 0700 -o postgres -g postgres {keep} && cd {keep} && "
-        f"runuser -u postgres -- {p.bin}/pg_waldump -p {p.data}/pg_wal -t {own} -s {fork} > waldump.txt 2>/dev/null; "
-        "cat waldump.txt"), timeout=600)
-    commits, first, last = commits_in(listing)
+        f"runuser -u postgres -- {p.bin}/pg_waldump -p {p.data}/pg_wal -t {own} -s {fork} "
+        "> waldump.txt 2> waldump.err; "
+        "echo \"commits=$(grep -c 'desc: COMMIT' waldump.txt)\"; "
+        "echo \"first=$(grep -o -m1 'lsn: [0-9A-F/]*' waldump.txt | cut -c6-)\"; "
+        "echo \"last=$(grep -o 'lsn: [0-9A-F/]*' waldump.txt | tail -n 1 | cut -c6-)\"; "
+        "echo \"error=$(tr '\\n' ' ' < waldump.err)\""), timeout=600)
+    facts = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+    commits, first, last, error = int(facts.get("commits") or 0), facts.get("first", ""), facts.get("last", ""), \
+        facts.get("error", "")
+    end_of_wal = any(x in error for x in ("invalid record length", "could not find a valid record",
+                                          "invalid magic number", "record with incorrect prev-link",
+                                          "contrecord is requested", "invalid resource manager ID"))
+    if error.strip() and not end_of_wal:
+        refuse_or_warn(f"{me.name}'s WAL past the fork point {fork} on timeline {own} cannot be read "
+                       f"({error.strip()[-200:]}); what it holds is unknown")
     if not first:
         _sh(me, f"rm -rf {keep}; rmdir {DIVERGENT} 2>/dev/null || true")
         logger.info(f"    [{me.name}] no WAL past the fork point {fork} on timeline {own}")

@@ -127,7 +127,9 @@ def restore_unit_command(p: RestorePlan, argv: list[str]) -> str:
              f"systemd-run --quiet --unit={unit} --wait --collect --property=Type=exec {props} {shlex.join(argv)}")
     attach = (f"echo 'a restore started earlier still runs ({unit}): waiting for it'; "
               f"while systemctl is-active -q {unit}; do sleep 2; done")
-    return (f"if systemctl is-active -q {unit}; then {attach}; else {start}; fi; "
+    # ExecStopPost writes the result while the unit is already "deactivating": wait for the file.
+    settle = f"for i in $(seq 60); do [ -s {result} ] && break; sleep 0.5; done"
+    return (f"if systemctl is-active -q {unit}; then {attach}; else {start}; fi; {settle}; "
             f"if [ \"$(cat {result} 2>/dev/null)\" = success ]; then journalctl -u {unit} --no-pager -o cat -n 1; exit 0; fi; "
             f"journalctl -u {unit} --no-pager -o cat -n 30 >&2; echo \"{unit}: $(cat {result} 2>/dev/null || "
             "echo no result)\" >&2; exit 1")

@@ -45,11 +45,11 @@ def test_https_headers_and_cookie_flags(converged):
     assert headers["strict-transport-security"] == "max-age=63072000; includeSubDomains"
     assert headers["x-content-type-options"] == "nosniff" and headers["x-frame-options"] == "DENY"
     cookies = {line.split("=", 1)[0]: line for line in headers["set-cookie"].splitlines()}
-    assert set(cookies) == {"session", "csrf"}
+    assert set(cookies) == {"session", "__Host-csrf"}
     assert all("; Secure" in c and "; HttpOnly" in c for c in cookies.values()), cookies
     # SameSite as the application set it: the load balancer never weakens Strict to Lax.
     assert "SameSite=Lax" in cookies["session"] and "Max-Age=" in cookies["session"]
-    assert "SameSite=Strict" in cookies["csrf"] and "Lax" not in cookies["csrf"]
+    assert "SameSite=Strict" in cookies["__Host-csrf"] and "Lax" not in cookies["__Host-csrf"]
     assert headers["x-served-by"] in APPS
 
 

@@ -506,12 +506,29 @@ def test_archive_gaps_name_missing_segments_after_the_newest_backup_only():
     assert agent.archive_gaps(names, "000000010000000000000002", 1, set(), seg) == ["000000010000000000000004"]
     # Still waiting in pg_wal (.ready): late, not lost.
     assert agent.archive_gaps(names, "000000010000000000000002", 1, {"000000010000000000000004"}, seg) == []
-    # A timeline switch is no gap: segments of the parent timeline count; a partial one does not.
+    # A timeline switch is no gap: segments of the parent timeline count up to its end (timeline 1
+    # ended in segment 4: the history file says 0/4000100); a partial one does not.
     switched = [*names[:3], "0000000100000000/000000010000000000000004.partial-x.gz",
                 "0000000200000000/000000020000000000000004-b.gz", "0000000200000000/000000020000000000000006-c.gz"]
-    assert agent.archive_gaps(switched, "000000010000000000000002", 2, set(), seg) == ["000000020000000000000005"]
-    # Segments of a later (foreign) timeline do not fill a gap of this one; ranges are joined.
+    ancestors = {1: 4}
+    assert agent.archive_gaps(switched, "000000010000000000000002", 2, set(), seg, ancestors) == [
+        "000000020000000000000005"]
+    # What the old primary archived past its fork fills no gap of the new timeline, nor does a
+    # sibling timeline's segment.
+    late = [*switched, "0000000100000000/000000010000000000000005-d.gz", "0000000300000000/000000030000000000000005-e.gz"]
+    assert agent.archive_gaps(late, "000000010000000000000002", 2, set(), seg, ancestors) == ["000000020000000000000005"]
+    # Without its history, the parent timeline counts for nothing: the whole stretch before the switch is missing.
+    assert agent.archive_gaps(switched, "000000010000000000000002", 2, set(), seg) == [
+        "000000020000000000000002..000000020000000000000003", "000000020000000000000005"]
+    # Segments of a later (foreign) timeline do not fill a gap of this one.
     assert agent.archive_gaps(switched, "000000010000000000000002", 1, set(), seg) == []
     far = [*names, "0000000100000000/00000001000000010000000A-d.gz"]
     assert agent.archive_gaps(far, "000000010000000000000005", 1, set(), seg) == [
         "000000010000000000000007..000000010000000100000009"]  # across a log boundary (...FF -> next log)
+
+
+def test_ancestors_come_from_the_timeline_history_file(tmp_path):
+    history = tmp_path / "00000003.history"
+    history.write_text("1\t0/4000100\tno recovery target specified\n\n2\t0/7000000\tno recovery target specified\n")
+    assert agent.ancestors_of(str(history), 16 * 1024 * 1024) == {1: 4, 2: 6}
+    assert agent.ancestors_of(str(tmp_path / "missing.history"), 16 * 1024 * 1024) == {}

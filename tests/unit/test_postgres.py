@@ -105,19 +105,12 @@ def test_inventory_change_finds_the_primary_in_the_old_primarys_host_file(make_i
     assert (inv / "host_data" / "db2.yml").read_text() == "postgres__primary: db2\n"
 
 
-def test_divergence_helpers_read_history_files_and_waldump():
-    from roles.postgres.orchestrate import commits_in, fork_point, fork_segment
+def test_divergence_helpers_read_history_files():
+    from roles.postgres.orchestrate import fork_point, fork_segment
 
     history = "1\t0/3000148\tno recovery target specified\n\n2\t0/5000A0\tno recovery target specified\n"
     assert fork_point(history, 1) == "0/3000148" and fork_point(history, 2) == "0/5000A0"
     assert fork_point(history, 3) is None
-    dump = ("rmgr: Heap        len (rec/tot):     59/    59, tx:        771, lsn: 0/05000028, prev 0/05000000, desc: INSERT\n"
-            "rmgr: Transaction len (rec/tot):     34/    34, tx:        771, lsn: 0/05000068, prev 0/05000028, "
-            "desc: COMMIT 2026-12-03 14:00:00.1 UTC\n"
-            "rmgr: Standby     len (rec/tot):     50/    50, tx:          0, lsn: 0/05000090, prev 0/05000068, "
-            "desc: RUNNING_XACTS nextXid 772\n")
-    assert commits_in(dump) == (1, "0/05000028", "0/05000090")
-    assert commits_in("") == (0, "", "")
     assert fork_segment("0/50000A0") == "0000000000000005" and fork_segment("1/FF000000") == "00000001000000FF"
 
 

@@ -553,7 +553,7 @@ def test_demo_app_form_csrf_validation_and_sessions(dsn, monkeypatch):
     app = load_app(monkeypatch)
     cookie, token = form(app)
     _, cookies, _ = call(app, "/app")
-    assert "SameSite=Strict" in cookies["csrf"] and "SameSite=Lax" in cookies["session"]
+    assert "SameSite=Strict" in cookies["__Host-csrf"] and "SameSite=Lax" in cookies["session"]
     # No token, a wrong one, or a token without its cookie: refused.
     assert call(app, "/signup", "POST", b"email=a@example.test", cookie)[0].startswith("403")
     assert call(app, "/signup", "POST", b"email=a@example.test&csrf=" + b"0" * 32, cookie)[0].startswith("403")
