@@ -419,7 +419,9 @@ def apply(restoring: bool = False) -> None:
                           interval=2)
     watch_unit = unit_file(WATCH, render("postgres/etc/systemd/system/webstack-pg-watch.service.j2"),
                            owes="daemon-reload")
-    owed_action("daemon-reload", "systemctl daemon-reload", [dropin, fence, watch_unit])
+    started = template_file("postgres/usr/local/lib/webstack/pg-started.j2", "/usr/local/lib/webstack/pg-started",
+                            mode="755", validate="sh -n {}")
+    owed_action("daemon-reload", "systemctl daemon-reload", [dropin, fence, watch_unit, started])
     systemd.service(name=f"{p.service} enabled", service=p.service, enabled=True, running=True)
     systemd.service(name=f"{WATCH} enabled", service=WATCH, enabled=True, running=True)
     owed_action("restart-pg-watch", f"systemctl restart {WATCH}", [watch, watch_unit])
