@@ -227,7 +227,7 @@ def switch(cfg: HostConfig, version: str, old: str, target: str, write_inventory
     # commits would hang meanwhile, for ever if the control machine died in between).
     future = with_primary(cfg, target)
     # (Other standbys still follow the old primary until repointed: none is waited for meanwhile.)
-    others = [] if pg.synchronous and host.name == target else None
+    others: list[str] | None = [] if pg.synchronous and host.name == target else None
     conf = _configure(future, version, force=again, standbys=others)
     if host.name == target:
         owed_action("reload-postgres", reload_command(version), [conf],
