@@ -386,7 +386,8 @@ def apply(restoring: bool = False) -> None:
 
     apt.packages(name="Install PostgreSQL", packages=["postgresql", "postgresql-client"])
     memory = host.get_fact(MemTotalMb)
-    standbys = sync_standbys(cfg, states, host.get_fact(PgStreamingStandbys)) if is_primary else None
+    streaming = host.get_fact(PgStreamingStandbys) if is_primary else []
+    standbys = sync_standbys(cfg, states, streaming) if is_primary else None
     if is_primary and pg.synchronous and not standbys:
         logger.warning(f"webstack: {cfg.name} runs asynchronously: no other member of cluster {pg.cluster} can "
                        "acknowledge a commit now (rejoin the former primary, then run site.py again)")
@@ -429,7 +430,9 @@ def apply(restoring: bool = False) -> None:
     # The primary's work comes first in this file, so on a first run its
     # slots exist and its new configuration is live before a replica clones.
     if is_primary:
-        reload = owed_action("reload-postgres", reload_command(version, defer_restart=True), [conf, hba])
+        # With replicas streaming, a restart the new settings need waits until they took theirs (below);
+        # on a first deploy (none streams yet: they clone from it next) the primary restarts at once.
+        reload = owed_action("reload-postgres", reload_command(version, defer_restart=bool(streaming)), [conf, hba])
         login_role(name="Role replicator", role="replicator", replication=True,
                    password=cfg.secret("postgres_password_replicator"))
         if not host.get_fact(PgRewindGrants):
