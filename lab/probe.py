@@ -181,9 +181,12 @@ class SteadyClient:
     """
 
     def __init__(self, path: str = "/app", interval: float = 0.05, limit: float = 300, timeout: float = 2.0,
-                 address: str | None = None):
+                 address: str | None = None, retry_reset: bool = False):
         self.path, self.interval, self.limit, self.timeout = path, interval, limit, timeout
         self.address = address  # None: the VIP
+        # As a browser does: a GET whose connection was reset before any answer (a VIP that moved
+        # while it was in flight) is sent once more; the request fails if that fails too.
+        self.retry_reset, self.resets = retry_reset, 0
         self.results: list[tuple[float, bool, str]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -200,7 +203,13 @@ class SteadyClient:
         while not self._stop.is_set() and time.monotonic() < end:
             start = time.monotonic()
             try:
-                status, headers, _ = https(self.path, timeout=self.timeout, address=self.address)
+                try:
+                    status, headers, _ = https(self.path, timeout=self.timeout, address=self.address)
+                except (ConnectionResetError, http.client.RemoteDisconnected):
+                    if not self.retry_reset:
+                        raise
+                    self.resets += 1
+                    status, headers, _ = https(self.path, timeout=self.timeout, address=self.address)
                 self.results.append((start, 200 <= status < 300, f"{status} {headers.get('x-served-by', '')}"))
             except (OSError, http.client.HTTPException) as exc:
                 self.results.append((start, False, type(exc).__name__))
