@@ -360,11 +360,12 @@ def pyinfra_groups(inventory_file: str, catalog: Catalog | None = None) -> dict[
     """
     from pyinfra.api.exceptions import PyinfraError
 
-    from webstack import factcache, nodelay
+    from webstack import factcache, fastops, nodelay
     from webstack.catalog import discover
     from webstack.options import check_command_line
 
     factcache.install()
+    fastops.install()
     nodelay.install()
     catalog = catalog or discover()
     inv = Path(inventory_file).resolve().with_suffix("")

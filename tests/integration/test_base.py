@@ -46,6 +46,16 @@ def test_second_site_run_changes_nothing(converged):
     assert int(second["no_change"]) > 100
 
 
+def test_fast_users_fact_prints_what_pyinfras_prints(release_machine):
+    """webstack.fastops's one-awk ``Users`` command against pyinfra's loop, byte for byte."""
+    from webstack import fastops
+
+    target = host_for(release_machine)
+    slow = target.check_output(fastops.pyinfra_users_command())
+    fast = target.check_output(fastops.USERS_COMMAND)
+    assert slow == fast and "\nops:" in slow, slow
+
+
 def test_secret_never_printed(converged):
     hashes = [line.split(":")[1] for line in
               host_for("spare1").check_output("getent shadow ops").splitlines()]

@@ -1,0 +1,60 @@
+"""webstack.fastops gives the answers of the pyinfra helpers it replaces."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pyinfra
+from pyinfra.api import Config, Inventory, State
+from pyinfra.api import util as pyinfra_util
+from pyinfra.api.arguments import AllArguments
+from pyinfra.facts.server import Users
+
+from webstack import fastops
+
+# the originals, taken before install() swaps them
+ORIGINAL_ORDER = pyinfra_util.get_operation_order_from_stack
+
+
+def _state(deploy_file: str | None) -> State:
+    state = State(Inventory((["web1"], {})), Config())
+    state.current_deploy_filename = deploy_file
+    state.current_op_file_number = 7
+    return state
+
+
+def _nested(state: State, depth: int) -> tuple[list[int], list[int]]:
+    if depth:
+        return _nested(state, depth - 1)
+    return ORIGINAL_ORDER(state), fastops.operation_order_from_stack(state)
+
+
+def test_operation_order_is_pyinfras_with_and_without_the_deploy_file_on_the_stack(monkeypatch):
+    monkeypatch.setattr(pyinfra, "is_cli", True)
+    # this file stands in for the deploy file: the line numbers from its first frame on count
+    for deploy_file in (__file__, None, "deploys/elsewhere.py"):
+        slow, fast = _nested(_state(deploy_file), 3)
+        # the two calls sit on the same line of _nested; pyinfra's own frame is skipped in both
+        assert slow == fast and slow[0] == 7, deploy_file
+    slow, fast = _nested(_state(__file__), 2)
+    assert len(slow) > 3  # the test's own frames are there: the comparison compared something
+
+
+def test_global_argument_hints_are_pyinfras_and_a_fresh_list_each_call():
+    from typing import get_type_hints
+
+    from pyinfra.api import arguments
+
+    fastops.install()
+    first = arguments.all_global_arguments()
+    assert first == list(get_type_hints(AllArguments).items()) and first
+    first.clear()
+    assert arguments.all_global_arguments()
+
+
+def test_the_fast_users_command_prints_what_pyinfras_prints_here():
+    slow = subprocess.run(["sh", "-c", fastops.pyinfra_users_command()], capture_output=True, text=True).stdout
+    fast = subprocess.run(["sh", "-c", fastops.USERS_COMMAND], capture_output=True, text=True).stdout
+    assert slow == fast and slow.count("\n") >= 3
+    fastops.install()
+    assert Users().command() == fastops.USERS_COMMAND

@@ -1,0 +1,124 @@
+"""The same answers as two pyinfra helpers, without the control machine's CPU they cost.
+
+Profiled on a no-change site run of the 15-host lab (py-spy, ``bench/nochange.py``), a quarter
+of the control machine's CPU went to one line per operation call: pyinfra orders operations by
+the line numbers of the call stack, and takes them with ``inspect.stack()``, which for every
+frame of every call looks the module up and reads its source file to build a line of context
+that is then thrown away. Another 7% went to ``typing.get_type_hints`` evaluating the same
+annotations of pyinfra's global arguments on every operation and fact call.
+
+- ``get_operation_order_from_stack``: the same walk over the same frames with the same
+  filenames (a frame's ``co_filename``, which is what ``getframeinfo`` reports for a source
+  file) and line numbers, without reading sources.
+- ``all_global_arguments``: computed once; the annotations of a class defined at import do
+  not change.
+
+And one on the servers: pyinfra's ``Users`` fact (asked of every host by the admin accounts)
+runs about a dozen processes per account in ``/etc/passwd`` (``grep``, ``cut``, ``id``,
+``lastlog``, ``tr`` in backticks): 140-210 ms of a lab server's CPU, a third of a base-only
+host's whole no-change run. ``USERS_COMMAND`` prints the same lines with one ``awk``, one
+``getent group`` and one ``lastlog``:
+
+- the ``/etc/passwd`` line, and the ``/etc/shadow`` password field, as pyinfra reads them;
+- the primary group's name and the ``id -Gn`` list (the primary group, then every group that
+  names the account as a member, in ``getent group`` order, once per id), through NSS as ``id``;
+- the account's ``lastlog`` row with runs of spaces squeezed (``tr -s ' '``), or nothing
+  where ``lastlog`` is gone (Debian 13).
+
+The fast command and pyinfra's print the same bytes on both Debian releases
+(``tests/integration/test_nochange.py`` compares them on every lab host), for ordinary
+account databases: a name that is a regular expression, duplicated or containing a backslash
+is out of scope (pyinfra's own loop misreads those too).
+
+Both Python helpers are checked against pyinfra's own in ``tests/unit/test_fastops.py``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from types import FrameType
+from typing import Any
+
+_INSTALLED: list[bool] = []
+_ORIGINAL: dict[str, Any] = {}
+
+USERS_COMMAND = r"""awk -F: '
+BEGIN {
+    while (("getent group" | getline line) > 0) {
+        split(line, g, ":")
+        if (!(g[3] in gname)) gname[g[3]] = g[1]
+        ng++; gid[ng] = g[3]; members[ng] = "," g[4] ","
+    }
+    while (("lastlog 2>/dev/null" | getline line) > 0) {
+        gsub(/ +/, " ", line)
+        split(line, f, " ")
+        if (f[1] != "Username" && !(f[1] in last)) last[f[1]] = line
+    }
+    while ((getline line < "/etc/shadow") > 0) {
+        split(line, s, ":")
+        if (!(s[1] in password)) password[s[1]] = s[2]
+    }
+}
+$1 != "" {
+    primary = ($4 in gname) ? gname[$4] : $4
+    list = primary
+    split("", seen); seen[$4] = 1
+    for (k = 1; k <= ng; k++)
+        if (!(gid[k] in seen) && index(members[k], "," $1 ",")) {
+            seen[gid[k]] = 1
+            list = list " " gname[gid[k]]
+        }
+    print $0 "|" primary "|" list "|" last[$1] "|" password[$1]
+}' /etc/passwd"""
+
+
+def operation_order_from_stack(state: Any) -> list[int]:
+    """pyinfra.api.util.get_operation_order_from_stack, walking frames instead of ``inspect.stack()``."""
+    import pyinfra
+    from pyinfra.api.util import PYINFRA_INSTALL_DIR
+
+    frames = []
+    frame: FrameType | None = sys._getframe(1)  # the caller's (pyinfra's operation wrapper) and outwards
+    while frame is not None:
+        frames.append((frame.f_code.co_filename, frame.f_lineno))
+        frame = frame.f_back
+    frames.reverse()  # outermost first, as pyinfra reverses inspect.stack()
+
+    start = 0
+    if state.current_deploy_filename:
+        # pyinfra's loop, not finding it, ends on its own frame (innermost, inside pyinfra): nothing follows
+        start = next((n for n, (filename, _) in enumerate(frames) if filename == state.current_deploy_filename),
+                     len(frames))
+
+    line_numbers = [state.current_op_file_number] if pyinfra.is_cli else []
+    line_numbers.extend(lineno for filename, lineno in frames[start:] if not filename.startswith(PYINFRA_INSTALL_DIR))
+    return line_numbers
+
+
+def pyinfra_users_command() -> str:
+    """pyinfra's own command for ``Users`` (to compare with ``USERS_COMMAND``)."""
+    from pyinfra.facts.server import Users
+
+    return str(_ORIGINAL.get("users", Users.command)(Users()))
+
+
+def install() -> None:
+    """Swap the two helpers in where pyinfra calls them (idempotent)."""
+    if _INSTALLED:
+        return
+    from pyinfra.api import arguments, facts
+    from pyinfra.facts.server import Users
+
+    hints = arguments.all_global_arguments()
+
+    def all_global_arguments() -> list[tuple[str, type]]:
+        return list(hints)
+
+    arguments.all_global_arguments = all_global_arguments  # type: ignore[assignment]
+    facts.all_global_arguments = all_global_arguments  # type: ignore[assignment]  # imported by name there
+    # pyinfra.api exports the decorator under the module's name: the module itself, by path
+    importlib.import_module("pyinfra.api.operation").get_operation_order_from_stack = operation_order_from_stack
+    _ORIGINAL["users"] = Users.command
+    Users.command = lambda self: USERS_COMMAND  # type: ignore[method-assign]
+    _INSTALLED.append(True)
