@@ -118,7 +118,8 @@ def install() -> None:
     arguments.all_global_arguments = all_global_arguments  # type: ignore[assignment]
     facts.all_global_arguments = all_global_arguments  # type: ignore[assignment]  # imported by name there
     # pyinfra.api exports the decorator under the module's name: the module itself, by path
-    importlib.import_module("pyinfra.api.operation").get_operation_order_from_stack = operation_order_from_stack
+    operation_module: Any = importlib.import_module("pyinfra.api.operation")
+    operation_module.get_operation_order_from_stack = operation_order_from_stack
     _ORIGINAL["users"] = Users.command
     Users.command = lambda self: USERS_COMMAND  # type: ignore[method-assign]
     _INSTALLED.append(True)
