@@ -29,8 +29,11 @@ import hashlib
 import importlib
 import json
 import os
+import re
 import sys
 import uuid
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -179,8 +182,59 @@ def parse(stdout_lines: list[str], marker: str, count: int) -> dict[int, tuple[i
     return out
 
 
+UNIT_NAME = re.compile(r"^[A-Za-z0-9@._:-]+$")  # a plain unit name: no glob, nothing to quote
+_SYSTEMD_PROPERTIES = ("Id", "SubState", "UnitFileState")
+
+
+def _systemd_mergeable(fact: Any, fact_kwargs: dict[str, Any]) -> list[str] | None:
+    """The unit names of a ``SystemdStatus``/``SystemdEnabled`` question that one shared
+    ``systemctl show`` can answer (system manager, plain names), else None."""
+    from pyinfra.facts.systemd import SystemdEnabled, SystemdStatus
+
+    if type(fact) not in (SystemdStatus, SystemdEnabled) or fact.state_key not in _SYSTEMD_PROPERTIES:
+        return None
+    if fact_kwargs.get("user_mode") or fact_kwargs.get("machine") or fact_kwargs.get("user_name"):
+        return None
+    services = fact_kwargs.get("services")
+    services = [services] if isinstance(services, str) else services
+    if not isinstance(services, list) or not services or not all(
+            isinstance(s, str) and UNIT_NAME.match(s) for s in services):
+        return None
+    return services
+
+
+def systemd_command(units: list[str]) -> str:
+    """One ``systemctl show`` of every property the merged questions read, for ``units`` in order."""
+    properties = " ".join(f"--property {p}" for p in _SYSTEMD_PROPERTIES)
+    return f"systemctl show --all {properties} {' '.join(units)}"
+
+
+def systemd_lines(lines: list[str], units: list[str], services: list[str], state_key: str) -> list[str] | None:
+    """What ``systemctl show --all --property Id --property <state_key> <services>`` alone prints,
+    cut from the shared command's output for ``units`` (one block per unit, in order, blank lines
+    between; systemd prints the properties of a block in its own order whatever was asked)."""
+    blocks: list[list[str]] = [[]]
+    for line in lines:
+        if line == "":
+            blocks.append([])
+        else:
+            blocks[-1].append(line)
+    if len(blocks) != len(units):
+        return None
+    keep = ("Id=", f"{state_key}=")
+    out: list[str] = []
+    for n, service in enumerate(services):
+        if n:
+            out.append("")
+        out.extend(line for line in blocks[units.index(service)] if line.startswith(keep))
+    return out
+
+
 def prefetch(state: Any, host: Any, items: list[dict[str, Any]], key_of: Any) -> dict[tuple[str, ...], Any]:
-    """Ask ``items`` of ``host`` in one command; {fact cache key: answer} for those that answered."""
+    """Ask ``items`` of ``host`` in one command; {fact cache key: answer} for those that answered.
+
+    The ``SystemdStatus``/``SystemdEnabled`` questions (two per managed unit, ~8 ms of a server's
+    CPU each) share one ``systemctl show``; each gets the lines its own command prints."""
     from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS, pop_global_arguments
     from pyinfra.api.command import StringCommand
     from pyinfra.api.facts import FactBase, _handle_fact_kwargs, _make_command
@@ -190,7 +244,10 @@ def prefetch(state: Any, host: Any, items: list[dict[str, Any]], key_of: Any) ->
     defaults, _ = pop_global_arguments(state, host, {})
     signature = connector_signature(dict(defaults))
     executor = {k: v for k, v in defaults.items() if k in CONNECTOR_ARGUMENT_KEYS}
-    wanted: list[tuple[tuple[str, ...], Any, str]] = []
+    commands: list[str] = []
+    # per command: (cache key, fact, the lines of this fact's own command from the command's lines)
+    readers: list[list[tuple[tuple[str, ...], Any, Callable[[list[str]], list[str] | None]]]] = []
+    systemd: list[tuple[tuple[str, ...], Any, list[str]]] = []
     for item in items:
         cls = _load_class(str(item.get("cls", "")))
         if cls is None or not issubclass(cls, FactBase) or item.get("conn") != signature or getattr(cls, "volatile", False):
@@ -206,27 +263,45 @@ def prefetch(state: Any, host: Any, items: list[dict[str, Any]], key_of: Any) ->
             requires = _make_command(fact.requires_command, dict(fact_kwargs))
         except Exception:  # noqa: BLE001 - a recorded call that no longer fits the class: skipped
             continue
+        services = _systemd_mergeable(fact, dict(fact_kwargs))
+        if services is not None:
+            systemd.append((key, fact, services))
+            continue
         text = command.get_raw_value() if isinstance(command, StringCommand) else str(command)
         if requires:  # as pyinfra guards it: a missing binary prints the marker, left to pyinfra
-            text = f"if command -v {requires} >/dev/null 2>&1; then ( {text}\n); else echo '{MISSING}'; fi"
-        wanted.append((key, fact, text))
-    if not wanted:
+            text = _guarded(str(requires), text)
+        commands.append(text)
+        readers.append([(key, fact, lambda lines: lines)])
+    if systemd:
+        units = list(dict.fromkeys(u for _, _, services in systemd for u in services))
+        commands.append(_guarded("systemctl", systemd_command(units)))
+        readers.append([(key, fact, partial(systemd_lines, units=units, services=services, state_key=fact.state_key))
+                        for key, fact, services in systemd])
+    if not commands:
         return {}
     marker = f"WSF{uuid.uuid4().hex[:12]}"
     try:
-        status, output = host.run_shell_command(StringCommand(script([w[2] for w in wanted], marker)),
+        status, output = host.run_shell_command(StringCommand(script(commands, marker)),
                                                 print_output=False, print_input=False, **executor)
     except Exception:  # noqa: BLE001 - e.g. output that is not UTF-8: pyinfra asks fact by fact and reports it
         return {}
     if not status:
         return {}
     answers: dict[tuple[str, ...], Any] = {}
-    for i, (code, lines) in parse(output.stdout_lines, marker, len(wanted)).items():
-        key, fact, _ = wanted[i]
+    for i, (code, lines) in parse(output.stdout_lines, marker, len(commands)).items():
         if code != 0 or lines == [MISSING]:
             continue  # pyinfra asks it again and reports its error (or the missing binary) as it would
-        try:
-            answers[key] = fact.process(lines) if lines else fact.default()
-        except Exception:  # noqa: BLE001 - pyinfra asks it again and reports its FactProcessError
-            continue
+        for key, fact, read in readers[i]:
+            own = read(lines)
+            if own is None:
+                continue
+            try:
+                answers[key] = fact.process(own) if own else fact.default()
+            except Exception:  # noqa: BLE001 - pyinfra asks it again and reports its FactProcessError
+                continue
     return answers
+
+
+def _guarded(requires: str, text: str) -> str:
+    """pyinfra's guard: the command where ``requires`` is installed, else the missing-binary marker."""
+    return f"if command -v {requires} >/dev/null 2>&1; then ( {text}\n); else echo '{MISSING}'; fi"

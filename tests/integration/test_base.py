@@ -56,6 +56,27 @@ def test_fast_users_fact_prints_what_pyinfras_prints(release_machine):
     assert slow == fast and "\nops:" in slow, slow
 
 
+def test_shared_systemctl_show_gives_each_unit_question_its_own_lines(release_machine):
+    """The prefetch answers every SystemdStatus/SystemdEnabled question from one ``systemctl show``
+    (webstack.factprefetch): each question's lines equal those of pyinfra's own command."""
+    from pyinfra.facts.systemd import SystemdEnabled, SystemdStatus
+
+    from webstack.factprefetch import systemd_command, systemd_lines
+
+    target = host_for(release_machine)
+    units = ["ssh.service", "nosuch.service", "apt-daily.timer", "sshd.service", "chrony.service"]
+    shared = target.check_output(systemd_command(units)).splitlines()
+    compared = 0
+    for cls in (SystemdStatus, SystemdEnabled):
+        fact = cls()
+        for services in (["ssh.service"], ["nosuch.service"], ["apt-daily.timer", "sshd.service"], ["chrony.service"]):
+            own = target.check_output(fact.command(services=services).get_raw_value()).splitlines()
+            mine = systemd_lines(shared, units, services, fact.state_key)
+            assert mine == own and fact.process(mine) == fact.process(own), (cls.__name__, services, shared)
+            compared += 1
+    assert compared == 8 and fact.process(own) == {"chrony.service": True}
+
+
 def test_secret_never_printed(converged):
     hashes = [line.split(":")[1] for line in
               host_for("spare1").check_output("getent shadow ops").splitlines()]
