@@ -185,3 +185,67 @@ def test_records_of_runs_not_repeated_for_two_weeks_are_removed(tmp_path, monkey
     os.utime(old / "web1.json", (stale, stale))
     factprefetch.prune()
     assert not old.exists() and (recent / "web1.json").exists()
+
+
+FAKE_SYSTEMCTL = """#!/bin/sh
+# systemctl show --all --property P ... UNIT...: one block per unit, blank lines between
+shift 2; props=""; while [ "$1" = "--property" ]; do props="$props $2"; shift 2; done
+first=1
+for unit in "$@"; do
+    [ $first = 1 ] || echo; first=0
+    for p in Id SubState UnitFileState; do
+        case " $props " in *" $p "*) ;; *) continue ;; esac
+        case $p in Id) echo "Id=$unit" ;; SubState) echo "SubState=running" ;;
+                   UnitFileState) [ "$unit" = off.service ] && echo "UnitFileState=disabled" || echo "UnitFileState=enabled" ;; esac
+    done
+done
+echo "$*" >> "$SYSTEMCTL_LOG"
+"""
+
+
+def test_unit_questions_share_one_systemctl_show_and_get_their_own_answers(run, tmp_path, monkeypatch):
+    import os
+    import subprocess
+
+    from pyinfra.connectors.util import CommandOutput, OutputLine
+    from pyinfra.facts.systemd import SystemdEnabled, SystemdStatus
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "systemctl").write_text(FAKE_SYSTEMCTL)
+    (bin_dir / "systemctl").chmod(0o755)
+    log = tmp_path / "systemctl.log"
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SYSTEMCTL_LOG=str(log))
+    monkeypatch.setenv("WEBSTACK_PREFETCH_DIR", str(tmp_path / "records"))
+    state, web1, _web2, asked = run
+    questions = [(SystemdStatus, ["ssh.service"]), (SystemdEnabled, ["ssh.service"]),
+                 (SystemdEnabled, ["off.service", "cron.service"]), (SystemdStatus, "cron.service")]
+    for cls, services in questions:
+        web1.get_fact(cls, services=services)
+    factcache._save_records()
+
+    def local(command, print_output=False, print_input=False, **kwargs):
+        out = subprocess.run(["sh", "-c", command.get_raw_value()], capture_output=True, text=True, env=env).stdout
+        return True, CommandOutput([OutputLine("stdout", line) for line in out.splitlines()])
+
+    state2 = State(Inventory((["web1"], {})), Config())
+    state2.set_stage(StateStage.Prepare)
+    host = state2.inventory.get_host("web1")
+    monkeypatch.setattr(host, "connected", True, raising=False)
+    monkeypatch.setattr(host, "run_shell_command", local)
+    answers = [host.get_fact(cls, services=services) for cls, services in questions]
+    assert answers == [{"ssh.service": True}, {"ssh.service": True},
+                       {"off.service": False, "cron.service": True}, {"cron.service": True}]
+    shows = log.read_text().splitlines()  # one show, each unit once
+    assert len(shows) == 1 and sorted(shows[0].split()) == ["cron.service", "off.service", "ssh.service"]
+    assert len(asked) == len(questions)  # run 2 asked pyinfra nothing
+
+
+def test_a_unit_answer_is_not_cut_from_output_of_the_wrong_shape():
+    from webstack.factprefetch import systemd_lines
+
+    shared = ["Id=a.service", "SubState=running", "UnitFileState=enabled", "", "Id=b.service", "SubState=dead",
+              "UnitFileState="]
+    assert systemd_lines(shared, ["a.service", "b.service"], ["b.service"], "SubState") == ["Id=b.service",
+                                                                                             "SubState=dead"]
+    assert systemd_lines(shared, ["a.service", "b.service", "c.service"], ["a.service"], "SubState") is None
