@@ -25,14 +25,30 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
-def timed(*args: str) -> float:
+def timed(*args: str, roles: dict[str, float] | None = None) -> float:
+    """Seconds ``args`` took; with ``roles``, adds to it the seconds spent in each role's operations
+    (from one operation's start to the next's, all hosts together, keyed by the name's first part:
+    "Base", "PostgreSQL"...; before the first operation: "(connect, prepare)")."""
     start = time.monotonic()
-    proc = subprocess.run(list(args), cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.Popen(list(args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    current, since = "(connect, prepare)", start
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line)
+        if roles is not None and "--> Starting operation: " in line:
+            now = time.monotonic()
+            roles[current] = roles.get(current, 0.0) + now - since
+            current, since = line.split("--> Starting operation: ", 1)[1].split(" | ")[0].strip(), now
+    proc.wait()
     elapsed = time.monotonic() - start
+    if roles is not None:
+        roles[current] = roles.get(current, 0.0) + time.monotonic() - since
+    output = "".join(lines)
     if proc.returncode != 0:
-        sys.exit(f"{' '.join(args)} failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
-    if "deploys/site.py" in args and "Grand total" in proc.stdout:
-        total = next(line for line in proc.stdout.splitlines() if "Grand total" in line).split()
+        sys.exit(f"{' '.join(args)} failed ({proc.returncode}):\n{output[-3000:]}")
+    if "deploys/site.py" in args and "Grand total" in output:
+        total = next(line for line in output.splitlines() if "Grand total" in line).split()
         print(f"    {' '.join(args[-2:])}: Grand total {' '.join(total[2:])}", flush=True)
     return elapsed
 
@@ -44,12 +60,16 @@ def main() -> int:
     args = parser.parse_args()
     py, pyinfra = str(BIN / "python"), str(BIN / "pyinfra")
     results: dict[str, list[float]] = {"lab_up": [], "cold_deploy": [], "rerun": []}
+    per_role: list[dict[str, float]] = []
     for n in range(args.rounds):
         print(f"round {n + 1}/{args.rounds}", flush=True)
         timed(py, "-m", "lab", "down")
         results["lab_up"].append(timed(py, "-m", "lab", "up"))
         timed(py, "-m", "webstack.labsecrets", "inventories/lab")
-        results["cold_deploy"].append(timed(str(BIN / "webstack"), "onboard", "inventories/lab"))
+        roles: dict[str, float] = {}
+        results["cold_deploy"].append(timed(str(BIN / "webstack"), "onboard", "inventories/lab", roles=roles))
+        per_role.append(roles)
+        print("    cold deploy per role (s): " + ", ".join(f"{k} {v:.1f}" for k, v in roles.items()), flush=True)
         for _ in range(args.reruns):
             results["rerun"].append(timed(pyinfra, "-y", "inventories/lab.py", "deploys/site.py"))
     machines = sum(1 for line in (ROOT / "inventories/lab/hosts.yml").read_text().splitlines() if "address:" in line)
@@ -57,10 +77,13 @@ def main() -> int:
     print(f"{'measure':<14}{'median s':>10}{'min s':>8}{'max s':>8}")
     for key, values in results.items():
         print(f"{key:<14}{statistics.median(values):>10.1f}{min(values):>8.1f}{max(values):>8.1f}")
+    for role in per_role[0] if per_role else {}:
+        values = [r.get(role, 0.0) for r in per_role]
+        print(f"  cold: {role:<22}{statistics.median(values):>8.1f}{min(values):>8.1f}{max(values):>8.1f}")
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    (out / f"foundation-{stamp}.json").write_text(json.dumps({"machines": machines, **results}, indent=2))
+    (out / f"foundation-{stamp}.json").write_text(json.dumps({"machines": machines, **results, "cold_deploy_per_role": per_role}, indent=2))
     return 0
 
 

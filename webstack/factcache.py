@@ -55,6 +55,7 @@ class _RunCache:
         self.changed: set[str] = set()
         self.callbacks_ran = False
         self.recorder = factprefetch.Recorder()
+        self.noted: dict[str, set[tuple[str, ...]]] = {}
 
     def usable(self, host_name: str) -> bool:
         return not self.callbacks_ran and host_name not in self.changed
@@ -97,9 +98,15 @@ def _prefetch(state: Any, host: Any, cache: _RunCache) -> None:
                 answers.setdefault(key, value)
 
 
-def _note(state: Any, host: Any, cache: _RunCache, cls: Any, args: Any, kwargs: Any) -> None:
-    """Write down a fact asked while nothing had changed on the host, for the next run's prefetch."""
+def _note(state: Any, host: Any, cache: _RunCache, cls: Any, args: Any, kwargs: Any, key: tuple[str, ...]) -> None:
+    """Write down a fact asked while nothing had changed on the host, for the next run's prefetch
+    (once per question and host: working out its connector arguments is most of the cost)."""
     from pyinfra.api.facts import _handle_fact_kwargs
+
+    noted = cache.noted.setdefault(host.name, set())
+    if key in noted:
+        return
+    noted.add(key)
 
     try:
         _, global_kwargs = _handle_fact_kwargs(state, host, cls, list(args or ()), dict(kwargs or {}))
@@ -143,7 +150,7 @@ def install() -> None:
         if key is not None and prefetching:
             if host.name not in cache.recorder.done:
                 _prefetch(state, host, cache)
-            _note(state, host, cache, cls, args, kwargs)
+            _note(state, host, cache, cls, args, kwargs, key)
         answers = cache.answers.setdefault(host.name, {})
         if key is not None and key in answers:
             _KEPT[host.name] += 1

@@ -34,6 +34,7 @@ import sys
 import uuid
 from collections.abc import Callable
 from functools import partial
+from inspect import getcallargs
 from pathlib import Path
 from typing import Any
 
@@ -237,7 +238,7 @@ def prefetch(state: Any, host: Any, items: list[dict[str, Any]], key_of: Any) ->
     CPU each) share one ``systemctl show``; each gets the lines its own command prints."""
     from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS, pop_global_arguments
     from pyinfra.api.command import StringCommand
-    from pyinfra.api.facts import FactBase, _handle_fact_kwargs, _make_command
+    from pyinfra.api.facts import FactBase, _make_command
 
     if not items or not host.connected:
         return {}
@@ -258,7 +259,9 @@ def prefetch(state: Any, host: Any, items: list[dict[str, Any]], key_of: Any) ->
         if key is None or fact.shell_executable or fact.check_preconditions(state, host):
             continue
         try:
-            fact_kwargs, _ = _handle_fact_kwargs(state, host, cls, args, kwargs)
+            # pyinfra's _handle_fact_kwargs, less its merge of the global arguments: a recorded call
+            # has none (entry() refuses "_" names), so its fact arguments are its own
+            fact_kwargs = getcallargs(fact.command, *args, **kwargs) if args or kwargs else {}
             command = _make_command(fact.command, dict(fact_kwargs))
             requires = _make_command(fact.requires_command, dict(fact_kwargs))
         except Exception:  # noqa: BLE001 - a recorded call that no longer fits the class: skipped
