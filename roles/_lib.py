@@ -23,7 +23,7 @@ import json
 import os
 import re
 import shlex
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -243,6 +243,9 @@ class FileState(FactBase):
         return {"mode": mode, "user": user, "group": group, "sha1": output[1].split()[0]}
 
 
+_PLAIN_DIR = re.compile(r"^(/[A-Za-z0-9._@:+-]+)+$")  # absolute, no trailing slash, nothing to quote
+
+
 class DirectoryFiles(FactBase):
     """The entries directly in a directory, in one command: name -> type (``find %y``), mode,
     owner, group, size, and the SHA-1 of regular files up to ``HASHED_UP_TO`` bytes ({} when the
@@ -258,6 +261,32 @@ class DirectoryFiles(FactBase):
             "-printf", "'entry|%y|%m|%u|%g|%s|%f\\n'", "&&",
             "find", q, "-mindepth", "1", "-maxdepth", "1", "-type", "f", "-size", f"-{self.HASHED_UP_TO + 1}c",
             "-exec", "sha1sum", "{}", "+", ";", "}")
+
+    @classmethod
+    def merged(cls, calls: list[dict[str, Any]]) -> tuple[str, Callable[[list[str]], list[list[str]]]] | None:
+        """Every directory a run reads of a host in two ``find``s and one ``sha1sum`` (the prefetch,
+        ``webstack.factprefetch``), split back into the lines each directory's own command prints.
+        Declined for a path a shell word cannot carry as is (then each is asked by itself)."""
+        paths = [str(call.get("path", "")) for call in calls]
+        if not all(_PLAIN_DIR.match(p) for p in paths) or len(set(paths)) != len(paths):
+            return None
+        words = " ".join(paths)
+        command = (f"find {words} -mindepth 1 -maxdepth 1 -printf '%H|entry|%y|%m|%u|%g|%s|%f\\n' 2>/dev/null; "
+                   f"find {words} -mindepth 1 -maxdepth 1 -type f -size -{cls.HASHED_UP_TO + 1}c "
+                   "-exec sha1sum {} + 2>/dev/null; true")
+
+        def split(lines: list[str]) -> list[list[str]]:
+            listed: dict[str, list[str]] = {p: [] for p in paths}
+            hashed: dict[str, list[str]] = {p: [] for p in paths}
+            for line in lines:
+                where, sep, rest = line.partition("|entry|")
+                if sep and where in listed:
+                    listed[where].append("entry|" + rest)
+                elif len(line) > 42 and line[40:42] == "  " and line[42:].rsplit("/", 1)[0] in hashed:
+                    hashed[line[42:].rsplit("/", 1)[0]].append(line)
+            return [listed[p] + hashed[p] for p in paths]
+
+        return command, split
 
     def process(self, output: Sequence[str]) -> dict[str, dict[str, str]]:
         entries: dict[str, dict[str, str]] = {}

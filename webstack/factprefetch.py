@@ -235,7 +235,9 @@ def prefetch(state: Any, host: Any, items: list[dict[str, Any]], key_of: Any) ->
     """Ask ``items`` of ``host`` in one command; {fact cache key: answer} for those that answered.
 
     The ``SystemdStatus``/``SystemdEnabled`` questions (two per managed unit, ~8 ms of a server's
-    CPU each) share one ``systemctl show``; each gets the lines its own command prints."""
+    CPU each) share one ``systemctl show``, and the questions to a fact class that can merge them
+    (``merged``: ``roles._lib.DirectoryFiles``) one command of that class; each question gets the
+    lines its own command prints."""
     from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS, pop_global_arguments
     from pyinfra.api.command import StringCommand
     from pyinfra.api.facts import FactBase, _make_command
@@ -249,6 +251,9 @@ def prefetch(state: Any, host: Any, items: list[dict[str, Any]], key_of: Any) ->
     # per command: (cache key, fact, the lines of this fact's own command from the command's lines)
     readers: list[list[tuple[tuple[str, ...], Any, Callable[[list[str]], list[str] | None]]]] = []
     systemd: list[tuple[tuple[str, ...], Any, list[str]]] = []
+    # facts of a class with a ``merged(calls) -> (command, split) | None`` classmethod: all of a
+    # host's questions to it in one command, ``split(lines)`` giving each question's own lines
+    mergeable: dict[type, list[tuple[tuple[str, ...], Any, dict[str, Any], str]]] = {}
     for item in items:
         cls = _load_class(str(item.get("cls", "")))
         if cls is None or not issubclass(cls, FactBase) or item.get("conn") != signature or getattr(cls, "volatile", False):
@@ -273,8 +278,22 @@ def prefetch(state: Any, host: Any, items: list[dict[str, Any]], key_of: Any) ->
         text = command.get_raw_value() if isinstance(command, StringCommand) else str(command)
         if requires:  # as pyinfra guards it: a missing binary prints the marker, left to pyinfra
             text = _guarded(str(requires), text)
+        if hasattr(cls, "merged") and not requires:
+            mergeable.setdefault(cls, []).append((key, fact, dict(fact_kwargs), text))
+            continue
         commands.append(text)
         readers.append([(key, fact, lambda lines: lines)])
+    for merging, calls in mergeable.items():
+        owner: Any = merging  # a fact class with ``merged``
+        merged = owner.merged([kw for _, _, kw, _ in calls]) if len(calls) > 1 else None
+        if merged is None:  # the class declined (or one question): each by its own command
+            for key, fact, _, text in calls:
+                commands.append(text)
+                readers.append([(key, fact, lambda lines: lines)])
+            continue
+        command_text, split = merged
+        commands.append(command_text)
+        readers.append([(key, fact, partial(_nth, split=split, n=n)) for n, (key, fact, _, _) in enumerate(calls)])
     if systemd:
         units = list(dict.fromkeys(u for _, _, services in systemd for u in services))
         commands.append(_guarded("systemctl", systemd_command(units)))
@@ -303,6 +322,11 @@ def prefetch(state: Any, host: Any, items: list[dict[str, Any]], key_of: Any) ->
             except Exception:  # noqa: BLE001 - pyinfra asks it again and reports its FactProcessError
                 continue
     return answers
+
+
+def _nth(lines: list[str], split: Callable[[list[str]], list[list[str]] | None], n: int) -> list[str] | None:
+    parts = split(lines)
+    return parts[n] if parts is not None else None
 
 
 def _guarded(requires: str, text: str) -> str:

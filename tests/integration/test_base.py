@@ -77,6 +77,21 @@ def test_shared_systemctl_show_gives_each_unit_question_its_own_lines(release_ma
     assert compared == 8 and fact.process(own) == {"chrony.service": True}
 
 
+def test_merged_directory_listing_gives_each_directory_its_own_lines(release_machine):
+    """The prefetch lists a host's directories in one command (roles._lib.DirectoryFiles.merged):
+    each directory's lines equal those of its own command, on a converged server."""
+    from roles._lib import DirectoryFiles
+
+    target = host_for(release_machine)
+    paths = ["/etc", "/etc/ssh", "/etc/sudoers.d", "/etc/nosuchdir"]
+    command, split = DirectoryFiles.merged([{"path": p} for p in paths])
+    parts = split(target.check_output(command).splitlines())
+    for path, part in zip(paths, parts, strict=True):
+        own = target.check_output(DirectoryFiles().command(path=path).get_raw_value()).splitlines()
+        assert part == own, path
+    assert any(line.endswith("/etc/ssh/sshd_config") for line in parts[1]) and parts[3] == []
+
+
 def test_secret_never_printed(converged):
     hashes = [line.split(":")[1] for line in
               host_for("spare1").check_output("getent shadow ops").splitlines()]

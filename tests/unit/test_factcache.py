@@ -249,3 +249,35 @@ def test_a_unit_answer_is_not_cut_from_output_of_the_wrong_shape():
     assert systemd_lines(shared, ["a.service", "b.service"], ["b.service"], "SubState") == ["Id=b.service",
                                                                                              "SubState=dead"]
     assert systemd_lines(shared, ["a.service", "b.service", "c.service"], ["a.service"], "SubState") is None
+
+
+def test_kept_answers_are_copies_as_deep_as_deepcopys():
+    import copy
+
+    from webstack.factcache import _copy
+
+    value = {"a": [1, {"b": "c"}], "t": (1, "x"), "n": None, "s": {1, 2}, "nested": ((1, [2]),)}
+    out = _copy(value)
+    assert out == value == copy.deepcopy(value)
+    out["a"][1]["b"] = "changed"
+    out["s"].add(3)
+    out["nested"][0][1].append(9)
+    assert value == {"a": [1, {"b": "c"}], "t": (1, "x"), "n": None, "s": {1, 2}, "nested": ((1, [2]),)}
+
+
+def test_directory_listings_merged_give_each_directory_its_own_lines():
+    """roles._lib.DirectoryFiles.merged on this machine's /etc and a subdirectory, against each
+    directory's own command (the lab compares the same on its servers)."""
+    import subprocess
+
+    from roles._lib import DirectoryFiles
+
+    paths = ["/etc", "/etc/ssh" if __import__("os").path.isdir("/etc/ssh") else "/usr/lib", "/nonexistent"]
+    command, split = DirectoryFiles.merged([{"path": p} for p in paths])
+    parts = split(subprocess.run(["sh", "-c", command], capture_output=True, text=True).stdout.splitlines())
+    for path, part in zip(paths, parts, strict=True):
+        own = subprocess.run(["sh", "-c", DirectoryFiles().command(path=path).get_raw_value()],
+                             capture_output=True, text=True).stdout.splitlines()
+        assert part == own, path
+    assert len(parts[0]) > 10 and parts[2] == []
+    assert DirectoryFiles.merged([{"path": "/etc/my dir"}, {"path": "/etc"}]) is None  # a word to quote: declined
