@@ -263,11 +263,11 @@ class DirectoryFiles(FactBase):
             "-exec", "sha1sum", "{}", "+", ";", "}")
 
     @classmethod
-    def merged(cls, calls: list[dict[str, Any]]) -> tuple[str, Callable[[list[str]], list[list[str]]]] | None:
+    def merged(cls, calls: list[tuple[Any, dict[str, Any]]]) -> tuple[str, Callable[[list[str]], list[list[str]]]] | None:
         """Every directory a run reads of a host in two ``find``s and one ``sha1sum`` (the prefetch,
         ``webstack.factprefetch``), split back into the lines each directory's own command prints.
         Declined for a path a shell word cannot carry as is (then each is asked by itself)."""
-        paths = [str(call.get("path", "")) for call in calls]
+        paths = [str(kwargs.get("path", "")) for _, kwargs in calls]
         if not all(_PLAIN_DIR.match(p) for p in paths) or len(set(paths)) != len(paths):
             return None
         words = " ".join(paths)

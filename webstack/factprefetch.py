@@ -236,7 +236,8 @@ def prefetch(state: Any, host: Any, items: list[dict[str, Any]], key_of: Any) ->
 
     The ``SystemdStatus``/``SystemdEnabled`` questions (two per managed unit, ~8 ms of a server's
     CPU each) share one ``systemctl show``, and the questions to a fact class that can merge them
-    (``merged``: ``roles._lib.DirectoryFiles``) one command of that class; each question gets the
+    (``merged``: ``roles._lib.DirectoryFiles``, the postgres role's one-query facts) one command;
+    each question gets the
     lines its own command prints."""
     from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS, pop_global_arguments
     from pyinfra.api.command import StringCommand
@@ -251,9 +252,10 @@ def prefetch(state: Any, host: Any, items: list[dict[str, Any]], key_of: Any) ->
     # per command: (cache key, fact, the lines of this fact's own command from the command's lines)
     readers: list[list[tuple[tuple[str, ...], Any, Callable[[list[str]], list[str] | None]]]] = []
     systemd: list[tuple[tuple[str, ...], Any, list[str]]] = []
-    # facts of a class with a ``merged(calls) -> (command, split) | None`` classmethod: all of a
-    # host's questions to it in one command, ``split(lines)`` giving each question's own lines
-    mergeable: dict[type, list[tuple[tuple[str, ...], Any, dict[str, Any], str]]] = {}
+    # facts of a class with a ``merged(calls) -> (command, split) | None`` classmethod (``calls``:
+    # (fact, arguments) pairs): all of a host's questions to the classes sharing its
+    # ``merge_group`` (default: the class) in one command, ``split(lines)`` giving each its own lines
+    mergeable: dict[Any, list[tuple[tuple[str, ...], Any, dict[str, Any], str]]] = {}
     for item in items:
         cls = _load_class(str(item.get("cls", "")))
         if cls is None or not issubclass(cls, FactBase) or item.get("conn") != signature or getattr(cls, "volatile", False):
@@ -279,13 +281,12 @@ def prefetch(state: Any, host: Any, items: list[dict[str, Any]], key_of: Any) ->
         if requires:  # as pyinfra guards it: a missing binary prints the marker, left to pyinfra
             text = _guarded(str(requires), text)
         if hasattr(cls, "merged") and not requires:
-            mergeable.setdefault(cls, []).append((key, fact, dict(fact_kwargs), text))
+            mergeable.setdefault(getattr(cls, "merge_group", cls), []).append((key, fact, dict(fact_kwargs), text))
             continue
         commands.append(text)
         readers.append([(key, fact, lambda lines: lines)])
-    for merging, calls in mergeable.items():
-        owner: Any = merging  # a fact class with ``merged``
-        merged = owner.merged([kw for _, _, kw, _ in calls]) if len(calls) > 1 else None
+    for calls in mergeable.values():
+        merged = calls[0][1].merged([(fact, kw) for _, fact, kw, _ in calls]) if len(calls) > 1 else None
         if merged is None:  # the class declined (or one question): each by its own command
             for key, fact, _, text in calls:
                 commands.append(text)

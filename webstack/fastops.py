@@ -30,7 +30,12 @@ The fast command and pyinfra's print the same bytes on both Debian releases
 account databases: a name that is a regular expression, duplicated or containing a backslash
 is out of scope (pyinfra's own loop misreads those too).
 
-Both Python helpers are checked against pyinfra's own in ``tests/unit/test_fastops.py``.
+- ``HostData.__getattr__`` (``host.data.<name>``, asked ~30 times per operation by the global
+  argument merge): the same walk over the same data layers, testing membership instead of
+  raising and catching a ``KeyError`` per layer (most names, ``_sudo_user`` and the like, are in
+  none of the five).
+
+The Python helpers are checked against pyinfra's own in ``tests/unit/test_fastops.py``.
 """
 
 from __future__ import annotations
@@ -96,6 +101,18 @@ def operation_order_from_stack(state: Any) -> list[int]:
     return line_numbers
 
 
+def host_data_getattr(self: Any, key: str) -> Any:
+    """pyinfra.api.host.HostData.__getattr__ without an exception per data layer that lacks ``key``."""
+    from copy import copy
+
+    from pyinfra.api.host import extract_callable_datas
+
+    for data in extract_callable_datas(self.datas):
+        if key in data:
+            return copy(data[key])
+    raise AttributeError(f"Host `{self.host}` has no data `{key}`")
+
+
 def pyinfra_users_command() -> str:
     """pyinfra's own command for ``Users`` (to compare with ``USERS_COMMAND``)."""
     from pyinfra.facts.server import Users
@@ -121,5 +138,9 @@ def install() -> None:
     operation_module: Any = importlib.import_module("pyinfra.api.operation")
     operation_module.get_operation_order_from_stack = operation_order_from_stack
     _ORIGINAL["users"] = Users.command
+    from pyinfra.api.host import HostData
+
+    _ORIGINAL["host_data_getattr"] = HostData.__getattr__
+    HostData.__getattr__ = host_data_getattr  # type: ignore[method-assign]
     Users.command = lambda self: USERS_COMMAND  # type: ignore[method-assign]
     _INSTALLED.append(True)

@@ -21,7 +21,7 @@ from roles._lib import PENDING_DIR, barrier, config, owed_action, render, stdin_
 from roles.base.deploy import codename
 from roles.postgres import backup, scram
 from roles.postgres._release import VERSION, paths
-from roles.postgres.facts import PgCluster, PgReplicationSlots, PgRoleVerifiers, PgStreamingStandbys
+from roles.postgres.facts import PgCluster, PgReplicationSlots, PgRoleVerifiers, PgStreamingStandbys, PsqlQuery
 from roles.postgres.settings import PostgresSettings
 from roles.topology import topology
 from webstack.inventory import HostConfig
@@ -64,14 +64,11 @@ class PgDatabases(FactBase):
         return out
 
 
-class PgRewindGrants(FactBase):
+class PgRewindGrants(PsqlQuery):
     """Whether the replicator role may run pg_rewind against this server."""
 
-    def command(self) -> str:
-        return (
-            "runuser -u postgres -- psql -XAt -c \"select has_function_privilege('replicator', "
-            "'pg_catalog.pg_read_binary_file(text, bigint, bigint, boolean)', 'execute')\" 2>/dev/null || true"
-        )
+    sql = ("select has_function_privilege('replicator', "
+           "'pg_catalog.pg_read_binary_file(text, bigint, bigint, boolean)', 'execute')")
 
     def process(self, output: Sequence[str]) -> bool:
         return "".join(output).strip() == "t"

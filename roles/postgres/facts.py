@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import uuid
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pyinfra.api import FactBase
@@ -70,16 +71,48 @@ class PgCluster(FactBase):
         return info
 
 
-class PgRoleVerifiers(FactBase):
+class PsqlQuery(FactBase):
+    """A fact that is one query run by psql as the postgres OS user (nothing when the server is down).
+
+    The prefetch (``webstack.factprefetch``) sends all of a host's questions of these classes
+    through one psql session, one ``-c`` each with a tag row before it, instead of one psql (about
+    30 ms of a server's CPU) per question; each gets the rows its own command prints."""
+
+    sql = ""
+    merge_group = "psql-as-postgres"
+
+    def command(self) -> str:
+        return f"runuser -u postgres -- psql -XAt -c \"{self.sql}\" 2>/dev/null || true"
+
+    @staticmethod
+    def merged(calls: list[tuple[Any, dict[str, Any]]]) -> tuple[str, Callable[[list[str]], list[list[str]] | None]] | None:
+        facts = [fact for fact, _ in calls]
+        if not all(isinstance(f, PsqlQuery) and f.sql and '"' not in f.sql for f in facts):
+            return None
+        tag = f"wsq{uuid.uuid4().hex[:12]}"
+        parts = " ".join(f"-c \"select '{tag} {n}'\" -c \"{f.sql}\"" for n, f in enumerate(facts))
+        command = f"runuser -u postgres -- psql -XAt {parts} 2>/dev/null || true"
+
+        def split(lines: list[str]) -> list[list[str]] | None:
+            out: list[list[str]] = []
+            for line in lines:
+                if line == f"{tag} {len(out)}":
+                    out.append([])
+                elif out:
+                    out[-1].append(line)
+                elif line:
+                    return None
+            # no tag at all: the server did not answer; each is asked by itself as before
+            return out if len(out) == len(facts) else None
+
+        return command, split
+
+
+class PgRoleVerifiers(PsqlQuery):
     """Login roles and their stored password verifiers (``SCRAM-SHA-256$...``)."""
 
     default = dict
-
-    def command(self) -> str:
-        return (
-            "runuser -u postgres -- psql -XAtF' ' -c "
-            "\"select rolname, coalesce(rolpassword, '-') from pg_authid where rolcanlogin\" 2>/dev/null || true"
-        )
+    sql = "select rolname || ' ' || coalesce(rolpassword, '-') from pg_authid where rolcanlogin"
 
     def process(self, output: Sequence[str]) -> dict[str, str]:
         out = {}
@@ -89,18 +122,14 @@ class PgRoleVerifiers(FactBase):
         return out
 
 
-class PgReplicationSlots(FactBase):
+class PgReplicationSlots(PsqlQuery):
     """The physical replication slots on a running server: name -> wal_status
     (``reserved``, ``extended``, ``unreserved``, or ``lost``: invalidated by
     ``max_slot_wal_keep_size``, its replica can no longer stream through it)."""
 
     default = dict
-
-    def command(self) -> str:
-        return (
-            "runuser -u postgres -- psql -XAt -c \"select slot_name || ' ' || coalesce(wal_status, 'none') "
-            "from pg_replication_slots where slot_type = 'physical'\" 2>/dev/null || true"
-        )
+    sql = ("select slot_name || ' ' || coalesce(wal_status, 'none') from pg_replication_slots "
+           "where slot_type = 'physical'")
 
     def process(self, output: Sequence[str]) -> dict[str, str]:
         return dict(line.split(None, 1) for line in output if len(line.split()) == 2)
@@ -126,14 +155,11 @@ def primary_probe(address: str) -> str:
     )
 
 
-class PgStreamingStandbys(FactBase):
+class PgStreamingStandbys(PsqlQuery):
     """application_name of every standby streaming from this server now (empty on a standby)."""
 
     default = list
-
-    def command(self) -> str:
-        return ("runuser -u postgres -- psql -XAt -c \"select application_name from pg_stat_replication "
-                "where state = 'streaming'\" 2>/dev/null || true")
+    sql = "select application_name from pg_stat_replication where state = 'streaming'"
 
     def process(self, output: Sequence[str]) -> list[str]:
         return [line.strip() for line in output if line.strip()]

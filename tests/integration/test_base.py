@@ -84,7 +84,7 @@ def test_merged_directory_listing_gives_each_directory_its_own_lines(release_mac
 
     target = host_for(release_machine)
     paths = ["/etc", "/etc/ssh", "/etc/sudoers.d", "/etc/nosuchdir"]
-    command, split = DirectoryFiles.merged([{"path": p} for p in paths])
+    command, split = DirectoryFiles.merged([(None, {"path": p}) for p in paths])
     parts = split(target.check_output(command).splitlines())
     for path, part in zip(paths, parts, strict=True):
         own = target.check_output(DirectoryFiles().command(path=path).get_raw_value()).splitlines()

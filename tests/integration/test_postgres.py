@@ -65,6 +65,29 @@ def client(converged):
 
 
 @pytest.mark.parametrize("cluster,primary,replica", CLUSTERS)
+def test_one_psql_session_answers_each_query_fact_as_its_own_psql(converged, cluster, primary, replica):
+    """The prefetch's merged psql (roles.postgres.facts.PsqlQuery.merged) against each fact's own
+    command, on a primary (slots, a streaming standby) and its replica; and on a stopped server it
+    declines (each fact is then asked by itself and answers empty)."""
+    from roles.postgres.deploy import PgRewindGrants
+    from roles.postgres.facts import PgReplicationSlots, PgRoleVerifiers, PgStreamingStandbys
+
+    facts = [PgRoleVerifiers(), PgReplicationSlots(), PgStreamingStandbys(), PgRewindGrants()]
+    command, split = facts[0].merged([(f, {}) for f in facts])
+    for name in (primary, replica):
+        target = host_for(name)
+        parts = split(target.check_output(command).splitlines())
+        assert parts is not None, name
+        for fact, part in zip(facts, parts, strict=True):
+            own = target.check_output(fact.command()).splitlines()
+            assert part == own and fact.process(part) == fact.process(own), (name, type(fact).__name__)
+    primary_parts = split(host_for(primary).check_output(command).splitlines())
+    assert primary_parts is not None and replica.replace("-", "_") in "\n".join(primary_parts[1])
+    assert primary_parts[2] and any(line.startswith("app SCRAM-SHA-256$") for line in primary_parts[0])
+    assert split([]) is None  # what a stopped server prints
+
+
+@pytest.mark.parametrize("cluster,primary,replica", CLUSTERS)
 def test_row_readable_on_replica_within_a_second(client, cluster, primary, replica):
     mark = int(time.time() * 1000)
     sql(client, primary, f"insert into marks (id) values ({mark})")

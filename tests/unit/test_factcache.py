@@ -273,11 +273,11 @@ def test_directory_listings_merged_give_each_directory_its_own_lines():
     from roles._lib import DirectoryFiles
 
     paths = ["/etc", "/etc/ssh" if __import__("os").path.isdir("/etc/ssh") else "/usr/lib", "/nonexistent"]
-    command, split = DirectoryFiles.merged([{"path": p} for p in paths])
+    command, split = DirectoryFiles.merged([(None, {"path": p}) for p in paths])
     parts = split(subprocess.run(["sh", "-c", command], capture_output=True, text=True).stdout.splitlines())
     for path, part in zip(paths, parts, strict=True):
         own = subprocess.run(["sh", "-c", DirectoryFiles().command(path=path).get_raw_value()],
                              capture_output=True, text=True).stdout.splitlines()
         assert part == own, path
     assert len(parts[0]) > 10 and parts[2] == []
-    assert DirectoryFiles.merged([{"path": "/etc/my dir"}, {"path": "/etc"}]) is None  # a word to quote: declined
+    assert DirectoryFiles.merged([(None, {"path": "/etc/my dir"}), (None, {"path": "/etc"})]) is None  # a word to quote: declined

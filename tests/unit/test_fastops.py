@@ -58,3 +58,27 @@ def test_the_fast_users_command_prints_what_pyinfras_prints_here():
     assert slow == fast and slow.count("\n") >= 3
     fastops.install()
     assert Users().command() == fastops.USERS_COMMAND
+
+
+def test_host_data_is_read_as_pyinfra_reads_it():
+    from pyinfra.api.host import HostData
+
+    fastops.install()
+    original = fastops._ORIGINAL["host_data_getattr"]
+    inventory = Inventory((["web1"], {"a": 1, "shared": ["group"]}), web=(["web1"], {"shared": ["web"], "b": 2}))
+    data = inventory.get_host("web1").data
+    assert isinstance(data, HostData)
+    data.c = [3]
+    for key in ("a", "b", "c", "shared", "missing"):
+        try:
+            expected = original(data, key)
+        except AttributeError as exc:
+            expected = type(exc)
+        try:
+            got = fastops.host_data_getattr(data, key)
+        except AttributeError as exc:
+            got = type(exc)
+        assert got == expected, key
+    assert getattr(data, "missing", "sentinel") == "sentinel" and data.shared == ["web"]
+    data.shared.append("not kept")  # a copy, as pyinfra gives
+    assert data.shared == ["web"]
