@@ -179,3 +179,42 @@ def test_a_rotated_password_is_never_readable_by_another_local_user(converged, t
             assert found.stdout.strip() == "0", f"an unprivileged user on {name} read a secret"
     # Back to the committed password.
     site("--limit", "db1", "--limit", "app", "--limit", "worker")
+
+
+def test_drift_of_every_kind_is_found_and_fixed_with_facts_prefetched(converged, tmp_path):
+    """Issue 14's condition on the prefetch (one command per host for every fact): a changed file,
+    package, unit, user, sysctl, PostgreSQL role and setting are still found and fixed by the next
+    site run, which read them through the prefetch; the run after changes nothing."""
+    from roles.postgres.scram import matches
+    from webstack.inventory import load
+
+    spare, db = host("spare1"), host("db1")
+    conf = db.check_output("ls /etc/postgresql/*/main/conf.d/webstack.conf")
+    psql = "runuser -u postgres -- psql -XAtc"
+    shell = spare.check_output("getent passwd ops").split(":")[6]
+    verifier = f"{psql} \"select rolpassword from pg_authid where rolname = 'app'\""
+    spare.check_output("sed -i 's/^MaxAuthTries 3$/MaxAuthTries 6/' /etc/ssh/sshd_config")
+    spare.check_output("DEBIAN_FRONTEND=noninteractive apt-get remove -y -q needrestart >/dev/null")
+    spare.check_output("systemctl disable --now postfix")
+    spare.check_output("usermod -s /bin/sh ops")
+    spare.check_output("sysctl -qw net.ipv4.conf.all.accept_redirects=1")
+    db.check_output(f"{psql} \"alter role app password 'drifted-password'\"")
+    assert matches("drifted-password", db.check_output(verifier))
+    db.check_output(f"echo \"work_mem = '7MB'\" >> {conf} && {psql} 'select pg_reload_conf()'")
+    wait_for(lambda: db.check_output(f"{psql} 'show work_mem'") == "7MB", 10, "the drifted setting live")
+    stats = tmp_path / "facts.json"
+    fixed = run(str(BIN / "pyinfra"), "-y", "inventories/lab.py", "deploys/site.py",
+                env={"WEBSTACK_FACT_STATS": str(stats)})
+    prefetched = json.loads(stats.read_text())
+    assert prefetched["spare1"]["prefetched"] > 20 and prefetched["db1"]["prefetched"] > 40, prefetched
+    assert fixed.totals()["changed"] not in ("-", "0"), fixed.output[-3000:]
+    assert spare.check_output("grep -c '^MaxAuthTries 3$' /etc/ssh/sshd_config") == "1"
+    assert spare.package("needrestart").is_installed
+    assert spare.service("postfix").is_enabled and spare.service("postfix").is_running
+    assert spare.check_output("getent passwd ops").split(":")[6] == shell != "/bin/sh"
+    assert spare.check_output("sysctl -n net.ipv4.conf.all.accept_redirects") == "0"
+    secret = next(c for c in load(ROOT / INV) if c.name == "db1").secret("postgres_password_app").unmask()
+    assert matches(secret, db.check_output(verifier)) and not matches("drifted-password", db.check_output(verifier))
+    assert "7MB" not in db.check_output(f"cat {conf}")
+    wait_for(lambda: db.check_output(f"{psql} 'show work_mem'") != "7MB", 10, "the setting back")
+    assert site().totals()["changed"] == "-"
