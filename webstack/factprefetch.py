@@ -231,11 +231,36 @@ def systemd_lines(lines: list[str], units: list[str], services: list[str], state
     return out
 
 
+PLAIN_PATH = re.compile(r"^(/[A-Za-z0-9._@:+-]+)+$")  # absolute, no trailing slash, nothing to quote
+STAT_FORMAT = "user=%U group=%G mode=%A atime=%X mtime=%Y ctime=%Z size=%s %N"  # pyinfra's LINUX_STAT_COMMAND
+
+
+def _stat_mergeable(fact: Any, fact_kwargs: dict[str, Any]) -> str | None:
+    """The path of a ``File``/``Link``/``Directory`` question one shared ``stat`` can answer."""
+    from pyinfra.facts.files import LINUX_STAT_COMMAND, Directory, File, Link
+
+    path = fact_kwargs.get("path")
+    if type(fact) not in (File, Link, Directory) or LINUX_STAT_COMMAND != f"stat -c '{STAT_FORMAT}'":
+        return None
+    return path if isinstance(path, str) and PLAIN_PATH.match(path) else None
+
+
+def stat_command(paths: list[str]) -> str:
+    """One GNU ``stat`` of ``paths``, each line led by its path and a ``|`` (a missing path: no line)."""
+    return f"stat --printf '%n|{STAT_FORMAT}\\n' {' '.join(paths)} 2>/dev/null; true"
+
+
+def stat_lines(lines: list[str], path: str) -> list[str]:
+    """What pyinfra's ``File`` command prints for ``path`` (its stat line, or nothing when absent)."""
+    return [line[len(path) + 1:] for line in lines if line.startswith(f"{path}|")][:1]
+
+
 def prefetch(state: Any, host: Any, items: list[dict[str, Any]], key_of: Any) -> dict[tuple[str, ...], Any]:
     """Ask ``items`` of ``host`` in one command; {fact cache key: answer} for those that answered.
 
     The ``SystemdStatus``/``SystemdEnabled`` questions (two per managed unit, ~8 ms of a server's
-    CPU each) share one ``systemctl show``, and the questions to a fact class that can merge them
+    CPU each) share one ``systemctl show``, the ``File``/``Link``/``Directory`` questions one
+    ``stat``, and the questions to a fact class that can merge them
     (``merged``: ``roles._lib.DirectoryFiles``, the postgres role's one-query facts) one command;
     each question gets the
     lines its own command prints."""
@@ -252,6 +277,7 @@ def prefetch(state: Any, host: Any, items: list[dict[str, Any]], key_of: Any) ->
     # per command: (cache key, fact, the lines of this fact's own command from the command's lines)
     readers: list[list[tuple[tuple[str, ...], Any, Callable[[list[str]], list[str] | None]]]] = []
     systemd: list[tuple[tuple[str, ...], Any, list[str]]] = []
+    stats: list[tuple[tuple[str, ...], Any, str]] = []
     # facts of a class with a ``merged(calls) -> (command, split) | None`` classmethod (``calls``:
     # (fact, arguments) pairs): all of a host's questions to the classes sharing its
     # ``merge_group`` (default: the class) in one command, ``split(lines)`` giving each its own lines
@@ -277,6 +303,10 @@ def prefetch(state: Any, host: Any, items: list[dict[str, Any]], key_of: Any) ->
         if services is not None:
             systemd.append((key, fact, services))
             continue
+        path = _stat_mergeable(fact, dict(fact_kwargs))
+        if path is not None:
+            stats.append((key, fact, path))
+            continue
         text = command.get_raw_value() if isinstance(command, StringCommand) else str(command)
         if requires:  # as pyinfra guards it: a missing binary prints the marker, left to pyinfra
             text = _guarded(str(requires), text)
@@ -295,6 +325,9 @@ def prefetch(state: Any, host: Any, items: list[dict[str, Any]], key_of: Any) ->
         command_text, split = merged
         commands.append(command_text)
         readers.append([(key, fact, partial(_nth, split=split, n=n)) for n, (key, fact, _, _) in enumerate(calls)])
+    if stats:
+        commands.append(stat_command(list(dict.fromkeys(path for _, _, path in stats))))
+        readers.append([(key, fact, partial(stat_lines, path=path)) for key, fact, path in stats])
     if systemd:
         units = list(dict.fromkeys(u for _, _, services in systemd for u in services))
         commands.append(_guarded("systemctl", systemd_command(units)))

@@ -92,6 +92,25 @@ def test_merged_directory_listing_gives_each_directory_its_own_lines(release_mac
     assert any(line.endswith("/etc/ssh/sshd_config") for line in parts[1]) and parts[3] == []
 
 
+def test_shared_stat_gives_each_file_question_its_own_lines(release_machine):
+    """The prefetch answers File/Link/Directory questions from one ``stat`` (webstack.factprefetch):
+    each equals pyinfra's own command for a directory, a file, a symlink and a missing path."""
+    from pyinfra.facts.files import Directory, File, Link
+
+    from webstack.factprefetch import stat_command, stat_lines
+
+    target = host_for(release_machine)
+    paths = ["/etc", "/etc/ssh/sshd_config", "/etc/localtime", "/etc/nosuchfile", "/home/ops/.ssh"]
+    shared = target.check_output(stat_command(paths)).splitlines()
+    for path in paths:
+        for cls in (File, Link, Directory):
+            own = target.check_output(cls().command(path=path).get_raw_value()).splitlines()
+            mine = stat_lines(shared, path)
+            assert mine == own, (cls.__name__, path)
+            assert (cls().process(mine) if mine else None) == (cls().process(own) if own else None)
+    assert Link().process(stat_lines(shared, "/etc/localtime"))["link_target"].startswith("/usr/share/zoneinfo")
+
+
 def test_secret_never_printed(converged):
     hashes = [line.split(":")[1] for line in
               host_for("spare1").check_output("getent shadow ops").splitlines()]

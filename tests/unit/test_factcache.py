@@ -281,3 +281,24 @@ def test_directory_listings_merged_give_each_directory_its_own_lines():
         assert part == own, path
     assert len(parts[0]) > 10 and parts[2] == []
     assert DirectoryFiles.merged([(None, {"path": "/etc/my dir"}), (None, {"path": "/etc"})]) is None  # a word to quote: declined
+
+
+def test_file_questions_share_one_stat_and_get_their_own_lines_here(tmp_path):
+    """webstack.factprefetch's shared stat against pyinfra's File/Link/Directory commands on this
+    machine: a directory, a file, a symlink, a missing path (the lab compares on its servers)."""
+    import subprocess
+
+    from pyinfra.facts.files import Directory, File, Link
+
+    from webstack.factprefetch import stat_command, stat_lines
+
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "link").symlink_to(tmp_path / "file")
+    paths = ["/etc", str(tmp_path / "file"), "/nonexistent", str(tmp_path / "link"), str(tmp_path)]
+    shared = subprocess.run(["sh", "-c", stat_command(paths)], capture_output=True, text=True).stdout.splitlines()
+    for path in paths:
+        for cls in (File, Link, Directory):
+            own = subprocess.run(["sh", "-c", cls().command(path=path).get_raw_value()], capture_output=True,
+                                 text=True).stdout.splitlines()
+            assert stat_lines(shared, path) == own, (cls.__name__, path)
+    assert stat_lines(shared, "/nonexistent") == [] and stat_lines(shared, "/etc")
