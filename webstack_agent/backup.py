@@ -450,9 +450,22 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_stanza_create(args: argparse.Namespace) -> int:
-    return subprocess.call(["pgbackrest", f"--stanza={args.stanza}", *local_only(Config.load(args.stanza, args.settings)),
-                            "--log-level-console=warn", "stanza-create"])
+LOCK_BUSY = 50  # pgBackRest's exit code for LockAcquireError
+
+
+def cmd_stanza_create(args: argparse.Namespace, tries: int = 30, pause: float = 1.0) -> int:
+    """``pgbackrest stanza-create``, tried again while another pgBackRest process holds the lock:
+    on a first deploy the server's archive_command (an archive-push, which fails until the stanza
+    exists) can hold it at that very moment (seen on a cold deploy of the lab: error [050])."""
+    command = ["pgbackrest", f"--stanza={args.stanza}", *local_only(Config.load(args.stanza, args.settings)),
+               "--log-level-console=warn", "stanza-create"]
+    for attempt in range(tries):
+        code = subprocess.call(command)
+        if code != LOCK_BUSY or attempt == tries - 1:
+            return code
+        print(f"stanza-create: the pgBackRest lock is held, again in {pause:.0f} s", file=sys.stderr)
+        time.sleep(pause)
+    return LOCK_BUSY
 
 
 def parser() -> argparse.ArgumentParser:

@@ -532,3 +532,34 @@ def test_ancestors_come_from_the_timeline_history_file(tmp_path):
     history.write_text("1\t0/4000100\tno recovery target specified\n\n2\t0/7000000\tno recovery target specified\n")
     assert agent.ancestors_of(str(history), 16 * 1024 * 1024) == {1: 4, 2: 6}
     assert agent.ancestors_of(str(tmp_path / "missing.history"), 16 * 1024 * 1024) == {}
+
+
+def test_stanza_create_waits_out_a_held_pgbackrest_lock(monkeypatch):
+    """A first deploy's archive-push can hold pgBackRest's lock as the stanza is created (error
+    [050]): stanza-create is tried again while that is the error, and any other error returns at once."""
+    import argparse
+    import types
+
+    from webstack_agent import backup as agent
+
+    codes: list[int] = []
+    monkeypatch.setattr(agent.Config, "load", classmethod(lambda cls, *a: types.SimpleNamespace(other_member_options=[])))
+    monkeypatch.setattr(agent.time, "sleep", lambda s: None)
+    args = argparse.Namespace(stanza="main", settings="unused")
+
+    def answers(*replies):
+        queue = list(replies)
+        codes.clear()
+
+        def call(command):
+            assert command[-1] == "stanza-create" and "--stanza=main" in command
+            codes.append(queue.pop(0))
+            return codes[-1]
+        monkeypatch.setattr(agent.subprocess, "call", call)
+
+    answers(50, 50, 0)
+    assert agent.cmd_stanza_create(args) == 0 and codes == [50, 50, 0]
+    answers(28)
+    assert agent.cmd_stanza_create(args) == 28 and codes == [28]
+    answers(*([50] * 5))
+    assert agent.cmd_stanza_create(args, tries=5) == 50 and len(codes) == 5
