@@ -137,12 +137,29 @@ class Failing(FactBase):
         return "exit 1"
 
 
-def test_a_run_asks_in_one_command_what_the_last_run_asked(run, tmp_path, monkeypatch):
-    """Run 1 asks two facts fact by fact and writes them down; run 2 sends both in one command at
-    its first fact, serves the answer that came back, and asks the failing one again by itself."""
+def _second_run_here(monkeypatch, sent: list, env: dict | None = None):
+    """web1 of a new run whose commands run on this machine (``sent`` collects them)."""
     import subprocess
 
     from pyinfra.connectors.util import CommandOutput, OutputLine
+
+    def local(command, print_output=False, print_input=False, **kwargs):
+        sent.append(command)
+        out = subprocess.run(["sh", "-c", command.get_raw_value()], capture_output=True, text=True, env=env).stdout
+        return True, CommandOutput([OutputLine("stdout", line) for line in out.splitlines()])
+
+    state = State(Inventory((["web1"], {})), Config())
+    state.set_stage(StateStage.Prepare)
+    host = state.inventory.get_host("web1")
+    monkeypatch.setattr(host, "connected", True, raising=False)
+    monkeypatch.setattr(host, "run_shell_command", local)
+    return host
+
+
+def test_a_run_asks_in_one_command_what_the_last_run_asked(run, tmp_path, monkeypatch):
+    """Run 1 asks two facts fact by fact and writes them down; run 2 sends both in one command at
+    its first fact, serves the answer that came back, and asks the failing one again by itself."""
+
 
     state, web1, _web2, asked = run
     monkeypatch.setenv("WEBSTACK_PREFETCH_DIR", str(tmp_path))
@@ -151,18 +168,8 @@ def test_a_run_asks_in_one_command_what_the_last_run_asked(run, tmp_path, monkey
     factcache._save_records()
     assert len(asked) == 2
 
-    sent = []
-
-    def local(command, print_output=False, print_input=False, **kwargs):
-        sent.append(command)
-        out = subprocess.run(["sh", "-c", command.get_raw_value()], capture_output=True, text=True).stdout
-        return True, CommandOutput([OutputLine("stdout", line) for line in out.splitlines()])
-
-    state2 = State(Inventory((["web1"], {})), Config())
-    state2.set_stage(StateStage.Prepare)
-    host = state2.inventory.get_host("web1")
-    monkeypatch.setattr(host, "connected", True, raising=False)
-    monkeypatch.setattr(host, "run_shell_command", local)
+    sent: list = []
+    host = _second_run_here(monkeypatch, sent)
     assert host.get_fact(Lines, path="/etc") == ["one", "two"]
     assert len(sent) == 1 and len(asked) == 2  # from the prefetch, not from pyinfra
     host.get_fact(Failing)
@@ -205,9 +212,7 @@ echo "$*" >> "$SYSTEMCTL_LOG"
 
 def test_unit_questions_share_one_systemctl_show_and_get_their_own_answers(run, tmp_path, monkeypatch):
     import os
-    import subprocess
 
-    from pyinfra.connectors.util import CommandOutput, OutputLine
     from pyinfra.facts.systemd import SystemdEnabled, SystemdStatus
 
     bin_dir = tmp_path / "bin"
@@ -224,15 +229,7 @@ def test_unit_questions_share_one_systemctl_show_and_get_their_own_answers(run, 
         web1.get_fact(cls, services=services)
     factcache._save_records()
 
-    def local(command, print_output=False, print_input=False, **kwargs):
-        out = subprocess.run(["sh", "-c", command.get_raw_value()], capture_output=True, text=True, env=env).stdout
-        return True, CommandOutput([OutputLine("stdout", line) for line in out.splitlines()])
-
-    state2 = State(Inventory((["web1"], {})), Config())
-    state2.set_stage(StateStage.Prepare)
-    host = state2.inventory.get_host("web1")
-    monkeypatch.setattr(host, "connected", True, raising=False)
-    monkeypatch.setattr(host, "run_shell_command", local)
+    host = _second_run_here(monkeypatch, [], env)
     answers = [host.get_fact(cls, services=services) for cls, services in questions]
     assert answers == [{"ssh.service": True}, {"ssh.service": True},
                        {"off.service": False, "cron.service": True}, {"cron.service": True}]
