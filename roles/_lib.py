@@ -36,6 +36,7 @@ from pyinfra.operations import server
 
 from webstack import factcache
 from webstack import options as _options
+from webstack.factprefetch import PLAIN_PATH
 from webstack.inventory import HostConfig
 from webstack.reports import DRIFT_ENV
 
@@ -243,9 +244,6 @@ class FileState(FactBase):
         return {"mode": mode, "user": user, "group": group, "sha1": output[1].split()[0]}
 
 
-_PLAIN_DIR = re.compile(r"^(/[A-Za-z0-9._@:+-]+)+$")  # absolute, no trailing slash, nothing to quote
-
-
 class DirectoryFiles(FactBase):
     """The entries directly in a directory, in one command: name -> type (``find %y``), mode,
     owner, group, size, and the SHA-1 of regular files up to ``HASHED_UP_TO`` bytes ({} when the
@@ -268,7 +266,7 @@ class DirectoryFiles(FactBase):
         ``webstack.factprefetch``), split back into the lines each directory's own command prints.
         Declined for a path a shell word cannot carry as is (then each is asked by itself)."""
         paths = [str(kwargs.get("path", "")) for _, kwargs in calls]
-        if not all(_PLAIN_DIR.match(p) for p in paths) or len(set(paths)) != len(paths):
+        if not all(PLAIN_PATH.match(p) for p in paths) or len(set(paths)) != len(paths):
             return None
         words = " ".join(paths)
         command = (f"find {words} -mindepth 1 -maxdepth 1 -printf '%H|entry|%y|%m|%u|%g|%s|%f\\n' 2>/dev/null; "
