@@ -255,15 +255,51 @@ def stat_lines(lines: list[str], path: str) -> list[str]:
     return [line[len(path) + 1:] for line in lines if line.startswith(f"{path}|")][:1]
 
 
+Merged = tuple[str, Callable[[list[str]], "list[list[str]] | None"]]
+
+
+def _merge_systemd(calls: list[tuple[Any, dict[str, Any]]]) -> Merged:
+    asked = [(fact.state_key, _systemd_mergeable(fact, kwargs) or []) for fact, kwargs in calls]
+    units = list(dict.fromkeys(u for _, services in asked for u in services))
+
+    def split(lines: list[str]) -> list[list[str]] | None:
+        parts = [systemd_lines(lines, units, services, state_key) for state_key, services in asked]
+        return None if any(p is None for p in parts) else [p for p in parts if p is not None]
+
+    return _guarded("systemctl", systemd_command(units)), split
+
+
+def _merge_stat(calls: list[tuple[Any, dict[str, Any]]]) -> Merged:
+    paths = [str(kwargs["path"]) for _, kwargs in calls]
+    return stat_command(list(dict.fromkeys(paths))), lambda lines: [stat_lines(lines, p) for p in paths]
+
+
+_PYINFRA_MERGERS = {"systemctl-show": _merge_systemd, "stat": _merge_stat}
+
+
+def _merge_group(fact: Any, fact_kwargs: dict[str, Any], requires: Any) -> Any:
+    """Which shared command can answer this question with others (None: its own command).
+
+    pyinfra's ``SystemdStatus``/``SystemdEnabled`` share one ``systemctl show`` and its
+    ``File``/``Link``/``Directory`` one ``stat`` (mergers here, as its classes cannot carry one);
+    a class of ours with a ``merged(calls) -> (command, split) | None`` classmethod shares the
+    command it builds with every class of its ``merge_group`` (default: the class)."""
+    if _systemd_mergeable(fact, fact_kwargs) is not None:
+        return "systemctl-show"
+    if _stat_mergeable(fact, fact_kwargs) is not None:
+        return "stat"
+    if hasattr(type(fact), "merged") and not requires:
+        return getattr(type(fact), "merge_group", type(fact))
+    return None
+
+
 def prefetch(state: Any, host: Any, items: list[dict[str, Any]], key_of: Any) -> dict[tuple[str, ...], Any]:
     """Ask ``items`` of ``host`` in one command; {fact cache key: answer} for those that answered.
 
-    The ``SystemdStatus``/``SystemdEnabled`` questions (two per managed unit, ~8 ms of a server's
-    CPU each) share one ``systemctl show``, the ``File``/``Link``/``Directory`` questions one
-    ``stat``, and the questions to a fact class that can merge them
-    (``merged``: ``roles._lib.DirectoryFiles``, the postgres role's one-query facts) one command;
-    each question gets the
-    lines its own command prints."""
+    Questions one tool answers together share one command of it (``_merge_group``: the unit
+    questions, ~8 ms of a server's CPU each, one ``systemctl show``; the file questions one
+    ``stat``; ``roles._lib.DirectoryFiles`` and the postgres role's one-query facts their own);
+    each question gets the lines its own command prints."""
     from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS, pop_global_arguments
     from pyinfra.api.command import StringCommand
     from pyinfra.api.facts import FactBase, _make_command
@@ -276,12 +312,8 @@ def prefetch(state: Any, host: Any, items: list[dict[str, Any]], key_of: Any) ->
     commands: list[str] = []
     # per command: (cache key, fact, the lines of this fact's own command from the command's lines)
     readers: list[list[tuple[tuple[str, ...], Any, Callable[[list[str]], list[str] | None]]]] = []
-    systemd: list[tuple[tuple[str, ...], Any, list[str]]] = []
-    stats: list[tuple[tuple[str, ...], Any, str]] = []
-    # facts of a class with a ``merged(calls) -> (command, split) | None`` classmethod (``calls``:
-    # (fact, arguments) pairs): all of a host's questions to the classes sharing its
-    # ``merge_group`` (default: the class) in one command, ``split(lines)`` giving each its own lines
-    mergeable: dict[Any, list[tuple[tuple[str, ...], Any, dict[str, Any], str]]] = {}
+    # per merge group (_merge_group): (cache key, fact, its arguments, its own command)
+    groups: dict[Any, list[tuple[tuple[str, ...], Any, dict[str, Any], str]]] = {}
     for item in items:
         cls = _load_class(str(item.get("cls", "")))
         if cls is None or not issubclass(cls, FactBase) or item.get("conn") != signature or getattr(cls, "volatile", False):
@@ -299,25 +331,16 @@ def prefetch(state: Any, host: Any, items: list[dict[str, Any]], key_of: Any) ->
             requires = _make_command(fact.requires_command, dict(fact_kwargs))
         except Exception:  # noqa: BLE001 - a recorded call that no longer fits the class: skipped
             continue
-        services = _systemd_mergeable(fact, dict(fact_kwargs))
-        if services is not None:
-            systemd.append((key, fact, services))
-            continue
-        path = _stat_mergeable(fact, dict(fact_kwargs))
-        if path is not None:
-            stats.append((key, fact, path))
-            continue
         text = command.get_raw_value() if isinstance(command, StringCommand) else str(command)
         if requires:  # as pyinfra guards it: a missing binary prints the marker, left to pyinfra
             text = _guarded(str(requires), text)
-        if hasattr(cls, "merged") and not requires:
-            mergeable.setdefault(getattr(cls, "merge_group", cls), []).append((key, fact, dict(fact_kwargs), text))
-            continue
-        commands.append(text)
-        readers.append([(key, fact, lambda lines: lines)])
-    for calls in mergeable.values():
-        merged = calls[0][1].merged([(fact, kw) for _, fact, kw, _ in calls]) if len(calls) > 1 else None
-        if merged is None:  # the class declined (or one question): each by its own command
+        group = _merge_group(fact, dict(fact_kwargs), requires)
+        groups.setdefault(group if group is not None else object(), []).append((key, fact, dict(fact_kwargs), text))
+    for group, calls in groups.items():
+        merge = _PYINFRA_MERGERS.get(group) if isinstance(group, str) else None
+        merge = merge or getattr(calls[0][1], "merged", None)
+        merged = merge([(fact, kw) for _, fact, kw, _ in calls]) if merge and len(calls) > 1 else None
+        if merged is None:  # alone, not mergeable, or declined: each by its own command
             for key, fact, _, text in calls:
                 commands.append(text)
                 readers.append([(key, fact, lambda lines: lines)])
@@ -325,14 +348,6 @@ def prefetch(state: Any, host: Any, items: list[dict[str, Any]], key_of: Any) ->
         command_text, split = merged
         commands.append(command_text)
         readers.append([(key, fact, partial(_nth, split=split, n=n)) for n, (key, fact, _, _) in enumerate(calls)])
-    if stats:
-        commands.append(stat_command(list(dict.fromkeys(path for _, _, path in stats))))
-        readers.append([(key, fact, partial(stat_lines, path=path)) for key, fact, path in stats])
-    if systemd:
-        units = list(dict.fromkeys(u for _, _, services in systemd for u in services))
-        commands.append(_guarded("systemctl", systemd_command(units)))
-        readers.append([(key, fact, partial(systemd_lines, units=units, services=services, state_key=fact.state_key))
-                        for key, fact, services in systemd])
     if not commands:
         return {}
     marker = f"WSF{uuid.uuid4().hex[:12]}"
