@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYINFRA := $(VENV)/bin/pyinfra
 STAMP := $(VENV)/.installed
-HOST_PACKAGES := debootstrap systemd-container nftables iproute2 openssh-client openssl sudo git python3-venv
+HOST_PACKAGES := debootstrap systemd-container nftables iproute2 openssh-client openssl sudo git python3-venv rsync
 LAB_INV := inventories/lab
 
 .PHONY: help setup demo test unit lint integration lab-up lab-down lab-status site bench docs
@@ -16,7 +16,7 @@ help:
 	@echo "make bench  - measurements (bench/README.md)"
 	@echo "make lab-down - remove the lab"
 
-/var/lib/webstack-lab/.host-packages:
+/var/lib/webstack-lab/.host-packages: Makefile
 	@test "$$(id -u)" = 0 || { echo "webstack: the lab needs root (systemd-nspawn, netns, nftables)" >&2; exit 2; }
 	@missing=$$(for p in $(HOST_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q "ok installed" || echo $$p; done); \
 	if [ -n "$$missing" ]; then echo "installing host packages: $$missing"; \

@@ -6,6 +6,8 @@
     --data time='2026-11-27 10:41:07+00'   point in time (default: the end of the archive)
     --data confirm=TARGET   TARGET already holds a data directory: replace it
     --data check_sql='select count(*) from orders' [--data check_db=app]   printed afterwards
+    --data vault=latest     first put the backup host's newest complete root-owned copy back as the
+                            repository (or a snapshot name from `webstack-vault list` there)
     (declared in roles/options.py RestoreOptions; any other key is refused before connecting)
 
 Include the backup host in --limit: its SSH host key is read from it, and new
@@ -13,7 +15,8 @@ machines are admitted to the repository account first.
 See roles/postgres/restore.py and README "Backups".
 """
 
-from pyinfra import host
+from pyinfra import host, inventory, state
+from pyinfra.api.exceptions import OperationError
 
 from roles import audit
 from roles._lib import barrier, config, options
@@ -22,6 +25,7 @@ from roles.base import deploy as base
 from roles.options import RestoreOptions
 from roles.postgres import deploy as postgres
 from roles.postgres import restore
+from roles.postgres.settings import PostgresSettings
 
 cfg = config()
 if "backup" in cfg.roles:
@@ -29,6 +33,16 @@ if "backup" in cfg.roles:
     # address must be in its firewall and in the account's from= list.
     base.apply()
     backup.apply()
+    request = options(RestoreOptions)
+    if request.vault:
+        # The cluster restored: --data from=, or the one of the database hosts in this run.
+        run = state.active_hosts or set(inventory)
+        clusters = {request.source} if request.source else {
+            config(h).settings(PostgresSettings).cluster for h in run if "postgres" in config(h).roles}
+        if len(clusters) != 1:
+            raise OperationError(f"--data vault: which cluster's repository? {sorted(clusters)}: "
+                                 "limit the run to one cluster's hosts or name it with --data from=CLUSTER")
+        backup.restore_from_vault(request.vault, clusters.pop())
 # pyinfra runs the hosts' operations side by side, step by step (README "Order of operations"):
 # without this barrier a database host could mount the repository before the backup host
 # admitted it (a longer base role on the backup host was enough to make that happen).

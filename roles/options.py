@@ -78,6 +78,9 @@ class RestoreOptions:
     confirm: str = option("", "the target's name: it already holds a data directory, replace it")
     check_sql: str = option("", "query run on the restored server and printed (default: list the databases)")
     check_db: str = option("postgres", "database the check query runs in")
+    vault: str = option("", "first put this root-owned copy back as the repository (`latest`: the newest complete "
+                            "one; `webstack-vault list` on the backup host names them): after a repository was "
+                            "deleted or damaged from a database host")
 
 
 @dataclass(frozen=True)

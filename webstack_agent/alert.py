@@ -27,12 +27,30 @@ from email.utils import formatdate
 SENDMAIL = "/usr/sbin/sendmail"
 
 
-def wait_for_own_lines(invocation: str, seconds: float = 6.0, run=subprocess.run) -> bool:
+def started(invocation: str, run=subprocess.run) -> str:
+    """When the run ``invocation`` started, as ``@SECONDS`` for ``journalctl --since``: the time
+    of systemd's first journal line about it (``INVOCATION_ID=``). Empty if the journal has none."""
+    argv = ["journalctl", "--no-pager", "-q", "-o", "short-unix", f"INVOCATION_ID={invocation}"]
+    first = run(argv, capture_output=True, text=True, timeout=30).stdout.split(None, 1)
+    return f"@{first[0]}" if first and first[0].replace(".", "", 1).isdigit() else ""
+
+
+def own_matches(unit: str, invocation: str) -> list[str]:
+    """journalctl matches for the lines the failed run's processes wrote. Output of a process that
+    exited before journald looked it up carries no ``_SYSTEMD_INVOCATION_ID`` (journald reads that
+    from the process's cgroup) but still its ``_SYSTEMD_UNIT``, which systemd names when it opens the
+    stream: both count, the unit's only with ``--since`` the run's start."""
+    return [f"_SYSTEMD_UNIT={unit}", "+", f"_SYSTEMD_INVOCATION_ID={invocation}"]
+
+
+def wait_for_own_lines(unit: str, invocation: str, since: str, seconds: float = 6.0,
+                       run=subprocess.run) -> bool:
     """Wait until the journal holds a line the failed run wrote itself. systemd starts this alert
     as soon as the unit fails, and journald may not have read the unit's last output yet: the
     mail then carried only systemd's own lines, without the error (seen in the lab, where 2 s
     once was not enough on a busy machine). A run that wrote nothing costs ``seconds``."""
-    argv = ["journalctl", "--no-pager", "-q", "-o", "cat", "-n", "1", f"_SYSTEMD_INVOCATION_ID={invocation}"]
+    argv = ["journalctl", "--no-pager", "-q", "-o", "cat", "-n", "1", "--since", since,
+            *own_matches(unit, invocation)]
     deadline = time.monotonic() + seconds
     while True:
         if run(argv, capture_output=True, text=True, timeout=30).stdout.strip():
@@ -42,19 +60,18 @@ def wait_for_own_lines(invocation: str, seconds: float = 6.0, run=subprocess.run
         time.sleep(0.1)
 
 
-def journal(unit: str, lines: int, invocation: str = "") -> str:
+def journal(unit: str, lines: int, invocation: str = "", run=subprocess.run) -> str:
     """The unit's last ``lines`` journal lines: of the failed run (its output and systemd's words
-    about it) when the invocation id is known, else the unit's."""
-    if invocation:
-        wait_for_own_lines(invocation)
+    about it) when the invocation id is known and in the journal, else the unit's."""
+    since = started(invocation, run) if invocation else ""
     argv = ["journalctl", "--no-pager", "-o", "short-iso", "-n", str(lines)]
-    argv += [f"_SYSTEMD_INVOCATION_ID={invocation}", "+", f"INVOCATION_ID={invocation}"] if invocation \
-        else ["-u", unit]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=30)
-    text = proc.stdout.strip()
-    if invocation and not text:  # the invocation logged nothing itself: the unit's lines then
-        return journal(unit, lines)
-    return text or f"(no journal lines: {proc.stderr.strip() or 'journalctl printed nothing'})"
+    if since:
+        wait_for_own_lines(unit, invocation, since, run=run)
+        argv += ["--since", since, *own_matches(unit, invocation), "+", f"INVOCATION_ID={invocation}"]
+    else:
+        argv += ["-u", unit]
+    proc = run(argv, capture_output=True, text=True, timeout=30)
+    return proc.stdout.strip() or f"(no journal lines: {proc.stderr.strip() or 'journalctl printed nothing'})"
 
 
 def message(to: str, host: str, unit: str, env: dict[str, str], log: str) -> EmailMessage:

@@ -6,26 +6,35 @@ chroot (``<root>/<cluster>``, the repository in ``repo/``). Its key is only
 accepted from the cluster's members (and restore-drill hosts), and the
 firewall opens SSH to those addresses only. Encryption happens on the
 database hosts; the passphrase is never part of this host's configuration.
+
+An account owns its repository's files and so could delete them: every hour
+root copies each repository into the vault (``backup__vault``), out of every
+account's reach, and keeps the copies ``backup__vault_keep_days``
+(webstack_agent/vault.py; ``deploys/restore.py --data vault=latest`` restores
+from one).
 """
 
 from __future__ import annotations
 
+import shlex
+from typing import Any
+
 from pyinfra import host
 from pyinfra.api import deploy
-from pyinfra.operations import files, server
+from pyinfra.api.exceptions import OperationError
+from pyinfra.operations import apt, files, server, systemd
 
-from roles._lib import config, validated_file
+from roles._lib import alert_on_failure, config, owed_action, template_file, validated_file
 from roles.backup.settings import BackupSettings
 from roles.topology import topology
 from webstack.inventory import HostConfig
 from webstack.sshkeys import public_key
+from webstack_agent import vault as agent
 
 KEYS_DIR = "/etc/ssh/webstack-sftp"
-
-
-def account(cluster: str) -> str:
-    """The SFTP account of a cluster's repository."""
-    return f"pgbr-{cluster}"
+VAULT_SCRIPT = "/usr/local/lib/webstack/webstack-vault"
+VAULT_UNITS = ("webstack-vault.service", "webstack-vault.timer")
+account = agent.account
 
 
 def sftp_match_blocks(cfg: HostConfig) -> list[dict[str, str]]:
@@ -40,7 +49,8 @@ def sftp_match_blocks(cfg: HostConfig) -> list[dict[str, str]]:
 def apply() -> None:
     """Accounts, chroots and keys for every cluster that backs up here."""
     cfg = config()
-    root = cfg.settings(BackupSettings).root.rstrip("/")
+    settings = cfg.settings(BackupSettings)
+    root = settings.root.rstrip("/")
     files.directory(name=f"Repositories under {root}", path=root, user="root", group="root", mode="755")
     files.directory(name="SFTP authorized keys", path=KEYS_DIR, user="root", group="root", mode="755")
     clients = topology(cfg).backup_clients(cfg.name)
@@ -59,3 +69,33 @@ def apply() -> None:
         )
     if not clients:
         host.noop("no cluster names this host as its backup host")
+    vault(settings)
+
+
+def vault(settings: BackupSettings) -> None:
+    """The vault: root's hourly copies of the repositories, pruned, failing (and mailing) when a
+    repository that was complete is not any more."""
+    apt.packages(name="rsync", packages=["rsync"])
+    files.directory(name=f"Vault {settings.vault}", path=settings.vault, user="root", group="root", mode="700")
+    files.put(name=f"Install {VAULT_SCRIPT}", src=agent.__file__, dest=VAULT_SCRIPT, mode="755")
+    ctx: dict[str, Any] = {"root": settings.root.rstrip("/"), "vault": settings.vault.rstrip("/"), "keep_days": settings.vault_keep_days}
+    units = [template_file(f"backup/etc/systemd/system/{u}.j2", f"/etc/systemd/system/{u}", owes="daemon-reload", **ctx)
+             for u in VAULT_UNITS]
+    owed_action("daemon-reload", "systemctl daemon-reload", units)
+    systemd.service(name="webstack-vault.timer enabled", service="webstack-vault.timer", enabled=True, running=True)
+    alert_on_failure("webstack-vault.service")
+
+
+def restore_from_vault(snapshot: str, cluster: str) -> None:
+    """Put the vault's ``snapshot`` (``latest``: the newest complete one) back as ``cluster``'s
+    repository before a restore reads it; what the repository held is moved aside into the vault."""
+    cfg = config()
+    if snapshot != "latest" and not agent.SNAPSHOT.match(snapshot):
+        raise OperationError(f"--data vault={snapshot}: `latest` or a snapshot name such as 20261203T214000Z "
+                             f"(webstack-vault list on {cfg.name})")
+    if cluster not in topology(cfg).backup_clients(cfg.name):
+        raise OperationError(f"{cfg.name} holds no repository of cluster {cluster!r}")
+    settings = cfg.settings(BackupSettings)
+    server.shell(name=f"Repository of {cluster} from the vault ({snapshot})",
+                 commands=[shlex.join([VAULT_SCRIPT, "--root", settings.root.rstrip("/"),
+                                       "--vault", settings.vault.rstrip("/"), "restore", cluster, snapshot])])

@@ -295,6 +295,49 @@ def test_retention_keeps_exactly_the_models_set(converged):
         db1.check_output("systemctl start webstack-backup.timer")
 
 
+def test_repository_deleted_from_a_compromised_database_host_comes_back_from_the_vault(canaries):
+    """Whoever holds db1 holds its repository account, which owns the repository's files: here it
+    deletes the whole repository (pgbackrest stanza-delete, through SFTP as pgbr-main). backup1's
+    hourly copy is root's and outside the account's chroot; the next copy fails and mails the
+    operator; one restore command puts the last complete copy back and restores every row."""
+    db1, backup1, mail1 = host_for("db1"), host_for("backup1"), host_for("mail1")
+    psql("db1", "drop table if exists vaulted; create table vaulted as select generate_series(1, 5000) id")
+    db1.check_output(f"runuser -u postgres -- {SCRIPT} scheduled --stanza main --type incr")
+    archive_now("db1", "main")
+    expected = psql("db1", "select count(*), sum(id) from vaulted")
+    backup1.check_output("systemctl start webstack-vault.service")
+    assert backup1.check_output("stat -c '%U %a' /srv/pgbackrest-vault") == "root 700"
+    assert backup1.check_output("find /srv/pgbackrest-vault/main -mindepth 1 -printf '%u:%g\\n' | sort -u") == "root:root"
+    vault_files = "find /srv/pgbackrest-vault/main -path '*Z/*' -type f | wc -l"
+    before = int(backup1.check_output(vault_files))
+    alerts = "grep -l -r -F -e 'X-Webstack-Unit: webstack-vault.service' /var/mail/webstack/all/new 2>/dev/null | wc -l"
+    mails = int(mail1.check_output(alerts))
+
+    db1.check_output("runuser -u postgres -- pgbackrest --stanza=main stop && "
+                     "runuser -u postgres -- pgbackrest --stanza=main --force stanza-delete")
+    try:
+        assert backup1.check_output("find /srv/pgbackrest/main/repo -type f | wc -l") == "0"
+        failed = backup1.run("systemctl start webstack-vault.service")
+        assert failed.rc != 0
+        assert "the repository of main was complete and is not any more" in backup1.check_output(
+            "journalctl -u webstack-vault.service --no-pager -n 20")
+        assert int(backup1.check_output(vault_files)) >= before  # the copies were not touched
+        wait_for(lambda: int(mail1.check_output(alerts)) == mails + 1, 30, "the operator's alert did not arrive")
+
+        result = restore_drill("vault=latest", "check_sql=select count(*), sum(id) from vaulted", "check_db=app")
+        assert "repository restored from snapshot" in result.output, result.output[-3000:]
+        assert f"check: {expected}" in result.output
+        assert psql("drill1", "select count(*), sum(id) from vaulted") == expected
+        assert psql("drill1", f"select count(*) from canary where v = '{canaries['main']}'") == "1"
+        assert backup1.check_output("stat -c '%U' /srv/pgbackrest/main/repo/backup/main/backup.info") == "pgbr-main"
+    finally:
+        db1.check_output("runuser -u postgres -- pgbackrest --stanza=main start")
+    # The cluster goes on archiving and backing up into the restored repository.
+    db1.check_output(f"runuser -u postgres -- {SCRIPT} scheduled --stanza main --type full")
+    archive_now("db1", "main")
+    assert info("db1", "main")["status"]["code"] == 0
+
+
 def test_both_database_servers_lost_restore_onto_new_machines(tmp_path, canaries):
     """Cluster legacy (Debian 12): db3 and db4 are powered off for good; spare1 and spare2 take their
     places in the inventory, spare1 is restored from backup1 alone, spare2 is cloned from it."""

@@ -147,6 +147,55 @@ def test_alert_waits_until_the_failed_runs_own_lines_are_in_the_journal():
         calls.append(argv)
         return subprocess.CompletedProcess(argv, 0, next(answers), "")
 
-    assert alert.wait_for_own_lines("abc", seconds=5, run=fake_run)
-    assert len(calls) == 3 and "_SYSTEMD_INVOCATION_ID=abc" in calls[0]
-    assert not alert.wait_for_own_lines("abc", seconds=0.2, run=lambda argv, **kw: subprocess.CompletedProcess(argv, 0, "", ""))
+    assert alert.wait_for_own_lines("x.service", "abc", "@17.5", seconds=5, run=fake_run)
+    assert len(calls) == 3
+    assert calls[0][-5:] == ["--since", "@17.5", "_SYSTEMD_UNIT=x.service", "+", "_SYSTEMD_INVOCATION_ID=abc"]
+    assert not alert.wait_for_own_lines("x.service", "abc", "@17.5", seconds=0.2,
+                                        run=lambda argv, **kw: subprocess.CompletedProcess(argv, 0, "", ""))
+
+
+class FakeJournal:
+    """journalctl over a list of entries (dicts of fields), enough for alert.journal's queries:
+    field matches (OR across "+"), -u, --since, -n, and the short-unix / other outputs."""
+
+    def __init__(self, entries):
+        self.entries = entries
+
+    def __call__(self, argv, **kwargs):
+        since, groups, n, unix = 0.0, [[]], None, "short-unix" in argv
+        args = iter(argv[1:])
+        for arg in args:
+            if arg == "--since":
+                since = float(next(args).lstrip("@"))
+            elif arg in ("-n", "-o"):
+                value = next(args)
+                n = int(value) if arg == "-n" else n
+            elif arg == "+":
+                groups.append([])
+            elif arg == "-u":  # the unit's processes and systemd about it
+                unit = next(args)
+                groups += [[("_SYSTEMD_UNIT", unit)], [("UNIT", unit)]]
+            elif "=" in arg:
+                groups[-1].append(arg.split("=", 1))
+        hits = [e for e in self.entries if e["t"] >= since
+                and any(g and all(e.get(k) == v for k, v in g) for g in groups)]
+        hits = hits[-n:] if n else hits
+        text = "".join(f"{e['t']} {e['MESSAGE']}\n" if unix else f"{e['MESSAGE']}\n" for e in hits)
+        return subprocess.CompletedProcess(argv, 0, text, "")
+
+
+def test_alert_carries_the_runs_output_even_without_its_invocation_id():
+    """journald attributes the output of a process that already exited by the unit systemd named
+    for the stream, without _SYSTEMD_INVOCATION_ID (CI run of 2026-12-03: the mail lacked the
+    unit's error). The run's start comes from systemd's own INVOCATION_ID line."""
+    journal = FakeJournal([
+        {"t": 10.0, "_SYSTEMD_UNIT": "x.service", "MESSAGE": "an earlier run's line"},
+        {"t": 20.0, "INVOCATION_ID": "abc", "UNIT": "x.service", "MESSAGE": "Starting x.service"},
+        {"t": 20.1, "_SYSTEMD_UNIT": "x.service", "MESSAGE": "x is failing on purpose"},
+        {"t": 20.2, "INVOCATION_ID": "abc", "UNIT": "x.service", "MESSAGE": "x.service: Failed"},
+    ])
+    text = alert.journal("x.service", 30, "abc", run=journal)
+    assert text.splitlines() == ["Starting x.service", "x is failing on purpose", "x.service: Failed"]
+    everything = alert.journal("x.service", 30, "", run=journal)  # no invocation: the unit's lines
+    assert everything.splitlines()[0] == "an earlier run's line" and len(everything.splitlines()) == 4
+    assert alert.journal("x.service", 30, "unknown", run=journal) == everything

@@ -50,7 +50,7 @@ def test_misspelt_option_names_key_deploy_and_options():
     with pytest.raises(ConfigError) as info:
         check(("deploys/restore.py",), ("from=main", "confrim=drill1"))
     assert str(info.value) == ("pyinfra: --data confrim: unknown option of deploys/restore.py "
-                               "(its options: check_db, check_sql, confirm, from, time)")
+                               "(its options: check_db, check_sql, confirm, from, time, vault)")
     with pytest.raises(ConfigError, match="--data release: unknown option of deploys/check.py .its options: none"):
         check(("deploys/check.py",), ("release=abc",))
 
@@ -63,4 +63,4 @@ def test_misspelt_option_stops_pyinfra_before_connecting(prod):  # noqa: F811
                             timeout=60)
     assert_stopped_before_connecting(
         result, "webstack: pyinfra: --data confrim: unknown option of deploys/restore.py "
-                "(its options: check_db, check_sql, confirm, from, time)")
+                "(its options: check_db, check_sql, confirm, from, time, vault)")
