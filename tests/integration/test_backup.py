@@ -325,7 +325,9 @@ def test_repository_deleted_from_a_compromised_database_host_comes_back_from_the
         wait_for(lambda: int(mail1.check_output(alerts)) == mails + 1, 30, "the operator's alert did not arrive")
 
         result = restore_drill("vault=latest", "check_sql=select count(*), sum(id) from vaulted", "check_db=app")
-        assert "repository restored from snapshot" in result.output, result.output[-3000:]
+        assert "Repository of main from the vault (latest)" in result.output, result.output[-3000:]
+        # What the intruder left (nothing) is kept aside, root's; the repository is the account's again.
+        assert backup1.check_output("ls /srv/pgbackrest-vault/main | grep -c '^replaced-'") != "0"
         assert f"check: {expected}" in result.output
         assert psql("drill1", "select count(*), sum(id) from vaulted") == expected
         assert psql("drill1", f"select count(*) from canary where v = '{canaries['main']}'") == "1"
