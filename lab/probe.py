@@ -26,6 +26,8 @@ MACHINES = {m["name"]: m for m in FLEET["machines"] if not m.get("on_demand")}
 ON_DEMAND = {m["name"]: m for m in FLEET["machines"] if m.get("on_demand") and "count" not in m}
 ADDRESS = {m["name"]: m["address"] for m in FLEET["machines"] if "count" not in m}
 PGPASS = "/root/.webstack-test-pgpass"
+# PostgreSQL cluster of each database machine: the lab's groups pg_<cluster> (inventories/lab/group_data).
+CLUSTER = {m["name"]: g.removeprefix("pg_") for m in FLEET["machines"] for g in m.get("groups", []) if g.startswith("pg_")}
 
 SSH_CONFIG = Path(tempfile.mkdtemp(prefix="webstack-probe-")) / "ssh_config"
 SSH_CONFIG.write_text(
@@ -41,7 +43,10 @@ def host(name: str):
 
 def conninfo(*hosts: str, **extra: str) -> str:
     parts = {"host": ",".join(ADDRESS[h] for h in hosts), "dbname": "app", "user": "app",
-             "sslmode": "require", "connect_timeout": "3", **extra}
+             # As the application connects (roles/postgres/certs.py): the member's certificate verified
+             # against its cluster's CA, the password exchange bound to the TLS channel.
+             "sslmode": "verify-full", "sslrootcert": f"/etc/webstack/postgres-{CLUSTER.get(hosts[0], 'main')}-ca.crt",
+             "channel_binding": "require", "connect_timeout": "3", **extra}
     return " ".join(f"{k}={v}" for k, v in parts.items())
 
 

@@ -73,6 +73,8 @@ def _base_secrets(cfg: HostConfig) -> list[str]:
     out = [f"password_hash_{u.name}" for u in base.admin_users]
     if base.mail_relay and not topology(cfg).relays_locally(cfg.name):
         out.append(f"smtp_password_{base.mail_relay_user}")
+    # The CA of every PostgreSQL cluster it connects to (derived from its key on the control machine).
+    out += [f"postgres_tls_ca_key_{c}" for c in topology(cfg).ca_clusters(cfg.name)]
     return out
 
 
@@ -96,7 +98,8 @@ def backup_secrets(cluster: str, s3: bool) -> list[str]:
 
 def _postgres_secrets(cfg: HostConfig) -> list[str]:
     pg = cfg.settings(PostgresSettings)
-    out = ["postgres_password_replicator", *(f"postgres_password_{u}" for u in pg.users)]
+    out = ["postgres_password_replicator", *(f"postgres_password_{u}" for u in pg.users),
+           f"postgres_tls_ca_key_{pg.cluster}"]
     if pg.backup_host or pg.backup_s3_bucket:
         out += backup_secrets(pg.cluster, bool(pg.backup_s3_bucket))
     return out

@@ -113,6 +113,18 @@ class Topology:
                         return AppDatabase(db, pg.cluster)
         return None
 
+    def ca_clusters(self, host: str) -> list[str]:
+        """Clusters whose PostgreSQL CA ``host`` needs to verify their servers: its own (a member), those
+        whose ``postgres__clients`` groups hold it, and its application's database's (app or worker)."""
+        me = self.host(host)
+        out = {me.settings(PostgresSettings).cluster} if "postgres" in me.roles else set()
+        for name, members in self.clusters().items():
+            if any(h.name == host for _group, h in self.database_clients(members[0].name)):
+                out.add(name)
+        if {"app", "worker"} & set(me.roles) and (found := self.app_database(host)) is not None:
+            out.add(found.cluster)
+        return sorted(out)
+
     # --- backups ----------------------------------------------------------------------------------------------
 
     def backup_host(self, cluster: str) -> Peer | None:

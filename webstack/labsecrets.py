@@ -43,6 +43,8 @@ def generate(key: str, data: dict[str, str] | None = None, addresses: dict[str, 
         return sshkeys.new_private_key()
     if key.startswith("pgbackrest_tls_ca_key_"):
         return tls.new_ed25519_key()
+    if key.startswith("postgres_tls_ca_key_"):
+        return tls.new_p256_key()
     if key.startswith("pgbackrest_cipher_pass_"):
         return pysecrets.token_urlsafe(48)  # pgBackRest suggests 48+ random bytes; 64 characters here
     return pysecrets.token_urlsafe(24)

@@ -152,3 +152,76 @@ def derived_leaf(ca_key_pem: str, ca_name: str, name: str, ips: list[str]) -> tu
     pem_key = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption()).decode()
     return pem_key, cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+# --- PostgreSQL's server certificates: ECDSA P-256, derived from one key per cluster -----------------
+# Channel binding (SCRAM-SHA-256-PLUS, tls-server-end-point) hashes the server certificate with
+# the hash of its signature algorithm, which an Ed25519 signature does not have: PostgreSQL then
+# offers no channel binding. So these are ECDSA with SHA-256, signed deterministically (RFC 6979):
+# like the pgBackRest set above, the CA and every member's certificate are pure functions of the
+# cluster's secret (``postgres_tls_ca_key_<cluster>``, a P-256 key) and the member's name.
+
+def new_p256_key() -> str:
+    """A new ECDSA P-256 private key, PKCS#8 PEM."""
+    return _pem_key(ec.generate_private_key(ec.SECP256R1()))
+
+
+def _p256(pem: str) -> ec.EllipticCurvePrivateKey:
+    key = serialization.load_pem_private_key(pem.encode(), None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise ValueError("not an ECDSA P-256 private key (make one with "
+                         "`openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256`)")
+    return key
+
+
+_P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+
+
+def _serial(label: bytes, name: str) -> int:
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(label + name.encode()).digest()[:16], "big") >> 1
+
+
+def pg_ca(ca_key_pem: str, name: str) -> str:
+    """The cluster's CA certificate (PEM), identical on every call."""
+    key = _p256(ca_key_pem)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    cert = (
+        x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+        .serial_number(_serial(b"pg-ca", name)).not_valid_before(_EPOCH).not_valid_after(_END)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                     content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                     key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256(), ecdsa_deterministic=True)
+    )
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def pg_server(ca_key_pem: str, ca_name: str, name: str, ips: list[str]) -> tuple[str, str]:
+    """(key PEM, certificate PEM) of PostgreSQL member ``name`` at ``ips``, identical on every call:
+    its key is derived from the CA key and the name (HMAC-SHA256), its signature is RFC 6979's."""
+    import hashlib
+    import hmac
+
+    ca_key = _p256(ca_key_pem)
+    scalar = ca_key.private_numbers().private_value.to_bytes(32, "big")
+    seed = int.from_bytes(hmac.new(scalar, b"pg-server:" + name.encode(), hashlib.sha256).digest(), "big")
+    key = ec.derive_private_key(seed % (_P256_ORDER - 1) + 1, ec.SECP256R1())
+    ca_cert = x509.load_pem_x509_certificate(pg_ca(ca_key_pem, ca_name).encode())
+    sans: list[x509.GeneralName] = [x509.DNSName(name)] + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca_cert.subject).public_key(key.public_key())
+        .serial_number(_serial(b"pg-server", name)).not_valid_before(_EPOCH).not_valid_after(_END)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256(), ecdsa_deterministic=True)
+    )
+    return _pem_key(key), cert.public_bytes(serialization.Encoding.PEM).decode()

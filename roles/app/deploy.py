@@ -28,6 +28,7 @@ from pyinfra.operations import apt, files, server
 
 from roles._lib import config, render
 from roles.app.settings import AppSettings
+from roles.postgres import certs
 from roles.topology import topology
 from webstack.inventory import HostConfig
 
@@ -101,7 +102,7 @@ def database_url(cfg: HostConfig) -> str:
     hosts = [p.address for p in top.cluster(found.cluster)]
     password = cfg.secret(f"postgres_password_{db.owner}").unmask().replace("\\", "\\\\").replace("'", "\\'")
     return (f"host={','.join(hosts)} dbname={db.name} user={db.owner} password='{password}' "
-            "sslmode=require target_session_attrs=read-write connect_timeout=3")
+            f"{certs.client_options(found.cluster)} target_session_attrs=read-write connect_timeout=3")
 
 
 def env_content(cfg: HostConfig) -> str:

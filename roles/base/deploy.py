@@ -22,6 +22,8 @@ from roles._lib import config, owed_action, stdin_command, template_file, valida
 from roles.base import _release, mail
 from roles.base.facts import Container, ShadowHash, WeakSshModuli
 from roles.base.settings import BaseSettings
+from roles.postgres import certs
+from roles.postgres.settings import PostgresSettings
 from roles.registry import ROLES
 from roles.topology import topology
 from webstack.inventory import HostConfig
@@ -263,11 +265,22 @@ def firewall_and_sysctl() -> None:
             server.sysctl(name=f"sysctl {key}", key=key, value=int(value))
 
 
+def database_cas() -> None:
+    """The CA of every PostgreSQL cluster this host connects to (roles/postgres/certs.py): those it is
+    a client of. A member's own cluster's comes with the postgres role (a restore runs that role alone)."""
+    cfg = config()
+    own = cfg.settings(PostgresSettings).cluster if "postgres" in cfg.roles else None
+    for cluster in topology(cfg).ca_clusters(cfg.name):
+        if cluster != own:
+            certs.install_ca(cfg, cluster)
+
+
 @deploy("Base")
 def apply() -> None:
     """Everything the base role does, in a safe order: accounts before sshd hardening."""
     packages_and_time()
     identity_and_accounts()
+    database_cas()
     sshd()
     firewall_and_sysctl()
     mail.apply()

@@ -19,7 +19,7 @@ from pyinfra.operations import apt, postgres, server, systemd
 
 from roles._lib import PENDING_DIR, barrier, config, owed_action, render, stdin_command, template_file, unit_file, validated_file
 from roles.base.deploy import codename
-from roles.postgres import backup, scram
+from roles.postgres import backup, certs, scram
 from roles.postgres._release import VERSION, paths
 from roles.postgres.facts import PgCluster, PgReplicationSlots, PgRoleVerifiers, PgStreamingStandbys, PsqlQuery
 from roles.postgres.settings import PostgresSettings
@@ -198,6 +198,9 @@ def config_context(cfg: HostConfig, memory_mb: int, standbys: list[str] | None =
         "max_slot_wal_keep_mb": pg.max_slot_wal_keep_mb,
         "wal_keep_mb": pg.wal_keep_mb,
         "restore_command": backup.restore_command(pg),
+        "ssl_cert_file": certs.SERVER_CERT,
+        "ssl_key_file": certs.SERVER_KEY,
+        "client_tls": certs.client_options(pg.cluster),
     }
 
 
@@ -347,7 +350,7 @@ def reload_command(version: str, defer_restart: bool = False) -> str:
     )
 
 
-def clone_command(version: str, primary_address: str, slot: str) -> str:
+def clone_command(version: str, primary_address: str, slot: str, cluster: str) -> str:
     """Base-backup the primary into a new directory, then swap it in and start it as a standby.
 
     The fresh cluster it replaces stays intact until the copy is complete, so a
@@ -358,7 +361,7 @@ def clone_command(version: str, primary_address: str, slot: str) -> str:
     return (
         f"set -e; rm -rf {new} {old}; install -d -o postgres -g postgres -m 700 {new}; "
         f"runuser -u postgres -- env PGPASSFILE={PGPASS} {p.bin}/pg_basebackup -h {primary_address} "
-        f"-U replicator -D {new} -X stream -S {slot} -c fast -w -d 'sslmode=require' "
+        f"-U replicator -D {new} -X stream -S {slot} -c fast -w -d '{certs.client_options(cluster)}' "
         f"|| {{ rm -rf {new}; exit 1; }}; "
         f"runuser -u postgres -- touch {new}/standby.signal; "
         f"systemctl stop {p.service}; mv {d} {old}; mv {new} {d}; "
@@ -396,6 +399,9 @@ def apply(restoring: bool = False) -> None:
         "postgres/etc/postgresql/main/pg_hba.conf.j2", f"{p.etc}/pg_hba.conf",
         owes="reload-postgres", user="postgres", group="postgres", mode="640", rules=hba_rules(cfg),
     )
+    # Its certificate (the configuration names it) and the CA the other members verify it with.
+    certs.install_ca(cfg, pg.cluster)
+    swaps = [conf, hba, *certs.install_server(cfg, pg.cluster, owes="reload-postgres")]
     validated_file(
         name="Replication password for postgres (.pgpass)", dest=PGPASS,
         content=render("postgres/var/lib/postgresql/pgpass.j2",
@@ -405,6 +411,7 @@ def apply(restoring: bool = False) -> None:
     fence = template_file(
         "postgres/usr/local/lib/webstack/pg-fence.j2", "/usr/local/lib/webstack/pg-fence", mode="755",
         validate="sh -n {}", peers=[x.address for x in topology(cfg).cluster_peers(cfg.name)],
+        client_tls=certs.client_options(pg.cluster),
         wait=cfg.settings(PostgresSettings).fence_wait_s,
     )
     dropin = template_file(
@@ -414,7 +421,7 @@ def apply(restoring: bool = False) -> None:
     peers = [x.address for x in topology(cfg).cluster_peers(cfg.name)]
     watch = template_file("postgres/usr/local/lib/webstack/pg-watch.j2", "/usr/local/lib/webstack/pg-watch",
                           mode="755", validate="sh -n {}", owes="restart-pg-watch", peers=peers, version=version,
-                          interval=2)
+                          interval=2, client_tls=certs.client_options(pg.cluster))
     watch_unit = unit_file(WATCH, render("postgres/etc/systemd/system/webstack-pg-watch.service.j2"),
                            owes="daemon-reload")
     started = template_file("postgres/usr/local/lib/webstack/pg-started.j2", "/usr/local/lib/webstack/pg-started",
@@ -429,7 +436,7 @@ def apply(restoring: bool = False) -> None:
     if is_primary:
         # With replicas streaming, a restart the new settings need waits until they took theirs (below);
         # on a first deploy (none streams yet: they clone from it next) the primary restarts at once.
-        reload = owed_action("reload-postgres", reload_command(version, defer_restart=bool(streaming)), [conf, hba])
+        reload = owed_action("reload-postgres", reload_command(version, defer_restart=bool(streaming)), swaps)
         login_role(name="Role replicator", role="replicator", replication=True,
                    password=cfg.secret("postgres_password_replicator"))
         if not host.get_fact(PgRewindGrants):
@@ -449,7 +456,7 @@ def apply(restoring: bool = False) -> None:
     barrier(name="Primary ready for replicas", label=f"cluster {pg.cluster}")
     backup.apply(cfg, release, version, is_primary, restoring=restoring)
     if not is_primary:
-        _replica(cfg, version, states, conf, hba)
+        _replica(cfg, version, states, swaps)
     # A setting that needs a restart (max_connections...) is taken by the replicas first: a hot
     # standby must not run with less than its primary (for a decrease, restart the primary by hand
     # first). The primary's reload left the restart owed; it restarts once every replica is done.
@@ -459,7 +466,7 @@ def apply(restoring: bool = False) -> None:
                     [reload])
 
 
-def _replica(cfg: HostConfig, version: str, states: dict[str, Any], conf: Any, hba: Any) -> None:
+def _replica(cfg: HostConfig, version: str, states: dict[str, Any], swaps: list[Any]) -> None:
     """A replica's part of ``apply``: clone it when it holds no copy of the primary, then reload."""
     pg = cfg.settings(PostgresSettings)
     mine = _live(states.get(cfg.name))
@@ -474,5 +481,5 @@ def _replica(cfg: HostConfig, version: str, states: dict[str, Any], conf: Any, h
             raise OperationError(f"{cfg.name}: holds databases of another cluster; refusing to overwrite it")
         primary_address = topology(cfg).primary(cfg.name).address
         server.shell(name=f"Clone from {pg.primary} (pg_basebackup via slot {slot_name(cfg.name)})",
-                     commands=[clone_command(version, primary_address, slot_name(cfg.name))])
-    owed_action("reload-postgres", reload_command(version), [conf, hba])
+                     commands=[clone_command(version, primary_address, slot_name(cfg.name), pg.cluster)])
+    owed_action("reload-postgres", reload_command(version), swaps)

@@ -135,7 +135,7 @@ class PgReplicationSlots(PsqlQuery):
         return dict(line.split(None, 1) for line in output if len(line.split()) == 2)
 
 
-def primary_probe(address: str) -> str:
+def primary_probe(address: str, client_tls: str) -> str:
     """Shell that prints how the PostgreSQL server at ``address`` answers, asked as the replicator:
     ``f`` = a primary, ``t`` = a standby, nothing = no answer (down, unreachable or not listening).
 
@@ -150,7 +150,7 @@ def primary_probe(address: str) -> str:
         "for i in 1 2 3 4; do "
         f"if timeout 0.12 bash -c 'exec 3<>/dev/tcp/{address}/5432' 2>/dev/null; then "
         "runuser -u postgres -- env PGPASSFILE=/var/lib/postgresql/.pgpass PGCONNECT_TIMEOUT=3 "
-        f"psql 'host={address} user=replicator dbname=postgres sslmode=require' "
+        f"psql 'host={address} user=replicator dbname=postgres {client_tls}' "
         "-XAtc 'select pg_is_in_recovery()' 2>/dev/null; break; fi; done; true"
     )
 

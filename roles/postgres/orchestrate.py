@@ -26,7 +26,7 @@ from roles import audit
 from roles._lib import barrier, config, dry_run, fault_point, options, owed_action, root_shell, template_file
 from roles.base.deploy import codename
 from roles.options import FailoverOptions, RejoinOptions, SwitchoverOptions
-from roles.postgres import backup
+from roles.postgres import backup, certs
 from roles.postgres._release import VERSION, paths
 from roles.postgres.deploy import (
     PGPASS,
@@ -279,8 +279,8 @@ class _Probe:
 
     FRESH_S = 2.0
 
-    def __init__(self, target: Any, address: str) -> None:
-        self.target, self.command = target, primary_probe(address)
+    def __init__(self, target: Any, address: str, cluster: str) -> None:
+        self.target, self.command = target, primary_probe(address, certs.client_options(cluster))
         self.greenlet = gevent.spawn(self._ask)
 
     def _ask(self) -> tuple[float, str]:
@@ -377,7 +377,8 @@ def failover() -> None:
     me = config()
     named = options(FailoverOptions).to
     if "postgres" in me.roles and host.name != me.settings(PostgresSettings).primary and named in ("", host.name):
-        probe = _Probe(inventory.get_host(host.name), topology(me).primary(me.name).address)
+        probe = _Probe(inventory.get_host(host.name), topology(me).primary(me.name).address,
+                       me.settings(PostgresSettings).cluster)
         archive = ArchiveCheck(inventory.get_host(host.name), me.settings(PostgresSettings))
     setup = _setup()
     if setup is None:
@@ -510,7 +511,7 @@ def rejoin() -> None:
         # A running standby holds its slot: it stops first, so the base backup can use the slot.
         stop = [f"systemctl stop {p.service}"] if streaming else []
         server.shell(name=f"Re-clone from {pg.primary}",
-                     commands=[*stop, clone_command(version, primary_address, slot_name(host.name))])
+                     commands=[*stop, clone_command(version, primary_address, slot_name(host.name), pg.cluster)])
         conf = _configure(cfg, version)
         owed_action("reload-postgres", reload_command(version), [conf])
         return
@@ -527,7 +528,7 @@ def rejoin() -> None:
             f"systemctl stop {p.service}; "
             f"runuser -u postgres -- env PGPASSFILE={PGPASS} {p.bin}/pg_rewind -D {p.data} "
             f"--config-file={p.etc}/postgresql.conf {restore_target_wal}"
-            f"--source-server='host={primary_address} user=replicator dbname=postgres sslmode=require' "
+            f"--source-server='host={primary_address} user=replicator dbname=postgres {certs.client_options(pg.cluster)}' "
             "|| { echo 'pg_rewind failed: rerun with --data reclone=yes' >&2; exit 1; }"
         ],
     )

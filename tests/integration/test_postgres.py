@@ -58,7 +58,7 @@ def client(converged):
     app1.run("DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql-client >/dev/null")
     db = next(c for c in load(ROOT / "inventories" / "lab") if "postgres" in c.roles)
     password = db.secret("postgres_password_app").unmask()
-    app1.run(f"umask 077; echo '*:5432:app:app:{password}' > {PGPASS}")
+    app1.run(f"umask 077; echo '*:*:app:app:{password}' > {PGPASS}")
     for _cluster, primary, _replica in CLUSTERS:
         sql(app1, primary, "create table if not exists marks (id bigint primary key, at timestamptz default now())")
     return app1
@@ -101,6 +101,54 @@ def test_row_readable_on_replica_within_a_second(client, cluster, primary, repli
 def test_replica_refuses_writes(client, cluster, primary, replica):
     result = sql(client, replica, "insert into marks (id) values (1)", check=False)
     assert result.rc != 0 and "read-only transaction" in result.stderr
+
+
+RELAY = """
+import socket, sys, threading
+def pipe(a, b):
+    try:
+        while data := a.recv(65536):
+            b.sendall(data)
+    except OSError:
+        pass
+    finally:
+        a.close(); b.close()
+server = socket.create_server(("127.0.0.1", int(sys.argv[1])), reuse_port=True)
+while True:
+    c, _ = server.accept()
+    u = socket.create_connection((sys.argv[2], 5432))
+    threading.Thread(target=pipe, args=(c, u), daemon=True).start()
+    threading.Thread(target=pipe, args=(u, c), daemon=True).start()
+"""
+
+
+@pytest.mark.parametrize("cluster,primary,replica", CLUSTERS)
+def test_a_relay_or_another_server_in_the_primarys_place_is_refused(client, cluster, primary, replica):
+    """Clients verify the member's certificate (verify-full against the cluster's CA) and bind the
+    SCRAM exchange to the TLS channel. Injected: a TCP relay on the client in front of the primary
+    (it worked with the former sslmode=require), the replica answering at the primary's address,
+    and a server of the other cluster there (its certificate is from another CA)."""
+    port = 15432 if cluster == "main" else 15433
+    client.check_output(f"cat > /root/relay.py <<'EOF'{RELAY}EOF")
+    client.check_output(f"systemd-run --unit=ws-relay-{port} --collect python3 /root/relay.py {port} {ADDRESS[primary]}")
+    try:
+        wait_for(lambda: client.run(f"ss -Htln 'sport = :{port}' | grep -q LISTEN").rc == 0, 10, "relay listening")
+        relayed = sql(client, primary, "select 1", check=False, host="127.0.0.1", port=str(port))
+        assert relayed.rc != 0 and 'does not match host name "127.0.0.1"' in relayed.stderr, relayed.stderr
+        # The relay itself works: what stopped it is the verification (the old setting let it through).
+        assert sql(client, primary, "select 1", host="127.0.0.1", port=str(port), sslmode="require") == "1"
+    finally:
+        client.run(f"systemctl stop ws-relay-{port}")
+    impostor = sql(client, primary, "select 1", check=False, hostaddr=ADDRESS[replica])
+    assert impostor.rc != 0 and f'does not match host name "{ADDRESS[primary]}"' in impostor.stderr, impostor.stderr
+    other = next(p for c, p, _r in CLUSTERS if c != cluster)
+    stranger = sql(client, primary, "select 1", check=False, hostaddr=ADDRESS[other])
+    assert stranger.rc != 0 and "certificate verify failed" in stranger.stderr, stranger.stderr
+    # The genuine server: verified, channel-bound, and so is the replica's stream from it.
+    assert sql(client, primary, "select ssl from pg_stat_ssl where pid = pg_backend_pid()") == "t"
+    receiver = host_for(replica).check_output(
+        "runuser -u postgres -- psql -XAtc 'select conninfo from pg_stat_wal_receiver'")
+    assert "sslmode=verify-full" in receiver and "channel_binding=require" in receiver, receiver
 
 
 @pytest.mark.parametrize("cluster,primary,replica", CLUSTERS)

@@ -11,12 +11,13 @@ import pytest
 import yaml
 
 from webstack.sshkeys import new_private_key
-from webstack.tls import new_ed25519_key
+from webstack.tls import new_ed25519_key, new_p256_key
 
 # The fact prefetch records of the runs unit tests simulate stay out of the operator's ~/.cache.
 os.environ.setdefault("WEBSTACK_PREFETCH_DIR", tempfile.mkdtemp(prefix="webstack-unit-facts-"))
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl test@unit"
+PG_CA_KEY = new_p256_key()  # one key for all: deriving certificates is what costs
 SECRETS = {
     "password_hash_ops": "$6$salt$hash",
     "postgres_password_replicator": "repl-pw",
@@ -32,6 +33,8 @@ SECRETS = {
     **{f"pgbackrest_cipher_pass_{c}": f"cipher-{c}" for c in ("main", "legacy")},
     **{f"pgbackrest_sftp_key_{c}": new_private_key() for c in ("main", "legacy")},
     **{f"pgbackrest_tls_ca_key_{c}": new_ed25519_key() for c in ("main", "legacy")},
+    # Every cluster's PostgreSQL CA (the unit tests' inventories name these clusters).
+    **{f"postgres_tls_ca_key_{c}": PG_CA_KEY for c in ("main", "legacy", "drill", "one", "two", "reports", "other")},
 }
 
 

@@ -41,7 +41,7 @@ _SFTP_KEYS = {
 
 def _fixed_secrets() -> dict[str, str]:
     from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
     from tests.unit.conftest import SECRETS
     from webstack.tls import derived_leaf
@@ -51,6 +51,8 @@ def _fixed_secrets() -> dict[str, str]:
         ca = ed25519.Ed25519PrivateKey.from_private_bytes(bytes([i + 1]) * 32)
         out[f"pgbackrest_sftp_key_{cluster}"] = _SFTP_KEYS[cluster]
         out[f"pgbackrest_tls_ca_key_{cluster}"] = ca.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()
+        out[f"postgres_tls_ca_key_{cluster}"] = ec.derive_private_key(1000 + i, ec.SECP256R1()).private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()
     # The load balancers' certificate and key: a pair that matches (the lb role checks), the same on
     # every run (Ed25519 signatures are deterministic).

@@ -13,7 +13,7 @@ import pytest
 
 from webstack import secrets
 from webstack.sshkeys import new_private_key
-from webstack.tls import new_ed25519_key
+from webstack.tls import new_ed25519_key, new_p256_key
 
 ROOT = Path(__file__).resolve().parents[2]
 PYINFRA = str(Path(sys.executable).parent / "pyinfra")
@@ -31,7 +31,7 @@ def prod(tmp_path, monkeypatch):
     secrets.encrypt(inv, {"password_hash_ops": "$6$x$y", "postgres_password_replicator": "r",
                           "postgres_password_app": "a", "tls_cert": "c", "tls_key": "k", "app_secret_key": "s",
                           "pgbackrest_cipher_pass_main": "p", "pgbackrest_sftp_key_main": new_private_key(),
-                          "pgbackrest_tls_ca_key_main": new_ed25519_key()})
+                          "pgbackrest_tls_ca_key_main": new_ed25519_key(), "postgres_tls_ca_key_main": new_p256_key()})
     return inv
 
 

@@ -133,3 +133,53 @@ def test_a_synchronous_primary_waits_only_for_members_that_can_acknowledge(make_
     ctx = config_context(cfgs["db1"], memory_mb=4096, standbys=[])
     assert ctx["synchronous_standbys"] == []
     assert config_context(cfgs["db1"], memory_mb=4096)["synchronous_standbys"] == ["db2", "db3"]
+
+
+def test_database_certificates_derive_from_the_cluster_key_and_carry_a_channel_binding_hash():
+    """Same secret, same files (a second run changes nothing); an ECDSA-SHA256 signature, whose hash
+    SCRAM-SHA-256-PLUS's tls-server-end-point needs (an Ed25519 certificate has none); the member's
+    name and address in the certificate, which verify-full checks."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    from webstack import tls
+
+    key = tls.new_p256_key()
+    ca_pem = tls.pg_ca(key, "ca main")
+    leaf_key, leaf_pem = tls.pg_server(key, "ca main", "db1", ["10.1.0.31"])
+    assert (ca_pem, (leaf_key, leaf_pem)) == (tls.pg_ca(key, "ca main"), tls.pg_server(key, "ca main", "db1", ["10.1.0.31"]))
+    assert tls.pg_server(key, "ca main", "db2", ["10.1.0.32"])[0] != leaf_key  # one key per member
+    ca, leaf = x509.load_pem_x509_certificate(ca_pem.encode()), x509.load_pem_x509_certificate(leaf_pem.encode())
+    leaf.verify_directly_issued_by(ca)
+    assert isinstance(leaf.signature_hash_algorithm, hashes.SHA256)
+    sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == ["db1"]
+    assert sans.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.1.0.31")]
+    assert tls.key_matches_certificate(leaf_key, leaf_pem)
+    with pytest.raises(ValueError, match="not an ECDSA P-256 private key"):
+        tls.pg_ca(tls.new_ed25519_key(), "ca main")
+
+
+def test_every_connection_to_a_member_verifies_it_and_binds_the_channel(make_inventory):
+    """No sslmode=require left anywhere: replication, clones, rewind, fencing, the probes and the
+    application all verify the member's certificate against the cluster's CA and bind the channel."""
+    import subprocess
+    from pathlib import Path
+
+    from roles._lib import render
+    from roles.postgres import certs
+    from roles.postgres.facts import primary_probe
+
+    root = Path(__file__).resolve().parents[2]
+    left = subprocess.run(["grep", "-rn", "sslmode=require", "roles", "templates", "webstack", "webstack_agent"],
+                          capture_output=True, text=True, cwd=root)
+    assert left.stdout == ""
+    wanted = "sslmode=verify-full sslrootcert=/etc/webstack/postgres-main-ca.crt channel_binding=require"
+    assert certs.client_options("main") == wanted
+    cfgs = {c.name: c for c in load(make_inventory(hosts=DB_HOSTS, groups={"db": DB_GROUP}), secrets=SECRETS)}
+    conf = render("postgres/etc/postgresql/main/conf.d/webstack.conf.j2", **config_context(cfgs["db2"], memory_mb=4096))
+    assert f"primary_conninfo = 'host=10.1.0.31 port=5432 user=replicator application_name=db2 {wanted}'" in conf
+    assert "ssl_cert_file = '/etc/postgresql/webstack-server.crt'" in conf
+    assert wanted in primary_probe("10.1.0.32", wanted)

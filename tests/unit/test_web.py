@@ -147,7 +147,8 @@ def test_keepalived_interface_from_pyinfra_network_devices():
 def test_database_url_and_env_file(make_inventory):
     _inv, cfgs = configs(make_inventory)
     url = database_url(cfgs["app1"])
-    assert url == ("host=10.1.0.31 dbname=app user=app password='app-pw' sslmode=require "
+    assert url == ("host=10.1.0.31 dbname=app user=app password='app-pw' sslmode=verify-full "
+                   "sslrootcert=/etc/webstack/postgres-main-ca.crt channel_binding=require "
                    "target_session_attrs=read-write connect_timeout=3")
     env = env_content(cfgs["app1"])
     assert f'DATABASE_URL="{url}"' in env and 'SECRET_KEY="k3y"' in env
