@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYINFRA := $(VENV)/bin/pyinfra
 STAMP := $(VENV)/.installed
-HOST_PACKAGES := debootstrap systemd-container nftables iproute2 openssh-client openssl sudo git python3-venv rsync
+HOST_PACKAGES := debootstrap systemd-container nftables iproute2 openssh-client openssl sudo git python3-venv rsync pebble
 LAB_INV := inventories/lab
 
 .PHONY: help setup demo test unit lint integration lab-up lab-down lab-status site bench docs

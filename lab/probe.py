@@ -116,10 +116,11 @@ def vip() -> str:
 
 
 def https(path: str, method: str = "GET", body: str | None = None, timeout: float = 2.0,
-          address: str | None = None, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-    """One request on a new TLS connection, verified against the lab CA; (status, headers, body).
-    ``headers`` are added (a ``Host`` among them replaces the site's name)."""
-    context = ssl.create_default_context(cafile=str(CA_FILE))
+          address: str | None = None, headers: dict[str, str] | None = None,
+          cafile: str | None = None) -> tuple[int, dict[str, str], bytes]:
+    """One request on a new TLS connection, verified against the lab CA (or ``cafile``); (status,
+    headers, body). ``headers`` are added (a ``Host`` among them replaces the site's name)."""
+    context = ssl.create_default_context(cafile=cafile or str(CA_FILE))
     conn = http.client.HTTPSConnection(address or vip(), 443, context=context, timeout=timeout)
     try:
         headers = {"Host": SERVER_NAME, **(headers or {})}
@@ -186,8 +187,9 @@ class SteadyClient:
     """
 
     def __init__(self, path: str = "/app", interval: float = 0.05, limit: float = 300, timeout: float = 2.0,
-                 address: str | None = None, retry_reset: bool = False):
+                 address: str | None = None, retry_reset: bool = False, cafile: str | None = None):
         self.path, self.interval, self.limit, self.timeout = path, interval, limit, timeout
+        self.cafile = cafile  # None: the lab CA
         self.address = address  # None: the VIP
         # As a browser does: a GET whose connection was reset before any answer (a VIP that moved
         # while it was in flight) is sent once more; the request fails if that fails too.
@@ -209,12 +211,13 @@ class SteadyClient:
             start = time.monotonic()
             try:
                 try:
-                    status, headers, _ = https(self.path, timeout=self.timeout, address=self.address)
+                    status, headers, _ = https(self.path, timeout=self.timeout, address=self.address, cafile=self.cafile)
                 except (ConnectionResetError, http.client.RemoteDisconnected):
                     if not self.retry_reset:
                         raise
                     self.resets += 1
-                    status, headers, _ = https(self.path, timeout=self.timeout, address=self.address)
+                    status, headers, _ = https(self.path, timeout=self.timeout, address=self.address,
+                                               cafile=self.cafile)
                 self.results.append((start, 200 <= status < 300, f"{status} {headers.get('x-served-by', '')}"))
             except (OSError, http.client.HTTPException) as exc:
                 self.results.append((start, False, type(exc).__name__))

@@ -234,6 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     aud = sub.add_parser("audit", help="who deployed what, when, from which commit (control machine and servers)")
     aud.add_argument("inventory", type=Path)
     aud.add_argument("--json", type=Path, help="also write the merged runs as JSON to this file")
+    cert = sub.add_parser("certificate", help="the load balancers' certificate from ACME, when due (HTTP-01)")
+    cert.add_argument("inventory", type=Path)
+    cert.add_argument("--force", action="store_true", help="order a new certificate even if the current one is not due")
+    cert.add_argument("--renew-days", type=int, default=None, help="override lb__acme_renew_days")
+    cert.add_argument("--no-push", action="store_true", help="store it in secrets only (no deploys/site.py --limit lb)")
     docs = sub.add_parser("docs", help="regenerate the README settings tables")
     docs.add_argument("--check", action="store_true", help="exit 1 if README.md is out of date")
     args, extra = parser.parse_known_args(argv)
@@ -273,6 +278,15 @@ def main(argv: list[str] | None = None) -> int:
                                    args.command[1:] if args.command[:1] == ["--"] else args.command)
         if args.cmd == "onboard":
             return cmd_onboard(args.inventory, args.hosts, [])
+        if args.cmd == "certificate":
+            from webstack import acme, certificate
+
+            try:
+                return certificate.run(args.inventory, force=args.force, renew_days=args.renew_days,
+                                       push=not args.no_push)
+            except acme.AcmeError as exc:
+                print(f"webstack certificate: {exc}", file=sys.stderr)
+                return 1
         if args.cmd == "docs":
             from webstack.docs import update_readme
 

@@ -21,7 +21,8 @@ from webstack.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 # Secrets the control machine uses and no host does (``webstack check`` does not call them unknown).
-CONTROL_ONLY = frozenset({"lab_ca_key", "lab_ca_cert"})
+# Secrets no host needs, used on the control machine only (the ACME account: webstack certificate).
+CONTROL_ONLY = frozenset({"lab_ca_key", "lab_ca_cert", "acme_account_key"})
 
 
 def generate(key: str, data: dict[str, str] | None = None, addresses: dict[str, str] | None = None) -> str:

@@ -28,6 +28,12 @@ class LbSettings:
     marketing_root: str = setting("examples/marketing", "static marketing site (path in this repository)")
     marketing_paths: tuple[str, ...] = setting(("/", "/pricing"), "paths served from the marketing site, not the app")
     cert_warning_days: int = setting(21, "deploys/check.py fails when the certificate expires sooner")
+    acme_directory: str = setting("", "ACME directory URL for `webstack certificate` (e.g. "
+                                      "https://acme-v02.api.letsencrypt.org/directory); empty = tls_cert from elsewhere")
+    acme_email: str = setting("", "contact address of the ACME account (expiry notices)")
+    acme_ca_file: str = setting("", "CA bundle (path in the inventory directory) that verifies the ACME server's "
+                                    "HTTPS; empty = the control machine's trust store")
+    acme_renew_days: int = setting(30, "`webstack certificate` renews when the certificate expires sooner")
 
     def check(self) -> tuple[str, str] | None:
         """Field-level consistency; returns (key, message) on a problem."""
@@ -44,4 +50,9 @@ class LbSettings:
             return "priority", f"must be 1-254, got {self.priority}"
         if not self.server_names:
             return "server_names", "at least one name"
+        if self.acme_directory and not self.acme_directory.startswith("https://"):
+            return "acme_directory", f"must be an https:// URL, got {self.acme_directory!r}"
+        if self.acme_directory and self.acme_renew_days <= self.cert_warning_days:
+            return "acme_renew_days", (f"{self.acme_renew_days} must be more than cert_warning_days "
+                                       f"({self.cert_warning_days}): renewal comes before the check's alarm")
         return None

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import http.client
+import json
+import os
 import re
 import shutil
 import socket
 import ssl
 import subprocess
 import time
+import urllib.request
 
 import pytest
 import yaml
+from cryptography import x509
 
 from lab.probe import CA_FILE, SignupForm, SteadyClient, host, https, vip, vip_holder
 from tests.integration.conftest import BIN, MACHINES, ROOT, drained_on, inventory_copy, lab, release_of, run, wait_for
@@ -317,6 +321,92 @@ def test_check_deploy_flags_an_expiring_certificate(converged, tmp_path):
         f.write("lb__cert_warning_days: 1000\n")
     result = run(str(BIN / "pyinfra"), "-y", str(inv), "deploys/check.py", "--limit", "lb", check=False)
     assert result.returncode != 0 and "certificate expires in" in result.output
+
+
+def _served(address: str, cafile: str) -> x509.Certificate:
+    """The certificate a load balancer serves for the site's name, verified against ``cafile``."""
+    context = ssl.create_default_context(cafile=cafile)
+    with socket.create_connection((address, 443), timeout=5) as raw, \
+            context.wrap_socket(raw, server_hostname="www.webstack.test") as conn:
+        return x509.load_der_x509_certificate(conn.getpeercert(binary_form=True))
+
+
+@pytest.fixture
+def pebble(tmp_path):
+    """Debian's pebble on the control machine's loopback, validating for real: its DNS is
+    pebble-challtestsrv answering every name with the VIP, so HTTP-01 goes to the pair."""
+    from webstack import tls
+
+    ca_key, ca_cert = tls.make_ca("pebble API CA")
+    key, chain = tls.issue(ca_key, ca_cert, ["localhost"], ["127.0.0.1"])
+    for name, text in (("ca.crt", ca_cert), ("key.pem", key), ("cert.pem", chain)):
+        (tmp_path / name).write_text(text)
+    (tmp_path / "pebble.json").write_text(json.dumps({"pebble": {
+        "listenAddress": "127.0.0.1:14000", "managementListenAddress": "127.0.0.1:15000",
+        "certificate": str(tmp_path / "cert.pem"), "privateKey": str(tmp_path / "key.pem"),
+        "httpPort": 80, "tlsPort": 443, "ocspResponderURL": "", "externalAccountBindingRequired": False}}))
+    dns = subprocess.Popen(["pebble-challtestsrv", "-defaultIPv4", vip(), "-defaultIPv6", "", "-dns01", "127.0.0.1:8053",
+                            "-http01", "", "-https01", "", "-tlsalpn01", "", "-doh", "", "-management", "127.0.0.1:8055"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ca = subprocess.Popen(["pebble", "-config", str(tmp_path / "pebble.json"), "-dnsserver", "127.0.0.1:8053"],
+                          env={**os.environ, "PEBBLE_VA_NOSLEEP": "1"},
+                          stdout=open(tmp_path / "pebble.log", "w"), stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: socket.socket().connect_ex(("127.0.0.1", 14000)) == 0, 20, "pebble listening")
+        root = ssl.create_default_context(cafile=str(tmp_path / "ca.crt"))
+        with urllib.request.urlopen("https://127.0.0.1:15000/roots/0", context=root, timeout=10) as resp:
+            issuing_root = resp.read().decode()
+        (tmp_path / "trust.pem").write_text(CA_FILE.read_text() + issuing_root)
+        yield {"ca": str(tmp_path / "ca.crt"), "trust": str(tmp_path / "trust.pem"), "log": tmp_path / "pebble.log"}
+    finally:
+        for proc in (ca, dns):
+            proc.terminate()
+            proc.wait()
+
+
+def test_acme_certificate_through_the_pair_served_by_both_renewed_without_a_dropped_request(converged, tmp_path, pebble):
+    """webstack certificate against a real ACME server: HTTP-01 answered through the VIP (the token
+    on both load balancers), one certificate served by both, nothing done when not due, and a
+    renewal pushed under load with a graceful reload. The lab's own certificate is put back after."""
+    inv = inventory_copy(tmp_path)
+    inv_dir = inv.parent / "lab"
+    shutil.copy(pebble["ca"], inv_dir / "acme-ca.crt")
+    with open(inv_dir / "group_data" / "lb.yml", "a") as f:
+        f.write("lb__acme_directory: https://127.0.0.1:14000/dir\nlb__acme_ca_file: acme-ca.crt\n"
+                "lb__acme_email: ops@webstack.test\n")
+    webstack = str(BIN / "webstack")
+    lbs = [MACHINES[n]["address"] for n in MACHINES if "lb" in MACHINES[n]["roles"]]
+    try:
+        first = run(webstack, "certificate", str(inv_dir), "--force", check=False)
+        assert first.returncode == 0, first.output[-3000:]
+        assert "ordering www.webstack.test" in first.output
+        served = [_served(a, pebble["trust"]) for a in lbs]
+        assert len({c.serial_number for c in served}) == 1  # one certificate on both
+        assert "Pebble" in served[0].issuer.rfc4514_string()
+        # Validated for real: pebble fetched the token through the VIP from the holder's nginx.
+        holder = host(vip_holder())
+        assert "acme-challenge" in holder.check_output("grep -h 'GET /.well-known/acme-challenge/' "
+                                                        "/var/log/nginx/access.log | tail -n 2")
+        for name in ("lb1", "lb2"):
+            assert host(name).check_output("ls /var/www/acme/.well-known/acme-challenge | wc -l") == "0"
+
+        secrets_file = inv_dir / "secrets.age"
+        before = secrets_file.read_bytes()
+        again = run(webstack, "certificate", str(inv_dir))
+        assert "nothing to do" in again.output and secrets_file.read_bytes() == before
+
+        with SteadyClient(interval=0.05, cafile=pebble["trust"]) as client:
+            renewed = run(webstack, "certificate", str(inv_dir), "--renew-days", "3650", check=False)
+            time.sleep(1)
+        assert renewed.returncode == 0 and "within 3650 days" in renewed.output, renewed.output[-3000:]
+        fresh = [_served(a, pebble["trust"]) for a in lbs]
+        assert len({c.serial_number for c in fresh}) == 1 and fresh[0].serial_number != served[0].serial_number
+        failures = [r for r in client.results if not r[1]]
+        assert len(client.results) > 20 and failures == [], failures[:5]
+        print(f"renewal: {len(client.results)} requests during it, none failed")
+    finally:
+        run(str(BIN / "pyinfra"), "-y", "inventories/lab.py", "deploys/site.py", "--limit", "lb")
+    assert _served(lbs[0], str(CA_FILE)).issuer.rfc4514_string().endswith("webstack lab CA")
 
 
 def test_site_still_changes_nothing(converged):
