@@ -55,6 +55,18 @@ def test_valid_inventory_passes_check(prod):
     assert result.stdout.strip() == f"{prod}: 8 hosts OK"
 
 
+def test_certificate_without_an_acme_directory_names_the_key_and_connects_nowhere(prod):
+    result = subprocess.run([sys.executable, "-m", "webstack.cli", "certificate", str(prod)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "lb__acme_directory: not set" in result.stderr and str(prod) in result.stderr
+    with open(prod / "group_data" / "lb.yml", "a") as f:
+        f.write("lb__acme_directory: https://acme.example/dir\nlb__acme_renew_days: 7\n")
+    result = subprocess.run([sys.executable, "-m", "webstack.cli", "certificate", str(prod)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "lb__acme_renew_days" in result.stderr, result.stderr
+
+
 def test_unknown_secret_fails_check(prod):
     data = secrets.decrypt(prod)
     secrets.encrypt(prod, {**data, "postgres_pasword_app": "typo"})
