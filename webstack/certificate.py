@@ -28,6 +28,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from webstack import acme, secrets, tls
 from webstack.errors import ConfigError
@@ -68,7 +69,6 @@ def _on_all(targets: list, command: str, data: str = "") -> None:
 
 def run(inv: Path, force: bool = False, renew_days: int | None = None, push: bool = True,
         now: dt.datetime | None = None) -> int:
-    from roles.lb.settings import LbSettings
     from webstack.inventory import load
     from webstack.remote import targets
 
@@ -76,7 +76,7 @@ def run(inv: Path, force: bool = False, renew_days: int | None = None, push: boo
     lbs = [c for c in configs if "lb" in c.roles]
     if not lbs:
         raise ConfigError(str(inv / "hosts.yml"), "roles", "no host has role lb: no certificate to get")
-    settings = lbs[0].settings(LbSettings)
+    settings: Any = lbs[0].role_settings["lb"]  # the lb role's settings (the tooling imports no role)
     if not settings.acme_directory:
         raise ConfigError(str(inv / "group_data"), "lb__acme_directory",
                           "not set: the ACME server's directory URL (e.g. Let's Encrypt's)")
