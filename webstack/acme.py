@@ -163,8 +163,8 @@ class Client:
                 if challenge is None:
                     raise AcmeError(f"{authz['identifier']['value']}: the server offers no http-01 challenge")
                 token = challenge["token"]
+                published.append(token)  # before: a publication that fails halfway is withdrawn too
                 publish(token, f"{token}.{thumbprint(self.key)}")
-                published.append(token)
                 self.post(challenge["url"], {})
                 self._poll(authz_url, lambda a: a.get("status") == "valid", f"authorization of {authz['identifier']['value']}")
         finally:

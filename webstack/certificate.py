@@ -58,13 +58,41 @@ def due(cert_pem: str | None, names: list[str], now: dt.datetime, renew_days: in
     return ""
 
 
-def _on_all(targets: list, command: str, data: str = "") -> None:
+def _on(target, command: str, data: str = "") -> None:
     from webstack.remote import ssh_argv
 
-    for t in targets:
-        proc = subprocess.run(ssh_argv(t, command), input=data, capture_output=True, text=True, timeout=60)
-        if proc.returncode != 0:
-            raise acme.AcmeError(f"{t.name}: {command!r} failed: {proc.stderr.strip()[-500:]}")
+    proc = subprocess.run(ssh_argv(target, command), input=data, capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        raise acme.AcmeError(f"{target.name}: {command!r} failed: {proc.stderr.strip()[-500:]}")
+
+
+def served(address: str, name: str) -> bytes:
+    """The certificate (DER) a load balancer serves for ``name``; b"" when it cannot be reached."""
+    import socket
+    import ssl
+
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # compared, not trusted
+    try:
+        with socket.create_connection((address, 443), timeout=10) as raw, \
+                context.wrap_socket(raw, server_hostname=name) as conn:
+            return conn.getpeercert(binary_form=True) or b""
+    except OSError:
+        return b""
+
+
+def _leaf_der(chain_pem: str) -> bytes:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    return x509.load_pem_x509_certificate(chain_pem.encode()).public_bytes(serialization.Encoding.DER)
+
+
+def _push(inv: Path) -> int:
+    pyinfra = Path(sys.executable).parent / "pyinfra"
+    cmd = [str(pyinfra), "-y", str(inv.resolve().with_suffix(".py")), "deploys/site.py", "--limit", "lb"]
+    print("certificate: " + " ".join(cmd[1:]))
+    return subprocess.run(cmd, check=False, cwd=Path(__file__).resolve().parent.parent).returncode
 
 
 def run(inv: Path, force: bool = False, renew_days: int | None = None, push: bool = True,
@@ -85,6 +113,12 @@ def run(inv: Path, force: bool = False, renew_days: int | None = None, push: boo
     days = settings.acme_renew_days if renew_days is None else renew_days
     reason = "--force" if force else due(data.get("tls_cert"), names, now or dt.datetime.now(dt.UTC), days)
     if not reason:
+        # Stored but not served (the push after the last order failed: a load balancer was down):
+        # push now, instead of waiting for the check's alarm.
+        stale = [c.name for c in lbs if served(c.address, names[0]) != _leaf_der(data["tls_cert"])]
+        if stale and push:
+            print(f"certificate: {', '.join(stale)} serve(s) another certificate than tls_cert: pushing")
+            return _push(inv)
         print(f"certificate: {', '.join(names)} valid until {tls.not_after(data['tls_cert']):%Y-%m-%d} "
               f"(renewed {days} days before): nothing to do")
         return 0
@@ -96,12 +130,16 @@ def run(inv: Path, force: bool = False, renew_days: int | None = None, push: boo
     def publish(token: str, key_authorization: str) -> None:
         if not TOKEN.match(token):
             raise acme.AcmeError(f"the server sent a token that is no base64url word: {token[:80]!r}")
-        _on_all(hosts, f"sh -c 'umask 022; mkdir -p {CHALLENGE_DIR} && cat > {CHALLENGE_DIR}/{token}'",
-                key_authorization)
+        for t in hosts:
+            _on(t, f"sh -c 'umask 022; mkdir -p {CHALLENGE_DIR} && cat > {CHALLENGE_DIR}/{token}'", key_authorization)
 
     def withdraw(token: str) -> None:
-        if TOKEN.match(token):
-            _on_all(hosts, f"rm -f {CHALLENGE_DIR}/{token}")
+        # Best effort, on every host: a load balancer unreachable now must not undo a validated order.
+        for t in hosts:
+            try:
+                _on(t, f"rm -f {CHALLENGE_DIR}/{token}")
+            except (acme.AcmeError, subprocess.TimeoutExpired) as e:
+                print(f"certificate: warning: token {token} left on {t.name}: {e}", file=sys.stderr)
 
     client = acme.Client(settings.acme_directory, account_key, ca_file=ca_file)
     client.account(settings.acme_email)
@@ -112,9 +150,4 @@ def run(inv: Path, force: bool = False, renew_days: int | None = None, push: boo
     secrets.encrypt(inv, data)
     print(f"certificate: issued, valid until {tls.not_after(chain):%Y-%m-%d %H:%M} UTC; "
           f"stored in {inv / 'secrets.age'} (tls_cert, tls_key): commit it")
-    if not push:
-        return 0
-    pyinfra = Path(sys.executable).parent / "pyinfra"
-    cmd = [str(pyinfra), "-y", str(inv.with_suffix(".py")), "deploys/site.py", "--limit", "lb"]
-    print("certificate: " + " ".join(cmd[1:]))
-    return subprocess.run(cmd, check=False, cwd=Path(__file__).resolve().parent.parent).returncode
+    return _push(inv) if push else 0

@@ -35,12 +35,30 @@ def started(invocation: str, run=subprocess.run) -> str:
     return f"@{first[0]}" if first and first[0].replace(".", "", 1).isdigit() else ""
 
 
-def own_matches(unit: str, invocation: str) -> list[str]:
-    """journalctl matches for the lines the failed run's processes wrote. Output of a process that
-    exited before journald looked it up carries no ``_SYSTEMD_INVOCATION_ID`` (journald reads that
-    from the process's cgroup) but still its ``_SYSTEMD_UNIT``, which systemd names when it opens the
-    stream: both count, the unit's only with ``--since`` the run's start."""
-    return [f"_SYSTEMD_UNIT={unit}", "+", f"_SYSTEMD_INVOCATION_ID={invocation}"]
+def _query(matches: list[str], lines: int, since: str = "", run=subprocess.run) -> list[tuple[float, str]]:
+    """The last ``lines`` journal entries of ``matches`` (since ``since``): (time, text) each, the
+    text as ``short-unix`` prints it after the time (a message's continuation lines kept with it)."""
+    argv = ["journalctl", "--no-pager", "-q", "-o", "short-unix", "-n", str(lines),
+            *(["--since", since] if since else []), *matches]
+    out: list[tuple[float, str]] = []
+    for line in run(argv, capture_output=True, text=True, timeout=30).stdout.splitlines():
+        stamp, _, text = line.partition(" ")
+        try:
+            out.append((float(stamp), text))
+        except ValueError:
+            if out and line.strip():
+                out[-1] = (out[-1][0], out[-1][1] + "\n" + line)
+    return out
+
+
+def _own(unit: str, invocation: str, since: str, lines: int, run=subprocess.run) -> list[tuple[float, str]]:
+    """What the failed run's processes wrote. Output of a process that exited before journald looked
+    it up carries no ``_SYSTEMD_INVOCATION_ID`` (journald reads that from the process's cgroup) but
+    still its ``_SYSTEMD_UNIT``, which systemd names when it opens the stream: the unit's lines since
+    the run started count too. Two queries, not one with ``--since`` for both: when the journal
+    lost the run's first line, ``since`` is late, and must not drop lines that carry the id."""
+    found = _query([f"_SYSTEMD_INVOCATION_ID={invocation}"], lines, run=run)
+    return found + (_query([f"_SYSTEMD_UNIT={unit}"], lines, since, run=run) if since else [])
 
 
 def wait_for_own_lines(unit: str, invocation: str, since: str, seconds: float = 6.0,
@@ -49,11 +67,9 @@ def wait_for_own_lines(unit: str, invocation: str, since: str, seconds: float = 
     as soon as the unit fails, and journald may not have read the unit's last output yet: the
     mail then carried only systemd's own lines, without the error (seen in the lab, where 2 s
     once was not enough on a busy machine). A run that wrote nothing costs ``seconds``."""
-    argv = ["journalctl", "--no-pager", "-q", "-o", "cat", "-n", "1", "--since", since,
-            *own_matches(unit, invocation)]
     deadline = time.monotonic() + seconds
     while True:
-        if run(argv, capture_output=True, text=True, timeout=30).stdout.strip():
+        if _own(unit, invocation, since, 1, run):
             return True
         if time.monotonic() >= deadline:
             return False
@@ -63,14 +79,16 @@ def wait_for_own_lines(unit: str, invocation: str, since: str, seconds: float = 
 def journal(unit: str, lines: int, invocation: str = "", run=subprocess.run) -> str:
     """The unit's last ``lines`` journal lines: of the failed run (its output and systemd's words
     about it) when the invocation id is known and in the journal, else the unit's."""
-    since = started(invocation, run) if invocation else ""
-    argv = ["journalctl", "--no-pager", "-o", "short-iso", "-n", str(lines)]
-    if since:
-        wait_for_own_lines(unit, invocation, since, run=run)
-        argv += ["--since", since, *own_matches(unit, invocation), "+", f"INVOCATION_ID={invocation}"]
-    else:
-        argv += ["-u", unit]
-    proc = run(argv, capture_output=True, text=True, timeout=30)
+    if invocation:
+        since = started(invocation, run)
+        if since:  # systemd logged this run: wait for its processes' lines too
+            wait_for_own_lines(unit, invocation, since, run=run)
+        entries = _own(unit, invocation, since, lines, run) + _query([f"INVOCATION_ID={invocation}"], lines, run=run)
+        if entries:
+            merged = sorted(set(entries))[-lines:]
+            return "\n".join(f"{time.strftime('%Y-%m-%dT%H:%M:%S+0000', time.gmtime(t))} {text}" for t, text in merged)
+    proc = run(["journalctl", "--no-pager", "-o", "short-iso", "-n", str(lines), "-u", unit],
+               capture_output=True, text=True, timeout=30)
     return proc.stdout.strip() or f"(no journal lines: {proc.stderr.strip() or 'journalctl printed nothing'})"
 
 

@@ -136,9 +136,35 @@ def to_prune(names: list[tuple[str, bool]], now: float, keep_hours: int = KEEP_H
     return out
 
 
-def rsync(src: str, dest: str, *extra: str) -> None:
-    subprocess.run(["rsync", "-rlt", "--delete", "--exclude=*.pgbackrest.tmp", *extra, src.rstrip("/") + "/", dest],
-                   check=True)
+# Files pgBackRest writes once and never again: WAL segments, and the data files of a backup.
+# One that changed after it was copied was written by someone else.
+IMMUTABLE = re.compile(r"^(archive/[^/]+/[^/]+/[0-9A-F]{16}/[0-9A-F]{24}|backup/[^/]+/[^/]+/pg_data/)")
+VANISHED = 24  # rsync: "some files vanished before they could be transferred" (pgBackRest's expire)
+
+
+def rsync(src: str, dest: str, *extra: str) -> list[str]:
+    """Copy ``src`` into ``dest``; the paths rsync itemized as changed (not new) regular files."""
+    proc = subprocess.run(["rsync", "-rlti", "--delete", "--exclude=*.pgbackrest.tmp", *extra,
+                           src.rstrip("/") + "/", dest], capture_output=True, text=True)
+    if proc.returncode not in (0, VANISHED):
+        raise VaultError(f"rsync {src} -> {dest} exited {proc.returncode}: {proc.stderr.strip()[-1000:]}")
+    changed = []
+    for line in proc.stdout.splitlines():
+        flags, _, path = line.partition(" ")
+        if flags.startswith(">f") and "+++++++++" not in flags:
+            changed.append(path)
+    return changed
+
+
+def locked(vault: str):
+    """An exclusive lock on the vault for the whole command (the timer's snapshot and a restore
+    never overlap)."""
+    import fcntl
+
+    os.makedirs(vault, mode=0o700, exist_ok=True)
+    handle = open(os.path.join(vault, ".lock"), "a")
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    return handle
 
 
 def snapshot_one(root: str, vault: str, cluster: str, now: float) -> tuple[str, State, State | None]:
@@ -149,12 +175,25 @@ def snapshot_one(root: str, vault: str, cluster: str, now: float) -> tuple[str, 
     name = time.strftime(STAMP, time.gmtime(now))
     partial = os.path.join(where, ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    # No owner or group copied: rsync running as root creates the files as root.
-    extra = ["--chmod=D700,F600"]
-    if previous:
-        extra.append(f"--link-dest={os.path.join(where, previous[-1][0])}")
-    rsync(os.path.join(root, cluster, "repo"), partial, *extra)
+    # No owner or group copied: rsync running as root creates the files as root. Backups before the
+    # archive: a backup.info written while this runs then names only backups whose WAL is in the
+    # archive copied after it (pgBackRest archives a backup's last segment before recording it).
+    repo = os.path.join(root, cluster, "repo")
+    last = os.path.join(where, previous[-1][0]) if previous else ""
+
+    def link(sub: str) -> list[str]:
+        return [f"--link-dest={os.path.join(last, sub)}"] if last and os.path.isdir(os.path.join(last, sub)) else []
+
+    changed = rsync(repo, partial, "--chmod=D700,F600", "--exclude=/archive/", *link(""))
+    if os.path.isdir(os.path.join(repo, "archive")):
+        changed += ["archive/" + p for p in rsync(os.path.join(repo, "archive"), os.path.join(partial, "archive"),
+                                                  "--chmod=D700,F600", *link("archive"))]
     state = inspect(partial)
+    rewritten = [p for p in changed if IMMUTABLE.match(p)]
+    if rewritten:
+        state = State(complete=False, files=state.files, bytes=state.bytes, stanzas=state.stanzas,
+                      problem=f"rewritten after it was backed up: {rewritten[0]}"
+                              + (f" and {len(rewritten) - 1} more" if len(rewritten) > 1 else ""))
     with open(os.path.join(where, name + ".json"), "w") as f:
         json.dump(asdict(state), f)
     os.rename(partial, os.path.join(where, name))
@@ -167,23 +206,29 @@ def clusters(root: str) -> list[str]:
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
-    os.makedirs(args.vault, mode=0o700, exist_ok=True)
+    lock = locked(args.vault)
     os.chmod(args.vault, 0o700)
     now, failed = time.time(), 0
     for cluster in clusters(args.root):
-        name, state, before = snapshot_one(args.root, args.vault, cluster, now)
+        try:
+            name, state, before = snapshot_one(args.root, args.vault, cluster, now)
+        except (OSError, VaultError) as e:  # the other clusters are still copied
+            print(f"webstack-vault: {cluster}: no snapshot: {e}", file=sys.stderr)
+            failed = 1
+            continue
         print(f"{cluster}: snapshot {name}: {state.files} files, {state.bytes} bytes"
               + ("" if state.complete else f", INCOMPLETE: {state.problem}"))
-        if not state.complete and (before is None or before.complete):
+        if not state.complete and before is not None and before.complete:
             print(f"webstack-vault: the repository of {cluster} was complete and is not any more "
-                  f"({state.problem}): deleted from a database host? The last complete copy is kept; "
-                  f"webstack-vault restore {cluster} latest puts it back", file=sys.stderr)
+                  f"({state.problem}): deleted or rewritten from a database host? The last complete copy "
+                  f"is kept; webstack-vault restore {cluster} latest puts it back", file=sys.stderr)
             failed = 1
         listed = snapshots(args.vault, cluster)
         for old in to_prune([(n, s.complete) for n, s in listed], now, args.keep_hours, args.keep_days):
             shutil.rmtree(os.path.join(args.vault, cluster, old))
             os.unlink(os.path.join(args.vault, cluster, old + ".json"))
             print(f"{cluster}: pruned {old}")
+    lock.close()
     return failed
 
 
@@ -211,23 +256,31 @@ def pick(vault: str, cluster: str, wanted: str) -> str:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    lock = locked(args.vault)
     name = pick(args.vault, args.cluster, args.snapshot)
-    repo = os.path.join(args.root, args.cluster, "repo")
+    chroot = os.path.join(args.root, args.cluster)
+    repo = os.path.join(chroot, "repo")
     user = pwd.getpwnam(args.owner or account(args.cluster))
     if not os.path.isdir(repo):
         raise VaultError(f"{repo} does not exist: converge the backup host first (deploys/site.py)")
+    # Built beside the repository in a directory only root can enter (the chroot is root's), owned
+    # by the account once complete, then swapped in by rename: root never writes into a directory
+    # the account controls, and a failed copy leaves the repository as it was.
+    new, old = os.path.join(chroot, ".restore"), os.path.join(chroot, ".replaced")
+    for leftover in (new, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    os.mkdir(new, 0o700)
+    rsync(os.path.join(args.vault, args.cluster, name), new, "--chmod=D700,F600")
+    subprocess.run(["chown", "-R", "--no-dereference", f"{user.pw_uid}:{user.pw_gid}", new], check=True)
+    os.rename(repo, old)
+    os.rename(new, repo)
     aside = os.path.join(args.vault, args.cluster, "replaced-" + time.strftime(STAMP, time.gmtime()))
-    os.makedirs(aside, mode=0o700)
-    for entry in os.listdir(repo):
-        shutil.move(os.path.join(repo, entry), os.path.join(aside, entry))
-    subprocess.run(["chown", "-R", "root:root", aside], check=True)
-    # rsync writes new files (never links to the vault's), which the account then owns.
-    rsync(os.path.join(args.vault, args.cluster, name), repo, f"--chown={user.pw_name}:{user.pw_name}",
-          "--chmod=D700,F600")
-    os.chown(repo, user.pw_uid, user.pw_gid)
-    os.chmod(repo, 0o700)
+    shutil.move(old, aside)
+    subprocess.run(["chown", "-R", "--no-dereference", "root:root", aside], check=True)
+    os.chmod(aside, 0o700)
     print(f"webstack-vault: {args.cluster}: repository restored from snapshot {name}; "
           f"what it held is in {aside}")
+    lock.close()
     return 0
 
 

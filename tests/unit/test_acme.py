@@ -91,7 +91,7 @@ def test_a_failed_publication_withdraws_what_was_published_and_says_why(pebble):
 
     with pytest.raises(acme.AcmeError, match="lb2: unreachable"):
         client.order(["www.example.test"], publish, withdrawn.append)
-    assert withdrawn == []  # nothing was published
+    assert len(withdrawn) == 1  # lb1 may hold it already: withdrawn everywhere
     with pytest.raises(acme.AcmeError, match="P-256"):
         acme.Client(pebble["directory"], tls.new_ed25519_key(), ca_file=pebble["ca_file"])
 

@@ -140,18 +140,18 @@ def test_fault_table():
 
 
 def test_alert_waits_until_the_failed_runs_own_lines_are_in_the_journal():
-    answers = iter(["", "", "the unit's error\n"])
+    journal = FakeJournal([])
     calls = []
 
-    def fake_run(argv, **kwargs):
+    def slow(argv, **kwargs):  # the unit's line reaches the journal on the third question
         calls.append(argv)
-        return subprocess.CompletedProcess(argv, 0, next(answers), "")
+        if len(calls) == 5:
+            journal.entries.append({"t": 20.1, "_SYSTEMD_UNIT": "x.service", "MESSAGE": "the unit's error"})
+        return journal(argv, **kwargs)
 
-    assert alert.wait_for_own_lines("x.service", "abc", "@17.5", seconds=5, run=fake_run)
-    assert len(calls) == 3
-    assert calls[0][-5:] == ["--since", "@17.5", "_SYSTEMD_UNIT=x.service", "+", "_SYSTEMD_INVOCATION_ID=abc"]
-    assert not alert.wait_for_own_lines("x.service", "abc", "@17.5", seconds=0.2,
-                                        run=lambda argv, **kw: subprocess.CompletedProcess(argv, 0, "", ""))
+    assert alert.wait_for_own_lines("x.service", "abc", "@17.5", seconds=5, run=slow)
+    assert calls[0][-1] == "_SYSTEMD_INVOCATION_ID=abc" and calls[1][-3:] == ["--since", "@17.5", "_SYSTEMD_UNIT=x.service"]
+    assert not alert.wait_for_own_lines("x.service", "abc", "@17.5", seconds=0.2, run=FakeJournal([]))
 
 
 class FakeJournal:
@@ -184,6 +184,10 @@ class FakeJournal:
         return subprocess.CompletedProcess(argv, 0, text, "")
 
 
+def _messages(text: str) -> list[str]:
+    return [line.split(" ", 1)[1] for line in text.splitlines()]
+
+
 def test_alert_carries_the_runs_output_even_without_its_invocation_id():
     """journald attributes the output of a process that already exited by the unit systemd named
     for the stream, without _SYSTEMD_INVOCATION_ID (CI run of 2026-12-03: the mail lacked the
@@ -195,7 +199,20 @@ def test_alert_carries_the_runs_output_even_without_its_invocation_id():
         {"t": 20.2, "INVOCATION_ID": "abc", "UNIT": "x.service", "MESSAGE": "x.service: Failed"},
     ])
     text = alert.journal("x.service", 30, "abc", run=journal)
-    assert text.splitlines() == ["Starting x.service", "x is failing on purpose", "x.service: Failed"]
+    assert _messages(text) == ["Starting x.service", "x is failing on purpose", "x.service: Failed"]
+    assert text.startswith("1970-01-01T00:00:20+0000 ")
     everything = alert.journal("x.service", 30, "", run=journal)  # no invocation: the unit's lines
     assert everything.splitlines()[0] == "an earlier run's line" and len(everything.splitlines()) == 4
     assert alert.journal("x.service", 30, "unknown", run=journal) == everything
+
+
+def test_alert_keeps_the_runs_own_lines_when_the_journal_lost_its_start():
+    """A long-running unit: its "Started" line was vacuumed, so the first line left with its
+    INVOCATION_ID comes after the error. The lines carrying the run's id are kept all the same."""
+    journal = FakeJournal([
+        {"t": 50.0, "_SYSTEMD_UNIT": "app.service", "_SYSTEMD_INVOCATION_ID": "abc", "MESSAGE": "FATAL: out of disk"},
+        {"t": 60.0, "INVOCATION_ID": "abc", "UNIT": "app.service", "MESSAGE": "app.service: Main process exited"},
+        {"t": 60.1, "INVOCATION_ID": "abc", "UNIT": "app.service", "MESSAGE": "app.service: Failed"},
+    ])
+    text = alert.journal("app.service", 30, "abc", run=journal)
+    assert _messages(text) == ["FATAL: out of disk", "app.service: Main process exited", "app.service: Failed"]

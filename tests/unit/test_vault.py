@@ -122,3 +122,29 @@ def test_backup_settings_refuse_a_vault_inside_a_chroot_or_too_short(fields, key
     problem = BackupSettings(**fields).check()
     assert problem is not None and problem[0] == key
     assert BackupSettings().check() is None
+
+
+def test_a_rewritten_wal_segment_fails_the_run_and_latest_skips_that_copy(tmp_path, capsys):
+    """An intruder with the cipher passphrase could replace archived WAL with valid-looking ciphertext:
+    the files exist, so only the rewrite tells. A file pgBackRest writes once that changed is flagged."""
+    repo = _repo(tmp_path / "root")
+    segment = repo / "archive/main/17-1/0000000100000000/000000010000000000000001-ab.gz"
+    segment.rename(repo / "archive/main/17-1/0000000100000000/000000010000000000000001")
+    segment = repo / "archive/main/17-1/0000000100000000/000000010000000000000001"
+    assert _run(tmp_path, "snapshot") == 0
+    (good, _), = vault.snapshots(str(tmp_path / "vault"), "main")
+    time.sleep(1.1)
+    segment.write_text("forged, longer than before")
+    assert _run(tmp_path, "snapshot") == 1
+    err = capsys.readouterr().err
+    assert "rewritten after it was backed up: archive/main/17-1/0000000100000000/000000010000000000000001" in err
+    assert vault.pick(str(tmp_path / "vault"), "main", "latest") == good
+    kept = tmp_path / "vault/main" / good / "archive/main/17-1/0000000100000000/000000010000000000000001"
+    assert kept.read_text() == "wal1"  # the vault's copy is its own file
+
+
+def test_a_new_clusters_empty_repository_is_no_alarm(tmp_path):
+    (tmp_path / "root" / "fresh" / "repo").mkdir(parents=True)
+    assert _run(tmp_path, "snapshot") == 0
+    (_, state), = vault.snapshots(str(tmp_path / "vault"), "fresh")
+    assert not state.complete and state.problem == "no stanza in archive/"
