@@ -19,8 +19,9 @@ from webstack import tls
 from webstack.inventory import HostConfig
 
 CA_DIR = "/etc/webstack"
-SERVER_KEY = "/etc/postgresql/webstack-server.key"
-SERVER_CERT = "/etc/postgresql/webstack-server.crt"
+# Not in /etc/postgresql, whose entries are PostgreSQL versions to Debian's tools (and to scripts).
+SERVER_KEY = f"{CA_DIR}/postgres-server.key"
+SERVER_CERT = f"{CA_DIR}/postgres-server.crt"
 
 
 def secret_name(cluster: str) -> str:

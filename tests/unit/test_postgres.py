@@ -181,5 +181,5 @@ def test_every_connection_to_a_member_verifies_it_and_binds_the_channel(make_inv
     cfgs = {c.name: c for c in load(make_inventory(hosts=DB_HOSTS, groups={"db": DB_GROUP}), secrets=SECRETS)}
     conf = render("postgres/etc/postgresql/main/conf.d/webstack.conf.j2", **config_context(cfgs["db2"], memory_mb=4096))
     assert f"primary_conninfo = 'host=10.1.0.31 port=5432 user=replicator application_name=db2 {wanted}'" in conf
-    assert "ssl_cert_file = '/etc/postgresql/webstack-server.crt'" in conf
+    assert "ssl_cert_file = '/etc/webstack/postgres-server.crt'" in conf
     assert wanted in primary_probe("10.1.0.32", wanted)
