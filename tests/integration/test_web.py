@@ -346,13 +346,14 @@ def pebble(tmp_path):
         "certificate": str(tmp_path / "cert.pem"), "privateKey": str(tmp_path / "key.pem"),
         "httpPort": 80, "tlsPort": 443, "ocspResponderURL": "", "externalAccountBindingRequired": False}}))
     dns = subprocess.Popen(["pebble-challtestsrv", "-defaultIPv4", vip(), "-defaultIPv6", "", "-dns01", "127.0.0.1:8053",
-                            "-http01", "", "-https01", "", "-tlsalpn01", "", "-doh", "", "-management", "127.0.0.1:8055"],
+                            "-http01", "", "-https01", "", "-tlsalpn01", "", "-management", "127.0.0.1:8055"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ca = subprocess.Popen(["pebble", "-config", str(tmp_path / "pebble.json"), "-dnsserver", "127.0.0.1:8053"],
                           env={**os.environ, "PEBBLE_VA_NOSLEEP": "1"},
                           stdout=open(tmp_path / "pebble.log", "w"), stderr=subprocess.STDOUT)
     try:
-        wait_for(lambda: socket.socket().connect_ex(("127.0.0.1", 14000)) == 0, 20, "pebble listening")
+        for port, what in ((8055, "pebble-challtestsrv"), (14000, "pebble")):
+            wait_for(lambda port=port: socket.socket().connect_ex(("127.0.0.1", port)) == 0, 20, f"{what} listening")
         root = ssl.create_default_context(cafile=str(tmp_path / "ca.crt"))
         with urllib.request.urlopen("https://127.0.0.1:15000/roots/0", context=root, timeout=10) as resp:
             issuing_root = resp.read().decode()
