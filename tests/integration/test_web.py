@@ -385,7 +385,7 @@ def test_acme_certificate_through_the_pair_served_by_both_renewed_without_a_drop
         assert len({c.serial_number for c in served}) == 1  # one certificate on both
         assert "Pebble" in served[0].issuer.rfc4514_string()
         # Validated for real: pebble fetched the token through the VIP from the holder's nginx.
-        holder = host(vip_holder())
+        holder = host(vip_holder(["lb1", "lb2"]))
         assert "acme-challenge" in holder.check_output("grep -h 'GET /.well-known/acme-challenge/' "
                                                         "/var/log/nginx/access.log | tail -n 2")
         for name in ("lb1", "lb2"):
