@@ -101,6 +101,7 @@ done
 
 import http.client  # noqa: E402
 import re  # noqa: E402
+import socket  # noqa: E402
 import ssl  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
@@ -115,13 +116,28 @@ def vip() -> str:
     return data["lb__vip"]
 
 
+class _ByName(http.client.HTTPSConnection):
+    """An HTTPS connection to an address that sends and verifies the site's name (SNI)."""
+
+    def __init__(self, address: str, context: ssl.SSLContext, timeout: float) -> None:
+        super().__init__(SERVER_NAME, 443, context=context, timeout=timeout)
+        self.address = address
+
+    def connect(self) -> None:
+        raw = socket.create_connection((self.address, self.port), self.timeout)
+        self.sock = self._context.wrap_socket(raw, server_hostname=SERVER_NAME)  # type: ignore[attr-defined]
+
+
 def https(path: str, method: str = "GET", body: str | None = None, timeout: float = 2.0,
           address: str | None = None, headers: dict[str, str] | None = None,
           cafile: str | None = None) -> tuple[int, dict[str, str], bytes]:
-    """One request on a new TLS connection, verified against the lab CA (or ``cafile``); (status,
-    headers, body). ``headers`` are added (a ``Host`` among them replaces the site's name)."""
+    """One request on a new TLS connection, verified against the lab CA; (status, headers, body).
+    ``headers`` are added (a ``Host`` among them replaces the site's name). With ``cafile`` (a
+    certificate from elsewhere, e.g. ACME, names no address) the site's name is verified instead
+    of the address, as a browser does."""
     context = ssl.create_default_context(cafile=cafile or str(CA_FILE))
-    conn = http.client.HTTPSConnection(address or vip(), 443, context=context, timeout=timeout)
+    conn = (_ByName(address or vip(), context, timeout) if cafile
+            else http.client.HTTPSConnection(address or vip(), 443, context=context, timeout=timeout))
     try:
         headers = {"Host": SERVER_NAME, **(headers or {})}
         if body is not None:
