@@ -105,22 +105,44 @@ def _ed25519(pem: str):
     return key
 
 
-def derived_ca(ca_key_pem: str, name: str) -> str:
-    """The self-signed CA certificate (PEM) of ``ca_key_pem``, identical on every call."""
+def _serial(label: bytes, name: str) -> int:
     import hashlib
 
-    key = _ed25519(ca_key_pem)
+    return int.from_bytes(hashlib.sha256(label + name.encode()).digest()[:16], "big") >> 1
+
+
+def _derived_ca_builder(key, name: str, serial: int) -> x509.CertificateBuilder:
+    """A self-signed CA named ``name`` for ``key``, valid from _EPOCH to _END (unsigned)."""
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    serial = int.from_bytes(hashlib.sha256(b"ca" + name.encode()).digest()[:16], "big") >> 1
-    cert = (
+    return (
         x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
         .serial_number(serial).not_valid_before(_EPOCH).not_valid_after(_END)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
                                      content_commitment=False, key_encipherment=False, data_encipherment=False,
                                      key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
-        .sign(key, None)
     )
+
+
+def _derived_leaf_builder(ca_cert: x509.Certificate, public_key, name: str, ips: list[str], serial: int,
+                          usages: list) -> x509.CertificateBuilder:
+    """A certificate for ``name`` and ``ips`` issued by ``ca_cert``, valid from _EPOCH to _END (unsigned)."""
+    sans: list[x509.GeneralName] = [x509.DNSName(name)] + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+    return (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca_cert.subject).public_key(public_key)
+        .serial_number(serial).not_valid_before(_EPOCH).not_valid_after(_END)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+    )
+
+
+def derived_ca(ca_key_pem: str, name: str) -> str:
+    """The self-signed CA certificate (PEM) of ``ca_key_pem``, identical on every call."""
+    key = _ed25519(ca_key_pem)
+    cert = _derived_ca_builder(key, name, _serial(b"ca", name)).sign(key, None)
     return cert.public_bytes(serialization.Encoding.PEM).decode()
 
 
@@ -136,19 +158,8 @@ def derived_leaf(ca_key_pem: str, ca_name: str, name: str, ips: list[str]) -> tu
                                          serialization.NoEncryption()), name.encode(), hashlib.sha256).digest()
     key = ed25519.Ed25519PrivateKey.from_private_bytes(seed)
     ca_cert = x509.load_pem_x509_certificate(derived_ca(ca_key_pem, ca_name).encode())
-    sans: list[x509.GeneralName] = [x509.DNSName(name)] + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-        .issuer_name(ca_cert.subject).public_key(key.public_key())
-        .serial_number(int.from_bytes(hashlib.sha256(b"leaf" + name.encode()).digest()[:16], "big") >> 1)
-        .not_valid_before(_EPOCH).not_valid_after(_END)
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-                       critical=False)
-        .sign(ca_key, None)
-    )
+    cert = _derived_leaf_builder(ca_cert, key.public_key(), name, ips, _serial(b"leaf", name),
+                                 [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]).sign(ca_key, None)
     pem_key = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption()).decode()
     return pem_key, cert.public_bytes(serialization.Encoding.PEM).decode()
@@ -177,26 +188,12 @@ def _p256(pem: str) -> ec.EllipticCurvePrivateKey:
 _P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 
 
-def _serial(label: bytes, name: str) -> int:
-    import hashlib
-
-    return int.from_bytes(hashlib.sha256(label + name.encode()).digest()[:16], "big") >> 1
-
-
 def pg_ca(ca_key_pem: str, name: str) -> str:
     """The cluster's CA certificate (PEM), identical on every call."""
     key = _p256(ca_key_pem)
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    cert = (
-        x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-        .serial_number(_serial(b"pg-ca", name)).not_valid_before(_EPOCH).not_valid_after(_END)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                     content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                     key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256(), ecdsa_deterministic=True)
-    )
+    cert = (_derived_ca_builder(key, name, _serial(b"pg-ca", name))
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA256(), ecdsa_deterministic=True))
     return cert.public_bytes(serialization.Encoding.PEM).decode()
 
 
@@ -211,15 +208,9 @@ def pg_server(ca_key_pem: str, ca_name: str, name: str, ips: list[str]) -> tuple
     seed = int.from_bytes(hmac.new(scalar, b"pg-server:" + name.encode(), hashlib.sha256).digest(), "big")
     key = ec.derive_private_key(seed % (_P256_ORDER - 1) + 1, ec.SECP256R1())
     ca_cert = x509.load_pem_x509_certificate(pg_ca(ca_key_pem, ca_name).encode())
-    sans: list[x509.GeneralName] = [x509.DNSName(name)] + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-        .issuer_name(ca_cert.subject).public_key(key.public_key())
-        .serial_number(_serial(b"pg-server", name)).not_valid_before(_EPOCH).not_valid_after(_END)
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        _derived_leaf_builder(ca_cert, key.public_key(), name, ips, _serial(b"pg-server", name),
+                              [ExtendedKeyUsageOID.SERVER_AUTH])
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256(), ecdsa_deterministic=True)
