@@ -25,25 +25,32 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
-def timed(*args: str, roles: dict[str, float] | None = None) -> float:
+def timed(*args: str, roles: dict[str, float] | None = None, ops: dict[str, float] | None = None) -> float:
     """Seconds ``args`` took; with ``roles``, adds to it the seconds spent in each role's operations
     (from one operation's start to the next's, all hosts together, keyed by the name's first part:
-    "Base", "PostgreSQL"...; before the first operation: "(connect, prepare)")."""
+    "Base", "PostgreSQL"...; before the first operation: "(connect, prepare)"); with ``ops``, the same
+    per operation (its whole name)."""
     start = time.monotonic()
     proc = subprocess.Popen(list(args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     current, since = "(connect, prepare)", start
+    op = current
     assert proc.stdout is not None
     for line in proc.stdout:
         lines.append(line)
         if roles is not None and "--> Starting operation: " in line:
             now = time.monotonic()
             roles[current] = roles.get(current, 0.0) + now - since
-            current, since = line.split("--> Starting operation: ", 1)[1].split(" | ")[0].strip(), now
+            if ops is not None:
+                ops[op] = ops.get(op, 0.0) + now - since
+            op = line.split("--> Starting operation: ", 1)[1].strip()
+            current, since = op.split(" | ")[0].strip(), now
     proc.wait()
     elapsed = time.monotonic() - start
     if roles is not None:
         roles[current] = roles.get(current, 0.0) + time.monotonic() - since
+        if ops is not None:
+            ops[op] = ops.get(op, 0.0) + time.monotonic() - since
     output = "".join(lines)
     if proc.returncode != 0:
         sys.exit(f"{' '.join(args)} failed ({proc.returncode}):\n{output[-3000:]}")
@@ -67,9 +74,12 @@ def main() -> int:
         results["lab_up"].append(timed(py, "-m", "lab", "up"))
         timed(py, "-m", "webstack.labsecrets", "inventories/lab")
         roles: dict[str, float] = {}
-        results["cold_deploy"].append(timed(str(BIN / "webstack"), "onboard", "inventories/lab", roles=roles))
+        ops: dict[str, float] = {}
+        results["cold_deploy"].append(timed(str(BIN / "webstack"), "onboard", "inventories/lab", roles=roles, ops=ops))
         per_role.append(roles)
         print("    cold deploy per role (s): " + ", ".join(f"{k} {v:.1f}" for k, v in roles.items()), flush=True)
+        slowest = sorted(ops.items(), key=lambda kv: -kv[1])[:12]
+        print("    slowest operations (s): " + "; ".join(f"{k} {v:.1f}" for k, v in slowest), flush=True)
         for _ in range(args.reruns):
             results["rerun"].append(timed(pyinfra, "-y", "inventories/lab.py", "deploys/site.py"))
     machines = sum(1 for line in (ROOT / "inventories/lab/hosts.yml").read_text().splitlines() if "address:" in line)

@@ -31,8 +31,9 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from pyinfra import host
 from pyinfra.api import FactBase, HiddenValue, OperationError, QuoteString, StringCommand, operation
 from pyinfra.api.operation import OperationMeta
+from pyinfra.facts.deb import DebPackages
 from pyinfra.facts.files import Directory
-from pyinfra.operations import server
+from pyinfra.operations import apt, server
 
 from webstack import factcache
 from webstack import options as _options
@@ -415,6 +416,30 @@ def stdin_command(command: str, data: str, timeout: int = 120) -> Any:
         return ok
 
     return FunctionCommand(run, (), {})
+
+
+INSTALLING = "_webstack_installing"  # attribute of a pyinfra Host: what the base role's transaction installs
+
+
+def install_all_packages(name: str, packages: Sequence[str]) -> None:
+    """apt.packages for every package of every role of the host, in one transaction (the base role,
+    first). What it installs in this run is noted on the host, so each role's own install of the
+    same packages (:func:`install_packages`) need not run an apt-get of its own: if this one
+    fails, the host stops here."""
+    installed = host.get_fact(DebPackages)
+    setattr(host, INSTALLING, frozenset(p for p in packages if p not in installed))
+    apt.packages(name=name, packages=list(packages))
+
+
+def install_packages(name: str, packages: Sequence[str]) -> None:
+    """A role's apt.packages, minus the packages the base role's one transaction installs in this
+    run (``install_all_packages``); on a converged host, the same check as apt.packages."""
+    installing: frozenset[str] = getattr(host, INSTALLING, frozenset())
+    left = [p for p in packages if p not in installing]
+    if left:
+        apt.packages(name=name, packages=left)
+    else:
+        host.noop(f"{name}: {', '.join(packages)} installed by the base role's transaction in this run")
 
 
 def owed_action(name: str, command: str, swaps: Sequence[OperationMeta], hint: str = "") -> OperationMeta:

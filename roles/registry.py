@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from roles.app.settings import AppSettings
 from roles.backup.settings import BackupSettings
+from roles.base._release import PACKAGES as BASE_PACKAGES
 from roles.base.settings import BaseSettings
 from roles.lb.settings import LbSettings
 from roles.mailprovider.settings import MailproviderSettings
@@ -35,6 +36,7 @@ from roles.options import (
     RolloutOptions,
     SwitchoverOptions,
 )
+from roles.postgres._release import PGBACKREST_SFTP
 from roles.postgres.settings import PostgresSettings
 from roles.topology import Topology, topology
 from roles.worker.settings import WorkerSettings
@@ -64,6 +66,7 @@ class Role:
     settings: type
     secrets: Callable[[HostConfig], list[str]] = lambda cfg: []
     openings: Callable[[HostConfig], list[Derived]] = lambda cfg: []
+    packages: Callable[[HostConfig], list[str]] = lambda cfg: []
 
 
 def _base_secrets(cfg: HostConfig) -> list[str]:
@@ -75,6 +78,59 @@ def _base_secrets(cfg: HostConfig) -> list[str]:
         out.append(f"smtp_password_{base.mail_relay_user}")
     # The CA of every PostgreSQL cluster it connects to (derived from its key on the control machine).
     out += [f"postgres_tls_ca_key_{c}" for c in topology(cfg).ca_clusters(cfg.name)]
+    return out
+
+
+# The Debian packages each role installs. The role's own operation installs them (and stays the
+# check that they are there); the base role installs every role's at once, in one apt transaction
+# per host, before any role runs: a cold deploy unpacks and configures everything in one dpkg run
+# instead of one per role, each host at its own pace (pyinfra waits for every host at each
+# operation, so six installs in turn were six waits for the slowest host).
+NULL_CLIENT_PACKAGES = ("postfix", "libsasl2-modules", "ca-certificates")
+POSTGRES_PACKAGES = ("postgresql", "postgresql-client")
+PGBACKREST_PACKAGES = ("pgbackrest",)
+BACKUP_PACKAGES = ("rsync",)
+MAILPROVIDER_PACKAGES = ("postfix", "postfix-pcre", "dovecot-core", "ca-certificates")
+
+
+def _base_packages(cfg: HostConfig) -> list[str]:
+    base = cfg.settings(BaseSettings)
+    out = [*BASE_PACKAGES, *base.extra_packages]
+    if base.relay is not None and not topology(cfg).relays_locally(cfg.name):
+        out += NULL_CLIENT_PACKAGES
+    return out
+
+
+def _postgres_packages(cfg: HostConfig) -> list[str]:
+    """PostgreSQL, and pgBackRest when the cluster has a repository (with sshfs where pgBackRest
+    has no SFTP: Debian 12; a host whose release the inventory does not say gets it from the role)."""
+    pg = cfg.settings(PostgresSettings)
+    if not (pg.backup_host or pg.backup_s3_bucket):
+        return list(POSTGRES_PACKAGES)
+    sshfs = not pg.backup_s3_bucket and cfg.release is not None and not PGBACKREST_SFTP[cfg.release]
+    return [*POSTGRES_PACKAGES, *PGBACKREST_PACKAGES, *(["sshfs"] if sshfs else [])]
+
+
+def _lb_packages(cfg: HostConfig) -> list[str]:
+    return ["nginx", "curl", *(["keepalived"] if cfg.settings(LbSettings).vip else [])]
+
+
+def _app_packages(cfg: HostConfig) -> list[str]:
+    return ["gunicorn", *cfg.settings(AppSettings).packages]
+
+
+def _worker_packages(cfg: HostConfig) -> list[str]:
+    """python3-psycopg2 and the packages of the application it runs (its own app settings, else
+    the first application server's)."""
+    app = topology(cfg).app_of(cfg.name)
+    return sorted({"python3-psycopg2", *(app.settings(AppSettings).packages if app else ())})
+
+
+def packages(cfg: HostConfig) -> list[str]:
+    """Every Debian package the host's roles install, base first, each once."""
+    out: list[str] = []
+    for role in ("base", *cfg.roles):
+        out.extend(p for p in ROLES[role].packages(cfg) if p not in out)
     return out
 
 
@@ -158,19 +214,21 @@ def _worker_secrets(cfg: HostConfig) -> list[str]:
 
 
 ROLES: dict[str, Role] = {
-    "base": Role("base", "every host: users, SSH, firewall, updates, time, journal", BaseSettings, secrets=_base_secrets),
+    "base": Role("base", "every host: users, SSH, firewall, updates, time, journal", BaseSettings, secrets=_base_secrets,
+                 packages=_base_packages),
     "backup": Role("backup", "off-site pgBackRest repository host (chrooted SFTP, ciphertext only)", BackupSettings,
-                   secrets=_backup_secrets, openings=_backup_openings),
+                   secrets=_backup_secrets, openings=_backup_openings, packages=lambda cfg: list(BACKUP_PACKAGES)),
     "postgres": Role("postgres", "PostgreSQL primary or streaming replica", PostgresSettings,
-                     secrets=_postgres_secrets, openings=_postgres_openings),
+                     secrets=_postgres_secrets, openings=_postgres_openings, packages=_postgres_packages),
     "app": Role("app", "WSGI application servers (gunicorn), rolling releases", AppSettings,
-                secrets=_app_secrets, openings=_app_openings),
+                secrets=_app_secrets, openings=_app_openings, packages=_app_packages),
     "worker": Role("worker", "background job workers and scheduled jobs, on the application's release",
-                   WorkerSettings, secrets=_worker_secrets),
+                   WorkerSettings, secrets=_worker_secrets, packages=_worker_packages),
     "lb": Role("lb", "nginx TLS terminator, keepalived pair with a floating IP", LbSettings,
-               secrets=lambda cfg: ["tls_cert", "tls_key"], openings=_lb_openings),
+               secrets=lambda cfg: ["tls_cert", "tls_key"], openings=_lb_openings, packages=_lb_packages),
     "mailprovider": Role("mailprovider", "lab only: stand-in email provider (Postfix submission, SASL, Maildirs)",
-                         MailproviderSettings, secrets=_mailprovider_secrets, openings=_mailprovider_openings),
+                         MailproviderSettings, secrets=_mailprovider_secrets, openings=_mailprovider_openings,
+                         packages=lambda cfg: list(MAILPROVIDER_PACKAGES)),
 }
 
 DEPLOYS: dict[str, DeployInfo] = {d.name: d for d in (

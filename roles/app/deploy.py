@@ -24,11 +24,12 @@ from pathlib import Path
 from pyinfra import host
 from pyinfra.api import FactBase, OperationError, deploy, operation
 from pyinfra.api.command import FileUploadCommand, StringCommand
-from pyinfra.operations import apt, files, server
+from pyinfra.operations import files, server
 
-from roles._lib import config, render
+from roles._lib import config, install_packages, render
 from roles.app.settings import AppSettings
 from roles.postgres import certs
+from roles.registry import ROLES
 from roles.topology import topology
 from webstack.inventory import HostConfig
 
@@ -142,8 +143,8 @@ def apply() -> None:
     """What an application server needs before its first release: packages, user, directories."""
     cfg = config()
     app = cfg.settings(AppSettings)
-    apt.packages(name="Install gunicorn and the application's Debian packages",
-                 packages=["gunicorn", *app.packages])
+    install_packages("Install gunicorn and the application's Debian packages",
+                 ROLES["app"].packages(cfg))
     server.user(name=f"Service user {app.name}", user=app.name, system=True, home=f"/srv/{app.name}",
                 shell="/usr/sbin/nologin")
     files.directory(name="Release directory", path=f"/srv/{app.name}/releases", user="root", group="root", mode="755")

@@ -22,10 +22,11 @@ from typing import Any
 from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.api.exceptions import OperationError
-from pyinfra.operations import apt, files, server, systemd
+from pyinfra.operations import files, server, systemd
 
-from roles._lib import alert_on_failure, config, owed_action, template_file, validated_file
+from roles._lib import alert_on_failure, config, install_packages, owed_action, template_file, validated_file
 from roles.backup.settings import BackupSettings
+from roles.registry import BACKUP_PACKAGES
 from roles.topology import topology
 from webstack.inventory import HostConfig
 from webstack.sshkeys import public_key
@@ -75,7 +76,7 @@ def apply() -> None:
 def vault(settings: BackupSettings) -> None:
     """The vault: root's hourly copies of the repositories, pruned, failing (and mailing) when a
     repository that was complete is not any more."""
-    apt.packages(name="rsync", packages=["rsync"])
+    install_packages("rsync", list(BACKUP_PACKAGES))
     files.directory(name=f"Vault {settings.vault}", path=settings.vault, user="root", group="root", mode="700")
     files.put(name=f"Install {VAULT_SCRIPT}", src=agent.__file__, dest=VAULT_SCRIPT, mode="755")
     ctx: dict[str, Any] = {"root": settings.root.rstrip("/"), "vault": settings.vault.rstrip("/"), "keep_days": settings.vault_keep_days}

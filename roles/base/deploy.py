@@ -18,13 +18,13 @@ from pyinfra.facts.files import File
 from pyinfra.facts.server import LinuxDistribution, Sysctl
 from pyinfra.operations import apt, files, server, systemd
 
-from roles._lib import config, owed_action, stdin_command, template_file, validated_file
+from roles._lib import config, install_all_packages, owed_action, stdin_command, template_file, validated_file
 from roles.base import _release, mail
 from roles.base.facts import Container, ShadowHash, WeakSshModuli
 from roles.base.settings import BaseSettings
 from roles.postgres import certs
 from roles.postgres.settings import PostgresSettings
-from roles.registry import ROLES
+from roles.registry import ROLES, packages
 from roles.topology import topology
 from webstack.inventory import HostConfig
 
@@ -141,7 +141,9 @@ def packages_and_time() -> None:
     files.directory(name="/etc/needrestart/conf.d", path="/etc/needrestart/conf.d")
     template_file("base/etc/needrestart/conf.d/webstack.conf.j2", "/etc/needrestart/conf.d/webstack.conf",
                   validate="perl -c {} 2>/dev/null")
-    apt.packages(name="Install base packages", packages=[*_release.PACKAGES, *base.extra_packages])
+    # Every role's packages of this host in one apt transaction (roles.registry.packages); each
+    # role's own install below then finds them there.
+    install_all_packages("Install the packages of every role of the host", packages(cfg))
     files.link(
         name=f"Time zone {base.timezone}",
         path="/etc/localtime",

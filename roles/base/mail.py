@@ -16,10 +16,11 @@ from __future__ import annotations
 from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.facts.deb import DebPackages
-from pyinfra.operations import apt, files, systemd
+from pyinfra.operations import files, systemd
 
-from roles._lib import config, inventory_file, owed_action, template_file, validated_file
+from roles._lib import config, install_packages, inventory_file, owed_action, template_file, validated_file
 from roles.base.settings import BaseSettings
+from roles.registry import NULL_CLIENT_PACKAGES
 from roles.topology import topology
 from webstack.inventory import HostConfig
 from webstack_agent import alert as alert_agent
@@ -79,7 +80,7 @@ def null_client(cfg: HostConfig, base: BaseSettings) -> None:
     assert base.relay is not None
     fresh = not postfix_installed()
     owes = "restart-postfix" if fresh else "reload-postfix"
-    apt.packages(name="Install Postfix (null client)", packages=["postfix", "libsasl2-modules", "ca-certificates"])
+    install_packages("Install Postfix (null client)", list(NULL_CLIENT_PACKAGES))
     swaps = []
     ca = relay_ca(cfg)
     if ca is not None:

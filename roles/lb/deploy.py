@@ -17,14 +17,15 @@ from typing import Any
 from pyinfra import host
 from pyinfra.api import FactBase, OperationError, deploy
 from pyinfra.facts.hardware import NetworkDevices
-from pyinfra.operations import apt, files, systemd
+from pyinfra.operations import files, systemd
 
-from roles._lib import TEMPLATES, config, owed_action, peer_fact, render, template_file, validated_file
+from roles._lib import TEMPLATES, config, install_packages, owed_action, peer_fact, render, template_file, validated_file
 from roles.app.deploy import AppState
 from roles.app.settings import AppSettings
 from roles.base.deploy import codename
 from roles.base.settings import BaseSettings
 from roles.lb.settings import LbSettings
+from roles.registry import ROLES
 from roles.topology import topology
 from webstack import tls as tlskeys
 from webstack.inventory import HostConfig
@@ -149,8 +150,7 @@ def apply() -> None:
     cfg = config()
     lb = cfg.settings(LbSettings)
     release = codename()
-    apt.packages(name="Install nginx and keepalived",
-                 packages=["nginx", "curl", *(["keepalived"] if lb.vip else [])])
+    install_packages("Install nginx and keepalived", ROLES["lb"].packages(cfg))
     # Certificate and key are checked to belong together before either is swapped in (a mismatch
     # would only show at nginx's reload, with the files already replaced).
     try:

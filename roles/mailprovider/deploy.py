@@ -15,12 +15,13 @@ import hashlib
 import subprocess
 
 from pyinfra.api import OperationError, deploy
-from pyinfra.operations import apt, files, server, systemd
+from pyinfra.operations import files, server, systemd
 
-from roles._lib import config, owed_action, template_file, validated_file
+from roles._lib import config, install_packages, owed_action, template_file, validated_file
 from roles.base.deploy import codename
 from roles.base.mail import myhostname, postfix_installed
 from roles.mailprovider.settings import MailproviderSettings
+from roles.registry import MAILPROVIDER_PACKAGES
 from roles.topology import topology
 from webstack.inventory import HostConfig
 from webstack_agent import mailfault
@@ -68,8 +69,8 @@ def apply() -> None:
         raise OperationError(f"{cfg.name}: the mailprovider role is written for Debian 13 (Dovecot 2.4)")
     fresh = not postfix_installed()
     owes = "restart-postfix" if fresh else "reload-postfix"
-    apt.packages(name="Install Postfix and Dovecot (SASL)",
-                 packages=["postfix", "postfix-pcre", "dovecot-core", "ca-certificates"])
+    install_packages("Install Postfix and Dovecot (SASL)",
+                 list(MAILPROVIDER_PACKAGES))
     server.group(name="Group vmail", group="vmail", gid=VMAIL_UID, system=True)
     server.user(name="User vmail (owner of the Maildirs)", user="vmail", uid=VMAIL_UID, group="vmail",
                 home=mp.mailbox_root, shell="/usr/sbin/nologin", system=True, create_home=False, ensure_home=False)

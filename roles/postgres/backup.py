@@ -16,12 +16,13 @@ from typing import Any
 from pyinfra import host, inventory, state
 from pyinfra.api import FactBase, OperationError, operation
 from pyinfra.facts.files import File
-from pyinfra.operations import apt, files, systemd
+from pyinfra.operations import files, systemd
 
-from roles._lib import alert_on_failure, owed_action, render, root_shell, template_file, validated_file
+from roles._lib import alert_on_failure, install_packages, owed_action, render, root_shell, template_file, validated_file
 from roles.base.settings import BaseSettings
 from roles.postgres._release import PGBACKREST_SFTP, paths
 from roles.postgres.settings import PostgresSettings
+from roles.registry import PGBACKREST_PACKAGES
 from roles.topology import topology
 from webstack import tls
 from webstack.inventory import HostConfig, Peer
@@ -221,7 +222,7 @@ def install_client(cfg: HostConfig, release: str, version: str, pg: PostgresSett
     member = secrets_cfg is None
     others = topology(cfg).cluster_peers(cfg.name) if member else []
     ctx = repo_context(pg, release, version, backup_peer, peers[cfg.name] if member else None, others)
-    apt.packages(name="Install pgBackRest", packages=["pgbackrest", *(["sshfs"] if ctx["sshfs"] else [])])
+    install_packages("Install pgBackRest", [*PGBACKREST_PACKAGES, *(["sshfs"] if ctx["sshfs"] else [])])
     for path, owner, mode in ((CONF_DIR, "root", "755"), (f"{CONF_DIR}/conf.d", "root", "755"),
                               ("/var/spool/pgbackrest", "postgres", "750"), ("/var/log/pgbackrest", "postgres", "770")):
         files.directory(name=f"Directory {path}", path=path, user=owner, group="postgres", mode=mode)

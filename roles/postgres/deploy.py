@@ -15,14 +15,26 @@ from typing import Any
 from pyinfra import host, inventory, logger, state
 from pyinfra.api import FactBase, HiddenValue, OperationError, QuoteString, StringCommand, deploy, operation
 from pyinfra.api.operation import OperationMeta
-from pyinfra.operations import apt, postgres, server, systemd
+from pyinfra.operations import postgres, server, systemd
 
-from roles._lib import PENDING_DIR, barrier, config, owed_action, render, stdin_command, template_file, unit_file, validated_file
+from roles._lib import (
+    PENDING_DIR,
+    barrier,
+    config,
+    install_packages,
+    owed_action,
+    render,
+    stdin_command,
+    template_file,
+    unit_file,
+    validated_file,
+)
 from roles.base.deploy import codename
 from roles.postgres import backup, certs, scram
 from roles.postgres._release import VERSION, paths
 from roles.postgres.facts import PgCluster, PgReplicationSlots, PgRoleVerifiers, PgStreamingStandbys, PsqlQuery
 from roles.postgres.settings import PostgresSettings
+from roles.registry import POSTGRES_PACKAGES
 from roles.topology import topology
 from webstack.inventory import HostConfig
 
@@ -384,7 +396,7 @@ def apply(restoring: bool = False) -> None:
     states = guard(cfg, version)
     is_primary = pg.primary == cfg.name
 
-    apt.packages(name="Install PostgreSQL", packages=["postgresql", "postgresql-client"])
+    install_packages("Install PostgreSQL", list(POSTGRES_PACKAGES))
     memory = host.get_fact(MemTotalMb)
     streaming = host.get_fact(PgStreamingStandbys) if is_primary else []
     standbys = sync_standbys(cfg, states, streaming) if is_primary else None

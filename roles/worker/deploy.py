@@ -22,12 +22,13 @@ from pathlib import Path
 from pyinfra import host
 from pyinfra.api import FactBase, OperationError, deploy
 from pyinfra.facts.files import FindFiles
-from pyinfra.operations import apt, files, server, systemd
+from pyinfra.operations import files, server, systemd
 
 import webstack_agent.once as once_agent
-from roles._lib import alert_on_failure, config, inventory_file, owed_action, render, unit_file, validated_file
+from roles._lib import alert_on_failure, config, install_packages, inventory_file, owed_action, render, unit_file, validated_file
 from roles.app.deploy import env_content
 from roles.app.settings import AppSettings
+from roles.registry import ROLES
 from roles.topology import topology
 from roles.worker.settings import ScheduledJob, WorkerSettings, calendar_gaps
 from webstack.inventory import HostConfig
@@ -115,7 +116,7 @@ def apply() -> None:
     cfg = config()
     app = app_settings(cfg)
     w = cfg.settings(WorkerSettings)
-    apt.packages(name="Install the application's Debian packages", packages=sorted({"python3-psycopg2", *app.packages}))
+    install_packages("Install the application's Debian packages", ROLES["worker"].packages(cfg))
     server.user(name=f"Service user {app.name}", user=app.name, system=True, home=f"/srv/{app.name}",
                 shell="/usr/sbin/nologin")
     files.directory(name="Release directory", path=f"/srv/{app.name}/releases", user="root", group="root", mode="755")

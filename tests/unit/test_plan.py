@@ -172,3 +172,23 @@ def test_no_secret_is_in_a_command_or_a_readable_upload(site):
         for line in lines[:3]:
             assert line not in site, f"secret {name} appears in the site plan"
     assert "usermod -p" not in site
+
+
+def test_a_fresh_host_installs_all_its_packages_in_one_apt_transaction(site):
+    # The simulated fleet has no package installed: the base role's one apt-get holds every role's
+    # packages, and no role runs an apt-get install of its own after it.
+    installs: dict[str, list[str]] = {}
+    host = ""
+    for line in site.splitlines():
+        if line.startswith("  ["):
+            host = line.strip()[1:-1]
+        elif "apt-get" in line and " install " in line:
+            installs.setdefault(host, []).append(line.split(" install ", 1)[1])
+    assert len(installs) == 15
+    assert {h: len(v) for h, v in installs.items() if len(v) != 1} == {}
+    packages = {h: set(v[0].split()) for h, v in installs.items()}
+    assert {"postgresql", "pgbackrest", "sshfs", "postfix"} <= packages["db3"]  # Debian 12: the repository over sshfs
+    assert "sshfs" not in packages["db1"] and "pgbackrest" in packages["db1"]
+    assert {"nginx", "keepalived", "curl"} <= packages["lb1"] and "postgresql" not in packages["lb1"]
+    assert {"dovecot-core", "postfix-pcre"} <= packages["mail1"] and "libsasl2-modules" not in packages["mail1"]
+    assert {"gunicorn", "python3-psycopg2"} <= packages["app1"] and "rsync" in packages["backup1"]
