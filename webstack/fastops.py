@@ -34,6 +34,10 @@ is out of scope (pyinfra's own loop misreads those too).
   argument merge): the same walk over the same data layers, testing membership instead of
   raising and catching a ``KeyError`` per layer (most names, ``_sudo_user`` and the like, are in
   none of the five).
+- ``pop_global_arguments`` (the global argument merge, once per operation and host and once per
+  fact asked): the same merge, with the host's five data layers built once per call instead of
+  once per argument (one of them merges every group's data on each build). Profiled on a
+  no-change run of 37 base-only hosts, the merge was a fifth of the control machine's CPU.
 
 The Python helpers are checked against pyinfra's own in ``tests/unit/test_fastops.py``.
 """
@@ -113,6 +117,46 @@ def host_data_getattr(self: Any, key: str) -> Any:
     raise AttributeError(f"Host `{self.host}` has no data `{key}`")
 
 
+def pop_global_arguments(state: Any, host: Any, kwargs: dict[str, Any]) -> tuple[Any, list[str]]:
+    """pyinfra.api.arguments.pop_global_arguments, the host's data layers read once per call."""
+    from copy import copy
+
+    from pyinfra.api.arguments import all_argument_meta, default_sentinel, raise_if_bad_type
+    from pyinfra.api.exceptions import ArgumentTypeError
+    from pyinfra.api.host import extract_callable_datas
+    from pyinfra.context import ctx_config
+
+    config = state.config
+    if ctx_config.isset():
+        config = ctx_config.get()
+        assert config is not None
+    meta_kwargs: dict[str, Any] = host.current_deploy_kwargs or {}
+    datas = list(extract_callable_datas(host.data.datas))
+    arguments: dict[str, Any] = {}
+    found_keys: list[str] = []
+    for key, type_ in _HINTS:
+        argument_meta = all_argument_meta[key]
+        handler = argument_meta.handler
+        default: Any = argument_meta.default(config)
+        host_default = next((copy(data[key]) for data in datas if key in data), default_sentinel)
+        if host_default is not default_sentinel:
+            default = host_default
+        if key in kwargs:
+            found_keys.append(key)
+            value = kwargs.pop(key)
+        else:
+            value = meta_kwargs.get(key, default)
+        if handler:
+            value = handler(config, value)
+        if value != default:
+            raise_if_bad_type(value, type_, ArgumentTypeError, f"Invalid argument `{key}`:")
+        arguments[key] = value
+    return arguments, found_keys
+
+
+_HINTS: list[tuple[str, type]] = []
+
+
 def pyinfra_users_command() -> str:
     """pyinfra's own command for ``Users`` (to compare with ``USERS_COMMAND``)."""
     from pyinfra.facts.server import Users
@@ -121,13 +165,14 @@ def pyinfra_users_command() -> str:
 
 
 def install() -> None:
-    """Swap the two helpers in where pyinfra calls them (idempotent)."""
+    """Swap the helpers in where pyinfra calls them (idempotent)."""
     if _INSTALLED:
         return
     from pyinfra.api import arguments, facts
     from pyinfra.facts.server import Users
 
     hints = arguments.all_global_arguments()
+    _HINTS.extend(hints)
 
     def all_global_arguments() -> list[tuple[str, type]]:
         return list(hints)
@@ -138,6 +183,11 @@ def install() -> None:
     operation_module: Any = importlib.import_module("pyinfra.api.operation")
     operation_module.get_operation_order_from_stack = operation_order_from_stack
     _ORIGINAL["users"] = Users.command
+    _ORIGINAL["pop_global_arguments"] = arguments.pop_global_arguments
+    # imported by name in each of these modules
+    for name in ("pyinfra.api.arguments", "pyinfra.api.deploy", "pyinfra.api.operation", "pyinfra.api.facts"):
+        module: Any = importlib.import_module(name)
+        module.pop_global_arguments = pop_global_arguments
     from pyinfra.api.host import HostData
 
     _ORIGINAL["host_data_getattr"] = HostData.__getattr__

@@ -5,9 +5,11 @@ from __future__ import annotations
 import subprocess
 
 import pyinfra
+import pytest
 from pyinfra.api import Config, Inventory, State
 from pyinfra.api import util as pyinfra_util
 from pyinfra.api.arguments import AllArguments
+from pyinfra.api.exceptions import ArgumentTypeError
 from pyinfra.facts.server import Users
 
 from webstack import fastops
@@ -82,3 +84,30 @@ def test_host_data_is_read_as_pyinfra_reads_it():
     assert getattr(data, "missing", "sentinel") == "sentinel" and data.shared == ["web"]
     data.shared.append("not kept")  # a copy, as pyinfra gives
     assert data.shared == ["web"]
+
+
+def test_global_arguments_are_merged_as_pyinfra_merges_them():
+    fastops.install()
+    original = fastops._ORIGINAL["pop_global_arguments"]
+    inventory = Inventory((["web1", "db1"], {"_sudo": True, "name": "from data"}),
+                          web=(["web1"], {"_sudo_user": "deploy", "_env": {"A": "1"}}))
+    state = State(inventory, Config(SUDO=False, SHELL="bash"))
+    for host in inventory:
+        host.init(state)
+    web1 = inventory.get_host("web1")
+    web1.data._retries = 2  # an override, as a deploy sets one
+    cases = [{}, {"_sudo": False, "_timeout": 3, "name": "op", "other": 1}, {"_env": {"B": "2"}, "_serial": True}]
+    for host in inventory:
+        for kwargs in cases:
+            mine, theirs = dict(kwargs), dict(kwargs)
+            got, expected = fastops.pop_global_arguments(state, host, mine), original(state, host, theirs)
+            assert got == expected and mine == theirs, (host, kwargs)
+        host.current_deploy_kwargs = {"_sudo_user": "postgres", "_chdir": "/tmp"}  # inside a @deploy(...)
+        assert fastops.pop_global_arguments(state, host, {}) == original(state, host, {})
+        host.current_deploy_kwargs = None
+    got, _ = fastops.pop_global_arguments(state, web1, {})
+    assert (got["_sudo"], got["_sudo_user"], got["_retries"], got["_shell_executable"]) == (True, "deploy", 2, "bash")
+    got["_env"]["A"] = "changed"  # a copy, as pyinfra gives
+    assert fastops.pop_global_arguments(state, web1, {})[0]["_env"] == {"A": "1"}
+    with pytest.raises(ArgumentTypeError):
+        fastops.pop_global_arguments(state, web1, {"_timeout": "soon"})
