@@ -15,12 +15,12 @@ from pathlib import Path
 from pyinfra import host
 from pyinfra.api import OperationError, deploy, operation
 from pyinfra.facts.files import File
-from pyinfra.facts.server import LinuxDistribution, Sysctl
+from pyinfra.facts.server import LinuxDistribution, Sysctl, Users
 from pyinfra.operations import apt, files, server, systemd
 
 from roles._lib import config, install_all_packages, owed_action, stdin_command, template_file, validated_file
 from roles.base import _release, mail
-from roles.base.facts import Container, ShadowHash, WeakSshModuli
+from roles.base.facts import Container, WeakSshModuli
 from roles.base.settings import BaseSettings
 from roles.postgres import certs
 from roles.postgres.settings import PostgresSettings
@@ -126,7 +126,8 @@ def password_hash(user: str, hashed):
     + user: the account
     + hashed: crypt(3) hash wrapped in ``HiddenValue``; never printed
     """
-    if host.get_fact(ShadowHash, user=user) == hashed.unmask():
+    # pyinfra's Users fact (asked by the account operations anyway) carries the /etc/shadow field.
+    if (host.get_fact(Users).get(user) or {}).get("password") == hashed.unmask():
         host.noop(f"password of {user} is set")
         return
     # On stdin (chpasswd -e), not as usermod -p's argument: every local user can read process arguments.

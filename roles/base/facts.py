@@ -30,14 +30,3 @@ class WeakSshModuli(FactBase):
 
     def process(self, output: Sequence[str]) -> int:
         return int("".join(output).strip() or 0)
-
-
-class ShadowHash(FactBase):
-    """The password hash of a user from /etc/shadow (None when the user is missing)."""
-
-    def command(self, user: str) -> str:
-        return f"getent shadow {user} | cut -d: -f2 || true"
-
-    def process(self, output: Sequence[str]) -> str | None:
-        value = "".join(output).strip()
-        return value or None

@@ -111,3 +111,17 @@ def test_global_arguments_are_merged_as_pyinfra_merges_them():
     assert fastops.pop_global_arguments(state, web1, {})[0]["_env"] == {"A": "1"}
     with pytest.raises(ArgumentTypeError):
         fastops.pop_global_arguments(state, web1, {"_timeout": "soon"})
+
+
+def test_ssh_connections_offer_gcm_first_and_keep_every_other_cipher():
+    from paramiko.transport import Transport
+
+    from roles.base._release import SSH_CIPHERS
+    from webstack import nodelay
+
+    ours = nodelay.prefer_aead(("aes128-ctr", "aes256-ctr", "aes128-gcm@openssh.com", "aes256-gcm@openssh.com"))
+    assert ours == ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes256-ctr")
+    assert nodelay.prefer_aead(("aes128-ctr",)) == ("aes128-ctr",)  # a paramiko without GCM: unchanged
+    nodelay.install()
+    offered = Transport._preferred_ciphers  # type: ignore[attr-defined]
+    assert offered[:2] == nodelay.AEAD_FIRST and set(nodelay.AEAD_FIRST) <= set(SSH_CIPHERS)  # sshd accepts both
