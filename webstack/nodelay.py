@@ -48,7 +48,7 @@ def install() -> None:
     from paramiko.transport import Transport
     from pyinfra.connectors.ssh import SSHConnector
 
-    setattr(Transport, "_preferred_ciphers", prefer_aead(getattr(Transport, "_preferred_ciphers")))
+    Transport._preferred_ciphers = prefer_aead(Transport._preferred_ciphers)
 
     connect = SSHConnector._connect
 
