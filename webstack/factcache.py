@@ -30,6 +30,7 @@ import atexit
 import copy
 import json
 import os
+import weakref
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ class _RunCache:
         self.callbacks_ran = False
         self.recorder = factprefetch.Recorder()
         self.noted: dict[str, set[tuple[str, ...]]] = {}
+        self.state: Any = None  # the run's pyinfra State (weakly): which hosts failed
 
     def usable(self, host_name: str) -> bool:
         return not self.callbacks_ran and host_name not in self.changed
@@ -69,6 +71,7 @@ def _run_cache(state: Any) -> _RunCache:
     cache = getattr(state, "_webstack_fact_cache", None)
     if cache is None:
         cache = _RunCache()
+        cache.state = weakref.ref(state)
         state._webstack_fact_cache = cache
         _RUNS.append(cache)
     return cache
@@ -99,8 +102,8 @@ def _prefetch(state: Any, host: Any, cache: _RunCache) -> None:
 
 
 def _note(state: Any, host: Any, cache: _RunCache, cls: Any, args: Any, kwargs: Any, key: tuple[str, ...]) -> None:
-    """Write down a fact asked while nothing had changed on the host, for the next run's prefetch
-    (once per question and host: working out its connector arguments is most of the cost)."""
+    """Write down a fact asked of the host, for the next run's prefetch (once per question and
+    host: working out its connector arguments is most of the cost)."""
     from pyinfra.api.facts import _handle_fact_kwargs
 
     noted = cache.noted.setdefault(host.name, set())
@@ -162,13 +165,14 @@ def install() -> None:
         cache = _run_cache(state)
         stage = getattr(state, "current_stage", None)
         key = None
-        if enabled and stage in (StateStage.Prepare, StateStage.Execute) and not getattr(cls, "volatile", False) \
-                and cache.usable(host.name):
-            key = _key(cls, args, kwargs)
-        if key is not None and prefetching:
-            if host.name not in cache.recorder.done:
-                _prefetch(state, host, cache)
-            _note(state, host, cache, cls, args, kwargs, key)
+        if enabled and stage in (StateStage.Prepare, StateStage.Execute) and not getattr(cls, "volatile", False):
+            asked = _key(cls, args, kwargs)
+            if asked is not None and prefetching:
+                if cache.usable(host.name) and host.name not in cache.recorder.done:
+                    _prefetch(state, host, cache)
+                # written down after a change too: the next run asks it, and would otherwise ask it alone
+                _note(state, host, cache, cls, args, kwargs, asked)
+            key = asked if cache.usable(host.name) else None
         answers = cache.answers.setdefault(host.name, {})
         if key is not None and key in answers:
             _KEPT[host.name] += 1
@@ -208,7 +212,8 @@ def install() -> None:
 
 def _save_records() -> None:
     for cache in _RUNS:
-        cache.recorder.save(cache.changed)
+        state = cache.state() if cache.state is not None else None
+        cache.recorder.save({h.name for h in getattr(state, "failed_hosts", ())})
 
 
 def host_changed(target: Any) -> None:

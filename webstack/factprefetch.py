@@ -4,10 +4,11 @@ A no-change run asks each host the same facts, one SSH round trip and one sudo e
 ``stat``, a ``dpkg-query``, a ``systemctl show`` per operation. Most of a no-change run's
 time was those round trips and the servers' CPU for the sudo'd shells.
 
-So each run writes down, per host, the facts it asked while nothing had changed on that
-host yet (class and arguments only: never an answer), in a file on the control machine. The
-next run of the same deploy against the same inventory sends all of them at its first fact
-for that host, as one ``sh`` script under one sudo, and keeps each answer as
+So each run writes down, per host, the facts it asked (class and arguments only: never an
+answer), in a file on the control machine; a run that changed a host writes down what it asked
+after the change too, which is what the next run, with nothing to change, will ask. The next
+run of the same deploy against the same inventory sends all of them at its first fact for that
+host, as one ``sh`` script under one sudo, and keeps each answer as
 ``webstack.factcache`` keeps any answer: until a command runs on that host. The commands are
 pyinfra's own for each fact; only the round trips are merged. A fact whose command fails, or
 whose output does not parse, is not kept: pyinfra asks it again by itself, with its usual
@@ -85,7 +86,7 @@ def entry(cls: type, args: Any, kwargs: Any, signature: str) -> dict[str, Any] |
 
 
 class Recorder:
-    """The facts asked of each host while nothing had changed on it, and what was prefetched."""
+    """The facts asked of each host, and what was prefetched."""
 
     def __init__(self) -> None:
         self.asked: dict[str, dict[str, dict[str, Any]]] = {}
@@ -103,12 +104,12 @@ class Recorder:
         self.previous[host_name] = items if isinstance(items, list) else []
         return self.previous[host_name]
 
-    def save(self, changed: set[str]) -> None:
-        """Per host: what this run asked; on a host changed during the run, also what the last
-        record held (this run stopped asking early, the next one may not)."""
+    def save(self, stopped: set[str]) -> None:
+        """Per host: what this run asked; on a host where the run stopped (it failed), also what the
+        last record held (the next run may get further)."""
         for host_name, asked in self.asked.items():
             items = dict(asked)
-            if host_name in changed:
+            if host_name in stopped:
                 for item in self.previous.get(host_name, []):
                     items.setdefault(json.dumps(item, sort_keys=True), item)
             path = record_file(host_name)

@@ -48,7 +48,7 @@ def install() -> None:
     from paramiko.transport import Transport
     from pyinfra.connectors.ssh import SSHConnector
 
-    Transport._preferred_ciphers = prefer_aead(Transport._preferred_ciphers)
+    Transport._preferred_ciphers = prefer_aead(Transport._preferred_ciphers)  # type: ignore[attr-defined]
 
     connect = SSHConnector._connect
 

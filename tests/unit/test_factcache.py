@@ -299,3 +299,20 @@ def test_file_questions_share_one_stat_and_get_their_own_lines_here(tmp_path):
                                  text=True).stdout.splitlines()
             assert stat_lines(shared, path) == own, (cls.__name__, path)
     assert stat_lines(shared, "/nonexistent") == [] and stat_lines(shared, "/etc")
+
+
+def test_facts_asked_after_a_change_are_written_down_for_the_next_run(run, tmp_path, monkeypatch):
+    """Run 1 changes web1 between two questions (as a converging run does); run 2, with nothing to
+    change, gets both answers from its one prefetch command."""
+    state, web1, _web2, asked = run
+    monkeypatch.setenv("WEBSTACK_PREFETCH_DIR", str(tmp_path))
+    web1.get_fact(Lines, path="/before")
+    factcache.host_changed(web1)
+    web1.get_fact(Lines, path="/after")
+    factcache._save_records()
+    assert len(asked) == 2
+
+    sent: list = []
+    host = _second_run_here(monkeypatch, sent)
+    assert host.get_fact(Lines, path="/before") == ["one", "two"] == host.get_fact(Lines, path="/after")
+    assert len(sent) == 1 and "/after" in sent[0].get_raw_value() and len(asked) == 2
