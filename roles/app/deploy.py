@@ -143,8 +143,7 @@ def apply() -> None:
     """What an application server needs before its first release: packages, user, directories."""
     cfg = config()
     app = cfg.settings(AppSettings)
-    install_packages("Install gunicorn and the application's Debian packages",
-                 ROLES["app"].packages(cfg))
+    install_packages("Install gunicorn and the application's Debian packages", ROLES["app"].packages(cfg))
     server.user(name=f"Service user {app.name}", user=app.name, system=True, home=f"/srv/{app.name}",
                 shell="/usr/sbin/nologin")
     files.directory(name="Release directory", path=f"/srv/{app.name}/releases", user="root", group="root", mode="755")

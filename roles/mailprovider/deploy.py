@@ -69,8 +69,7 @@ def apply() -> None:
         raise OperationError(f"{cfg.name}: the mailprovider role is written for Debian 13 (Dovecot 2.4)")
     fresh = not postfix_installed()
     owes = "restart-postfix" if fresh else "reload-postfix"
-    install_packages("Install Postfix and Dovecot (SASL)",
-                 list(MAILPROVIDER_PACKAGES))
+    install_packages("Install Postfix and Dovecot (SASL)", list(MAILPROVIDER_PACKAGES))
     server.group(name="Group vmail", group="vmail", gid=VMAIL_UID, system=True)
     server.user(name="User vmail (owner of the Maildirs)", user="vmail", uid=VMAIL_UID, group="vmail",
                 home=mp.mailbox_root, shell="/usr/sbin/nologin", system=True, create_home=False, ensure_home=False)
