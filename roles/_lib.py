@@ -423,15 +423,12 @@ INSTALLING = "_webstack_installing"  # attribute of a pyinfra Host: what the bas
 
 def install_all_packages(name: str, packages: Sequence[str]) -> None:
     """apt.packages for every package of every role of the host, in one transaction (the base role,
-    first), without Recommends: a server gets what its roles name (a recommendation a role needs
-    is named: logrotate, libpam-systemd), not glib, GObject introspection, MIME databases, sysstat
-    or bash completion (a quarter of the packages of a database host, and of its install time).
-    What it installs in this run is noted on the host, so each role's own install of the same
-    packages (:func:`install_packages`) need not run an apt-get of its own: if this one fails,
-    the host stops here."""
+    first). What it installs in this run is noted on the host, so each role's own install of the
+    same packages (:func:`install_packages`) need not run an apt-get of its own: if this one
+    fails, the host stops here."""
     installed = host.get_fact(DebPackages)
     setattr(host, INSTALLING, frozenset(p for p in packages if p not in installed))
-    apt.packages(name=name, packages=list(packages), no_recommends=True)
+    apt.packages(name=name, packages=list(packages))
 
 
 def install_packages(name: str, packages: Sequence[str]) -> None:
@@ -440,7 +437,7 @@ def install_packages(name: str, packages: Sequence[str]) -> None:
     installing: frozenset[str] = getattr(host, INSTALLING, frozenset())
     left = [p for p in packages if p not in installing]
     if left:
-        apt.packages(name=name, packages=left, no_recommends=True)
+        apt.packages(name=name, packages=left)
     else:
         host.noop(f"{name}: {', '.join(packages)} installed by the base role's transaction in this run")
 

@@ -52,11 +52,7 @@ SYSCTLS = (
 DISABLED_MODULES = ("dccp", "sctp", "rds", "tipc", "cramfs", "freevxfs", "hfs", "hfsplus", "jffs2", "udf",
                     "usb-storage")
 
-# Installed without Recommends (roles._lib.install_all_packages): logrotate (nginx, PostgreSQL and
-# pgBackRest rotate their logs with it) and libpam-systemd (logins as sessions of logind) are
-# recommendations named here.
-PACKAGES = ("sudo", "openssh-server", "nftables", "chrony", "unattended-upgrades", "needrestart", "tzdata",
-            "ca-certificates", "logrotate", "libpam-systemd")
+PACKAGES = ("sudo", "openssh-server", "nftables", "chrony", "unattended-upgrades", "needrestart", "tzdata", "ca-certificates")
 
 # OpenSSH 9.8+ (Debian 13) penalises addresses that fail to authenticate (PerSourcePenalties):
 # the admin networks are exempted, so a control machine's failed attempts never lock it out.

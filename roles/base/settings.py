@@ -55,7 +55,7 @@ class BaseSettings:
     timezone: str = setting("Etc/UTC", "system time zone")
     ntp_servers: tuple[str, ...] = setting(("2.debian.pool.ntp.org",), "NTP pools/servers for chrony")
     journal_max_use: str = setting("500M", "disk cap of the persistent journal")
-    extra_packages: tuple[str, ...] = setting((), "more Debian packages to install everywhere (without their Recommends)")
+    extra_packages: tuple[str, ...] = setting((), "more Debian packages to install everywhere")
     mail_relay: str = setting(
         "", "the mail provider's submission server `host:port` (STARTTLS + AUTH); empty = no mail relay installed"
     )
