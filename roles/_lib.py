@@ -421,14 +421,15 @@ def stdin_command(command: str, data: str, timeout: int = 120) -> Any:
 INSTALLING = "_webstack_installing"  # attribute of a pyinfra Host: what the base role's transaction installs
 
 
-def install_all_packages(name: str, packages: Sequence[str]) -> None:
+def install_all_packages(name: str, packages: Sequence[str], cache_time: int) -> None:
     """apt.packages for every package of every role of the host, in one transaction (the base role,
-    first). What it installs in this run is noted on the host, so each role's own install of the
-    same packages (:func:`install_packages`) need not run an apt-get of its own: if this one
-    fails, the host stops here."""
+    first), after ``apt-get update`` when the lists are older than ``cache_time`` seconds. What it
+    installs in this run is noted on the host, so each role's own install of the same packages
+    (:func:`install_packages`) need not run an apt-get of its own: if this one fails, the host
+    stops here."""
     installed = host.get_fact(DebPackages)
     setattr(host, INSTALLING, frozenset(p for p in packages if p not in installed))
-    apt.packages(name=name, packages=list(packages))
+    apt.packages(name=name, packages=list(packages), update=True, cache_time=cache_time)
 
 
 def install_packages(name: str, packages: Sequence[str]) -> None:

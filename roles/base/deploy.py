@@ -138,13 +138,17 @@ def password_hash(user: str, hashed):
 def packages_and_time() -> None:
     cfg = config()
     base = cfg.settings(BaseSettings)
-    apt.update(name="Refresh package lists (hourly at most)", cache_time=3600)
+    template_file("base/etc/apt/apt.conf.d/51webstack-lists.j2", "/etc/apt/apt.conf.d/51webstack-lists",
+                  validate="apt-config -c {} dump", descriptions=base.apt_descriptions)
     files.directory(name="/etc/needrestart/conf.d", path="/etc/needrestart/conf.d")
     template_file("base/etc/needrestart/conf.d/webstack.conf.j2", "/etc/needrestart/conf.d/webstack.conf",
                   validate="perl -c {} 2>/dev/null")
-    # Every role's packages of this host in one apt transaction (roles.registry.packages); each
+    # Every role's packages of this host in one apt transaction (roles.registry.packages), after
+    # the package lists' refresh (hourly at most) in the same operation: each host starts its
+    # install as soon as its own lists are in, not when the last host's download ends. Each
     # role's own install below then finds them there.
-    install_all_packages("Install the packages of every role of the host", packages(cfg))
+    install_all_packages("Refresh package lists (hourly at most) and install the packages of every role of the host",
+                         packages(cfg), cache_time=3600)
     files.link(
         name=f"Time zone {base.timezone}",
         path="/etc/localtime",

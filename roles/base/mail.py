@@ -94,5 +94,5 @@ def null_client(cfg: HostConfig, base: BaseSettings) -> None:
     swaps.append(template_file("base/etc/postfix/main.cf.j2", "/etc/postfix/main.cf", validate="postfix check",
                                in_place=True, owes=owes, **null_client_context(cfg)))
     systemd.service(name="Postfix running", service="postfix", enabled=True, running=True)
-    owed_action("restart-postfix", "postfix check && systemctl restart postfix", swaps if fresh else [])
-    owed_action("reload-postfix", "postfix check && systemctl reload postfix", [] if fresh else swaps)
+    owed_action("restart-postfix", "systemctl restart postfix", swaps if fresh else [])
+    owed_action("reload-postfix", "systemctl reload postfix", [] if fresh else swaps)

@@ -103,5 +103,5 @@ def apply() -> None:
                                validate="postfix check", in_place=True, owes=owes, **main_context(cfg)))
     systemd.service(name="Postfix running", service="postfix", enabled=True, running=True)
     # A new listener (587 instead of Debian's 25) needs a restart; later changes reload.
-    owed_action("restart-postfix", "postfix check && systemctl restart postfix", swaps if fresh else [])
-    owed_action("reload-postfix", "postfix check && systemctl reload postfix", [] if fresh else swaps)
+    owed_action("restart-postfix", "systemctl restart postfix", swaps if fresh else [])
+    owed_action("reload-postfix", "systemctl reload postfix", [] if fresh else swaps)
