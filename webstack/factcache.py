@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import atexit
 import copy
+import datetime
 import json
 import os
 import weakref
@@ -120,7 +121,7 @@ def _note(state: Any, host: Any, cache: _RunCache, cls: Any, args: Any, kwargs: 
         cache.recorder.note(host.name, item)
 
 
-_IMMUTABLE = (str, int, float, bool, bytes, type(None))
+_IMMUTABLE = (str, int, float, bool, bytes, type(None), datetime.datetime, datetime.date)
 
 
 def _copy(value: Any) -> Any:
@@ -135,6 +136,8 @@ def _copy(value: Any) -> Any:
         return [_copy(v) for v in value]
     if kind is tuple and all(isinstance(v, _IMMUTABLE) for v in value):
         return value
+    if kind in (set, frozenset) and all(isinstance(v, _IMMUTABLE) for v in value):
+        return value if kind is frozenset else set(value)  # package facts: {name: {versions}}
     return copy.deepcopy(value)
 
 

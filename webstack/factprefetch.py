@@ -256,6 +256,24 @@ def stat_lines(lines: list[str], path: str) -> list[str]:
     return [line[len(path) + 1:] for line in lines if line.startswith(f"{path}|")][:1]
 
 
+def _sha1_mergeable(fact: Any, fact_kwargs: dict[str, Any]) -> str | None:
+    """The path of a ``Sha1File`` question one shared ``sha1sum`` can answer."""
+    from pyinfra.facts.files import Sha1File
+
+    path = fact_kwargs.get("path")
+    return path if type(fact) is Sha1File and isinstance(path, str) and PLAIN_PATH.match(path) else None
+
+
+def sha1_command(paths: list[str]) -> str:
+    """One GNU ``sha1sum`` of ``paths`` (a missing path or a directory: no line)."""
+    return f"sha1sum {' '.join(paths)} 2>/dev/null; true"
+
+
+def sha1_lines(lines: list[str], path: str) -> list[str]:
+    """What pyinfra's ``Sha1File`` command prints for ``path`` (``<hash>  <path>``, or nothing)."""
+    return [line for line in lines if line.endswith(f"  {path}") and len(line) == 42 + len(path)][:1]
+
+
 Merged = tuple[str, Callable[[list[str]], "list[list[str]] | None"]]
 
 
@@ -275,20 +293,28 @@ def _merge_stat(calls: list[tuple[Any, dict[str, Any]]]) -> Merged:
     return stat_command(list(dict.fromkeys(paths))), lambda lines: [stat_lines(lines, p) for p in paths]
 
 
-_PYINFRA_MERGERS = {"systemctl-show": _merge_systemd, "stat": _merge_stat}
+def _merge_sha1(calls: list[tuple[Any, dict[str, Any]]]) -> Merged:
+    paths = [str(kwargs["path"]) for _, kwargs in calls]
+    return sha1_command(list(dict.fromkeys(paths))), lambda lines: [sha1_lines(lines, p) for p in paths]
+
+
+_PYINFRA_MERGERS = {"systemctl-show": _merge_systemd, "stat": _merge_stat, "sha1sum": _merge_sha1}
 
 
 def _merge_group(fact: Any, fact_kwargs: dict[str, Any], requires: Any) -> Any:
     """Which shared command can answer this question with others (None: its own command).
 
     pyinfra's ``SystemdStatus``/``SystemdEnabled`` share one ``systemctl show`` and its
-    ``File``/``Link``/``Directory`` one ``stat`` (mergers here, as its classes cannot carry one);
+    ``File``/``Link``/``Directory`` one ``stat`` and its ``Sha1File`` one ``sha1sum`` (mergers here,
+    as its classes cannot carry one);
     a class of ours with a ``merged(calls) -> (command, split) | None`` classmethod shares the
     command it builds with every class of its ``merge_group`` (default: the class)."""
     if _systemd_mergeable(fact, fact_kwargs) is not None:
         return "systemctl-show"
     if _stat_mergeable(fact, fact_kwargs) is not None:
         return "stat"
+    if _sha1_mergeable(fact, fact_kwargs) is not None:
+        return "sha1sum"
     if hasattr(type(fact), "merged") and not requires:
         return getattr(type(fact), "merge_group", type(fact))
     return None

@@ -15,12 +15,12 @@ from pathlib import Path
 from pyinfra import host
 from pyinfra.api import OperationError, deploy, operation
 from pyinfra.facts.files import File
-from pyinfra.facts.server import LinuxDistribution, Sysctl, Users
-from pyinfra.operations import apt, files, server, systemd
+from pyinfra.facts.server import Sysctl, Users
+from pyinfra.operations import files, server, systemd
 
 from roles._lib import config, install_all_packages, owed_action, stdin_command, template_file, validated_file
 from roles.base import _release, mail
-from roles.base.facts import Container, WeakSshModuli
+from roles.base.facts import Codename, Container, WeakSshModuli
 from roles.base.settings import BaseSettings
 from roles.postgres import certs
 from roles.postgres.settings import PostgresSettings
@@ -41,8 +41,7 @@ def resolve_key(entry: str) -> str:
 def codename() -> str:
     """The Debian codename of the current host, checked against the inventory."""
     cfg = config()
-    distro = host.get_fact(LinuxDistribution)
-    name = (distro.get("release_meta") or {}).get("VERSION_CODENAME") or ""
+    name = host.get_fact(Codename)
     if name not in _release.SSH_KEX:
         raise OperationError(f"{host.name}: unsupported release {name!r} (supported: bookworm, trixie)")
     if cfg.release and cfg.release != name:

@@ -65,8 +65,8 @@ def _fact(host: Any, cls: type, kwargs: dict[str, Any], down: frozenset[str] = f
     name = cls.__name__
     release = {m["name"]: m["release"] for m in _machines()}[host.name]
     primaries = {"db1", "db3", "drill1"}
-    if name == "LinuxDistribution":
-        return {"name": "Debian", "release_meta": {"VERSION_CODENAME": release}}
+    if name == "Codename":
+        return release
     if name == "PgCluster":
         if not host.name.startswith(("db", "drill")):
             return None

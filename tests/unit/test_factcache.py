@@ -301,6 +301,43 @@ def test_file_questions_share_one_stat_and_get_their_own_lines_here(tmp_path):
     assert stat_lines(shared, "/nonexistent") == [] and stat_lines(shared, "/etc")
 
 
+def test_sha1_questions_share_one_sha1sum_and_get_pyinfras_answers_here(tmp_path):
+    """webstack.factprefetch's shared sha1sum against pyinfra's Sha1File on this machine: two files,
+    a missing path, a directory, a symlink; each answer as pyinfra's own command and process give it."""
+    import subprocess
+
+    from pyinfra.facts.files import Sha1File
+
+    from webstack.factprefetch import _sha1_mergeable, sha1_command, sha1_lines
+
+    (tmp_path / "a").write_text("x")
+    (tmp_path / "b").write_text("y\n")
+    (tmp_path / "link").symlink_to(tmp_path / "a")
+    paths = [str(tmp_path / "a"), str(tmp_path / "b"), "/nonexistent", str(tmp_path), str(tmp_path / "link")]
+    shared = subprocess.run(["sh", "-c", sha1_command(paths)], capture_output=True, text=True).stdout.splitlines()
+    answers = []
+    for path in paths:
+        fact = Sha1File()
+        own = subprocess.run(["sh", "-c", fact.command(path=path).get_raw_value()], capture_output=True,
+                             text=True).stdout.splitlines()
+        mine = sha1_lines(shared, path)
+        assert mine == own, path
+        answers.append(fact.process(mine) if mine else fact.default())
+    assert answers[0] == "11f6ad8ec52a2984abaafd7c3b516503785c2072" and answers[0] == answers[4]
+    assert answers[1] != answers[0] and answers[2] is None and answers[3] is None
+    assert _sha1_mergeable(Sha1File(), {"path": "/etc/my file"}) is None  # a word to quote: its own command
+
+
+def test_kept_answers_are_copies_sets_included():
+    """A kept answer handed out twice: changing the first copy (a set of package versions, a list)
+    does not change the second."""
+    value = {"nginx": {"1.26"}, "groups": ["a"], "frozen": frozenset({"x"})}
+    first = factcache._copy(value)
+    first["nginx"].add("1.27")
+    first["groups"].append("b")
+    assert factcache._copy(value) == {"nginx": {"1.26"}, "groups": ["a"], "frozen": frozenset({"x"})}
+
+
 def test_facts_asked_after_a_change_are_written_down_for_the_next_run(run, tmp_path, monkeypatch):
     """Run 1 changes web1 between two questions (as a converging run does); run 2, with nothing to
     change, gets both answers from its one prefetch command."""
@@ -316,3 +353,19 @@ def test_facts_asked_after_a_change_are_written_down_for_the_next_run(run, tmp_p
     host = _second_run_here(monkeypatch, sent)
     assert host.get_fact(Lines, path="/before") == ["one", "two"] == host.get_fact(Lines, path="/after")
     assert len(sent) == 1 and "/after" in sent[0].get_raw_value() and len(asked) == 2
+
+
+def test_codename_fact_answers_what_pyinfras_linux_distribution_says_here():
+    """roles.base.facts.Codename against pyinfra's LinuxDistribution on this machine."""
+    import subprocess
+
+    from pyinfra.facts.server import LinuxDistribution
+
+    from roles.base.facts import Codename
+
+    def ask(fact: object) -> object:
+        out = subprocess.run(["sh", "-c", str(fact.command())], capture_output=True, text=True).stdout  # type: ignore[attr-defined]
+        return fact.process(out.splitlines())  # type: ignore[attr-defined]
+
+    theirs = ask(LinuxDistribution())["release_meta"].get("VERSION_CODENAME", "")  # type: ignore[index]
+    assert ask(Codename()) == theirs and theirs
