@@ -374,7 +374,8 @@ def prefetch(state: Any, host: Any, items: list[dict[str, Any]], key_of: Any) ->
             continue
         command_text, split = merged
         commands.append(command_text)
-        readers.append([(key, fact, partial(_nth, split=split, n=n)) for n, (key, fact, _, _) in enumerate(calls)])
+        shared = _SplitOnce(split)  # every question of the command reads its part of one split
+        readers.append([(key, fact, partial(shared.nth, n=n)) for n, (key, fact, _, _) in enumerate(calls)])
     if not commands:
         return {}
     marker = f"WSF{uuid.uuid4().hex[:12]}"
@@ -400,9 +401,19 @@ def prefetch(state: Any, host: Any, items: list[dict[str, Any]], key_of: Any) ->
     return answers
 
 
-def _nth(lines: list[str], split: Callable[[list[str]], list[list[str]] | None], n: int) -> list[str] | None:
-    parts = split(lines)
-    return parts[n] if parts is not None else None
+class _SplitOnce:
+    """A merged command's ``split``, run once for all of its questions (not once per question:
+    fourteen unit questions of a host each split the whole ``systemctl show`` output)."""
+
+    def __init__(self, split: Callable[[list[str]], list[list[str]] | None]) -> None:
+        self.split = split
+        self.done: tuple[list[str], list[list[str]] | None] | None = None
+
+    def nth(self, lines: list[str], n: int) -> list[str] | None:
+        if self.done is None or self.done[0] is not lines:
+            self.done = (lines, self.split(lines))
+        parts = self.done[1]
+        return parts[n] if parts is not None else None
 
 
 def _guarded(requires: str, text: str) -> str:
