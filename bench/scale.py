@@ -9,6 +9,8 @@ enough of them for each size, onboards them (``webstack onboard``), and for each
 and then N times measured with nothing to change. Prints per size the floor (``exec --
 true``), the median no-change run and the added cost per host beyond the standing lab; then
 converges the standing lab back to its own inventory. Writes bench/results/scale-<utc>.json.
+With ``--interleave``, every size runs from the one inventory of the largest (smaller sizes by
+``--limit``), the sizes in turn within each round.
 """
 
 from __future__ import annotations
@@ -46,10 +48,39 @@ def inventory(tmp: Path, extra: list) -> str:
     return str(where / "lab.py")
 
 
+def interleaved(result: dict, inv: str, sizes: list[int], scale: list, runs: int) -> None:
+    """Every size from the one inventory of the largest: the first N hosts by ``--limit``, sizes in
+    turn within each round."""
+    names = [*MACHINES, *(m.name for m in scale)]
+    limits = {n: [x for name in names[:n] for x in ("--limit", name)] if n < max(sizes) else [] for n in sizes}
+    one(["deploys/site.py"], "prefetch", inv)  # converge every host to the largest inventory
+    floors: dict[int, list[float]] = {n: [] for n in sizes}
+    secs: dict[int, list[float]] = {n: [] for n in sizes}
+    last: dict[int, dict] = {}
+    for _ in range(runs):
+        for n in sizes:
+            floors[n].append(one(["exec", *limits[n], "--", "true"], None, inv)["seconds"])
+            last[n] = one(["deploys/site.py", *limits[n]], "prefetch", inv)
+            secs[n].append(last[n]["seconds"])
+    for n in sizes:
+        sent = sorted(v["sent"] for v in last[n]["facts"].values())
+        result["sizes"][n] = {"floor_s": floors[n], "seconds": secs[n], "interleaved": True,
+                              "fact_commands_per_host_median": statistics.median(sent),
+                              "grand_total": last[n]["grand_total"]}
+        print(f"{n:3} hosts: floor {statistics.median(floors[n]):.2f} s, no-change median {statistics.median(secs[n]):.2f} s "
+              f"(min {min(secs[n]):.2f}, max {max(secs[n]):.2f}), fact commands per host {statistics.median(sent):.0f}, "
+              f"grand total {last[n]['grand_total']} (interleaved)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--sizes", default="26,52")
+    parser.add_argument("--interleave", action="store_true",
+                        help="one inventory of the largest size, smaller sizes by --limit, the sizes alternating "
+                             "run by run (no converging run between sizes, so drift of the machine's speed over "
+                             "the minutes of the bench falls on every size alike)")
+    parser.add_argument("--no-onboard", action="store_true", help="the scale machines are onboarded already")
     args = parser.parse_args()
     sizes = [int(x) for x in args.sizes.split(",")]
     scale = [m for m in load_fleet(DEFAULT_FLEET).machines if m.name.startswith("scale")]
@@ -61,11 +92,14 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="webstack-scale-") as tmp:
         invs = {len(MACHINES): "inventories/lab.py"}
         invs.update({n: inventory(Path(tmp), scale[:n - len(MACHINES)]) for n in sizes})
-        onboard = subprocess.run([str(BIN / "webstack"), "onboard", str(Path(invs[max(sizes)]).with_suffix(""))],
-                                 cwd=ROOT, capture_output=True, text=True)
-        if onboard.returncode != 0:
-            sys.exit(f"onboarding failed:\n{(onboard.stdout + onboard.stderr)[-3000:]}")
-        for n, inv in sorted(invs.items()):
+        if not args.no_onboard:
+            onboard = subprocess.run([str(BIN / "webstack"), "onboard", str(Path(invs[max(sizes)]).with_suffix(""))],
+                                     cwd=ROOT, capture_output=True, text=True)
+            if onboard.returncode != 0:
+                sys.exit(f"onboarding failed:\n{(onboard.stdout + onboard.stderr)[-3000:]}")
+        if args.interleave:
+            interleaved(result, invs[max(sizes)], [len(MACHINES), *sizes], scale, args.runs)
+        for n, inv in sorted(invs.items()) if not args.interleave else ():
             floor = [one(["exec", "--", "true"], None, inv)["seconds"] for _ in range(args.runs)]
             converge = one(["deploys/site.py"], "prefetch", inv)
             runs = [one(["deploys/site.py"], "prefetch", inv) for _ in range(args.runs)]
