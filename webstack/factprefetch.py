@@ -288,17 +288,18 @@ def _merge_systemd(calls: list[tuple[Any, dict[str, Any]]]) -> Merged:
     return _guarded("systemctl", systemd_command(units)), split
 
 
-def _merge_stat(calls: list[tuple[Any, dict[str, Any]]]) -> Merged:
-    paths = [str(kwargs["path"]) for _, kwargs in calls]
-    return stat_command(list(dict.fromkeys(paths))), lambda lines: [stat_lines(lines, p) for p in paths]
+def _merge_paths(command: Callable[[list[str]], str],
+                 lines_of: Callable[[list[str], str], list[str]]) -> Callable[[list[tuple[Any, dict[str, Any]]]], Merged]:
+    """A merger for questions about one path each: ``command`` of every path once, and each
+    question gets ``lines_of`` its own path."""
+    def merge(calls: list[tuple[Any, dict[str, Any]]]) -> Merged:
+        paths = [str(kwargs["path"]) for _, kwargs in calls]
+        return command(list(dict.fromkeys(paths))), lambda lines: [lines_of(lines, p) for p in paths]
+    return merge
 
 
-def _merge_sha1(calls: list[tuple[Any, dict[str, Any]]]) -> Merged:
-    paths = [str(kwargs["path"]) for _, kwargs in calls]
-    return sha1_command(list(dict.fromkeys(paths))), lambda lines: [sha1_lines(lines, p) for p in paths]
-
-
-_PYINFRA_MERGERS = {"systemctl-show": _merge_systemd, "stat": _merge_stat, "sha1sum": _merge_sha1}
+_PYINFRA_MERGERS = {"systemctl-show": _merge_systemd, "stat": _merge_paths(stat_command, stat_lines),
+                    "sha1sum": _merge_paths(sha1_command, sha1_lines)}
 
 
 def _merge_group(fact: Any, fact_kwargs: dict[str, Any], requires: Any) -> Any:
