@@ -410,7 +410,9 @@ def _init_pid(name: str) -> int | None:
 _RETRY_SPAWN_FAILURES = (
     "for u in $(systemctl list-units --state=failed --plain --no-legend | awk '{print $1}'); do "
     "{ [ \"$(systemctl show -P Result \"$u\")\" = resources ] || [ \"$(systemctl show -P ExecMainStatus \"$u\")\" = 219 ]; } "
-    "&& systemctl restart \"$u\" && echo \"$u\"; done; true"
+    # reset-failed first: a unit whose condition is now unmet (ConditionNeedsUpdate= met only on the
+    # first boot's first try) is skipped by the restart and would otherwise stay failed for ever.
+    "&& systemctl reset-failed \"$u\" && systemctl restart \"$u\" && echo \"$u\"; done; true"
 )
 
 

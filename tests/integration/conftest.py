@@ -114,7 +114,7 @@ def _journal(name: str, since: float) -> str:
             # PostgreSQL on Debian logs to files, not to the journal.
             f"sudo find {' '.join(SERVER_LOGS)} -name '*.log' -newermt @{int(since)} -exec tail -v -n 60 {{}} + 2>/dev/null"]
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+        proc = subprocess.run(argv, capture_output=True, text=True, errors="replace", timeout=20)
     except subprocess.TimeoutExpired:
         return "(no answer in 20 s)"
     return proc.stdout.strip() or f"(nothing; ssh exit {proc.returncode}: {proc.stderr.strip()[-200:]})"
