@@ -63,8 +63,13 @@ lint: setup
 unit: setup
 	$(VENV)/bin/pytest -q tests/unit
 
+# Every slow step of the run (CLI runs, waits, commands of 0.5 s or more) with its test, for the
+# suite's time budget: /var/lib/webstack-lab/test-trace.log (tests/integration/conftest.py).
+TRACE := /var/lib/webstack-lab/test-trace.log
+
 integration: setup
-	$(VENV)/bin/pytest -q --durations=40 tests/integration
+	rm -f $(TRACE)
+	WEBSTACK_TEST_TRACE=$(TRACE) $(VENV)/bin/pytest -q --durations=40 tests/integration
 
 test: lint unit integration
 

@@ -133,10 +133,10 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=50000)
     parser.add_argument("--signups", type=int, default=50)
     parser.add_argument("--drain", type=int, default=0, help="mails queued during a provider outage (0: skip)")
-    parser.add_argument("--outage", type=int, default=40, help="seconds the provider is down")
+    parser.add_argument("--outage", type=int, default=20, help="seconds the provider is down")
     parser.add_argument("--max-attempts", type=int, default=0,
-                        help="worker__max_attempts for the drain (the lab's 15 tries at most 8 s apart last "
-                             "about 100 s: a longer outage needs more), set for the drain and put back after")
+                        help="worker__max_attempts for the drain (the lab's 10 tries at most 8 s apart last "
+                             "28-55 s: a longer outage needs more), set for the drain and put back after")
     parser.add_argument("--skip-throughput", action="store_true", help="only the drain")
     args = parser.parse_args()
     if not args.skip_throughput:

@@ -44,11 +44,40 @@ class Run:
         return dict(zip(("hosts", "changed", "error", "no_change"), cols, strict=True))
 
 
+# WEBSTACK_TEST_TRACE=FILE: every CLI run, wait and lab command of 0.5 s or more is appended to FILE
+# with the test that made it (where a slow test spends its time; bench/README.md).
+_TRACE = os.environ.get("WEBSTACK_TEST_TRACE")
+_CURRENT_TEST = ["session"]
+
+
+def trace(kind: str, what: str, start: float) -> None:
+    seconds = time.monotonic() - start
+    if _TRACE and seconds >= 0.5:
+        with open(_TRACE, "a") as f:
+            f.write(f"{time.strftime('%H:%M:%S')} {seconds:7.1f} {kind:5} {_CURRENT_TEST[0]} {what[:160]}\n")
+
+
+if _TRACE:
+    import testinfra.backend.ssh
+
+    _ssh_run = testinfra.backend.ssh.SshBackend.run
+
+    def _traced_ssh_run(self, command, *args, **kwargs):
+        start = time.monotonic()
+        try:
+            return _ssh_run(self, command, *args, **kwargs)
+        finally:
+            trace("ssh", f"{self.host.name}: {command}", start)
+
+    testinfra.backend.ssh.SshBackend.run = _traced_ssh_run
+
+
 def run(*args: str, check: bool = True, timeout: int = 1200, env: dict[str, str] | None = None) -> Run:
     """Run a command from the repository root; ``env``: variables added to this process's environment."""
     start = time.monotonic()
     proc = subprocess.run(list(args), cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **env} if env else None)
+    trace("run", " ".join(Path(a).name if a.startswith("/") else a for a in args), start)
     result = Run(list(args), proc.returncode, proc.stdout + proc.stderr, time.monotonic() - start)
     if check and proc.returncode != 0:
         errors = [line for line in result.output.splitlines()
@@ -95,10 +124,12 @@ def deploy(inventory: Path, name: str, *args: str, check: bool = True, env: dict
 
 
 def wait_for(predicate, seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
+    start = time.monotonic()
+    deadline = start + seconds
     while not predicate():
         assert time.monotonic() < deadline, what
         time.sleep(0.2)
+    trace("wait", what, start)
 
 
 # Units whose journal a failed test keeps (globs, as journalctl -u takes them).
@@ -128,6 +159,12 @@ _KEPT_SETUP: list[str] = []
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_call(item):
     item.stash[_STARTED] = time.time()
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    _CURRENT_TEST[0] = item.nodeid.split("::")[-1]
     yield
 
 
