@@ -55,7 +55,11 @@ def write(work):
     """Run ``work(cursor)`` in one transaction on the primary and return its result; while there is
     no primary to write to (connection refused or dropped, a server shutting down, a standby not
     yet promoted), try again every 0.2 s for up to WRITE_WAIT_S. A connection lost after the
-    commit was sent but before it was acknowledged can make one retry a duplicate."""
+    commit was sent but before it was acknowledged can make one retry a duplicate.
+
+    A connection the server ends in mid-transaction (a primary's fast shutdown at a switchover)
+    surfaces as InterfaceError ("connection already closed": the ``with`` block's rollback on the
+    dead connection replaces the OperationalError), so that is retried too."""
     deadline = time.monotonic() + WRITE_WAIT_S
     while True:
         try:
@@ -65,7 +69,7 @@ def write(work):
                     return work(cur)
             finally:
                 conn.close()
-        except (psycopg2.OperationalError, psycopg2.errors.ReadOnlySqlTransaction):
+        except (psycopg2.OperationalError, psycopg2.InterfaceError, psycopg2.errors.ReadOnlySqlTransaction):
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)

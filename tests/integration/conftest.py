@@ -54,7 +54,7 @@ def trace(kind: str, what: str, start: float) -> None:
     seconds = time.monotonic() - start
     if _TRACE and seconds >= 0.5:
         with open(_TRACE, "a") as f:
-            f.write(f"{time.strftime('%H:%M:%S')} {seconds:7.1f} {kind:5} {_CURRENT_TEST[0]} {what[:160]}\n")
+            f.write(f"{time.strftime('%H:%M:%S')} {seconds:7.1f} {kind:5} {_CURRENT_TEST[0]} {' '.join(what.split())[:160]}\n")
 
 
 if _TRACE:

@@ -205,7 +205,7 @@ def test_bad_release_stops_at_the_first_server(converged, tmp_path):
         '        start_response("500 Internal Server Error", [("Content-Type", "text/plain")])\n'
         '        return [b"broken\\n"]\n'
         '    if path == "/healthz":\n'), 1))
-    inv = inventory_copy(tmp_path, f"app__source: {bad}\napp__health_timeout: 15\n")
+    inv = inventory_copy(tmp_path, f"app__source: {bad}\napp__health_timeout: 8\n")
     before = {a: release_of(a) for a in APPS}
     assert len(set(before.values())) == 1
     with SteadyClient(interval=0.02, limit=600) as client:
@@ -245,7 +245,7 @@ def test_database_down_during_a_rollout_stops_it_at_the_first_server(converged, 
     unit = "postgresql@17-main"  # cluster main runs on Debian 13
     stop = f"{BIN / 'python'} -m lab exec {db} -- sudo systemctl stop {unit}"
     hook = f"app__pre_rollout_hook: \"{stop}\"\n"
-    inv = inventory_copy(tmp_path, f"app__source: {v3}\napp__health_timeout: 15\n{hook}")
+    inv = inventory_copy(tmp_path, f"app__source: {v3}\napp__health_timeout: 8\n{hook}")
     app_yml = inv.parent / "lab" / "group_data" / "app.yml"
     before = {a: release_of(a) for a in APPS}
     try:

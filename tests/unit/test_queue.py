@@ -579,3 +579,30 @@ def test_demo_app_form_csrf_validation_and_sessions(dsn, monkeypatch):
     sys.modules.pop("app", None)
     with pytest.raises(SystemExit, match="SECRET_KEY is not set"):
         importlib.import_module("app")
+
+
+# --- the application's writes -------------------------------------------------------------------------------------
+
+
+def test_app_write_retries_a_connection_the_server_ends_mid_transaction(dsn, monkeypatch):
+    """A primary's fast shutdown (a switchover) ends the connections in mid-transaction: psycopg2 then
+    raises InterfaceError from the ``with conn`` block (its rollback on the dead connection), not
+    OperationalError. The write is tried again on a new connection, and happens once."""
+    monkeypatch.setenv("SECRET_KEY", "x" * 32)
+    app = importlib.import_module("app")
+    query(dsn, "create table marks (n int)")
+    calls = []
+
+    def work(cur):
+        calls.append(1)
+        cur.execute("insert into marks values (1)")
+        if len(calls) == 1:  # the server ends this very session before the commit
+            killer = psycopg2.connect(dsn)
+            killer.autocommit = True
+            killer.cursor().execute("select pg_terminate_backend(%s)", (cur.connection.get_backend_pid(),))
+            killer.close()
+            cur.execute("select 1")
+        return len(calls)
+
+    assert app.write(work) == 2
+    assert query(dsn, "select count(*) from marks") == [(1,)]
