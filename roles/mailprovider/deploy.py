@@ -17,7 +17,7 @@ import subprocess
 from pyinfra.api import OperationError, deploy
 from pyinfra.operations import files, server, systemd
 
-from roles._lib import MANAGED, config, install_packages, owed_action, template_file, validated_file
+from roles._lib import config, install_packages, owed_action, template_file, validated_file
 from roles.base.deploy import codename
 from roles.base.mail import myhostname, postfix_installed
 from roles.mailprovider.settings import MailproviderSettings
@@ -101,13 +101,6 @@ def apply() -> None:
                                validate="postfix check", in_place=True, owes=owes))
     swaps.append(template_file("mailprovider/etc/postfix/main.cf.j2", "/etc/postfix/main.cf",
                                validate="postfix check", in_place=True, owes=owes, **main_context(cfg)))
-    # A stop waits until the unit's last process is gone. An smtpd still in a session outlives its
-    # master, and on a host with cgroup v1 (the lab's machines are containers) systemd in the
-    # container can miss that last exit: `mail-fault down` then waited the full 90 s. The stand-in
-    # provider keeps no state a 5 s limit could cut short (mail is queued on disk before "250").
-    stop_limit = validated_file(name="Postfix stops within 5 s", dest="/etc/systemd/system/postfix.service.d/webstack-stop.conf",
-                                content=f"# {MANAGED}\n[Service]\nTimeoutStopSec=5s\n", owes="daemon-reload")
-    owed_action("daemon-reload", "systemctl daemon-reload", [stop_limit])
     systemd.service(name="Postfix running", service="postfix", enabled=True, running=True)
     # A new listener (587 instead of Debian's 25) needs a restart; later changes reload.
     owed_action("restart-postfix", "systemctl restart postfix", swaps if fresh else [])
