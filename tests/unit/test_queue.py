@@ -588,8 +588,7 @@ def test_app_write_retries_a_connection_the_server_ends_mid_transaction(dsn, mon
     """A primary's fast shutdown (a switchover) ends the connections in mid-transaction: psycopg2 then
     raises InterfaceError from the ``with conn`` block (its rollback on the dead connection), not
     OperationalError. The write is tried again on a new connection, and happens once."""
-    monkeypatch.setenv("SECRET_KEY", "x" * 32)
-    app = importlib.import_module("app")
+    app = load_app(monkeypatch)
     query(dsn, "create table marks (n int)")
     calls = []
 
