@@ -306,6 +306,15 @@ class SignupClient:
     def acknowledged(self) -> set[str]:
         return {r[3] for r in self.results if r[2]}
 
+    def explain(self, slower_than: float = 2.0) -> str:
+        """The failed and the slow sign-ups, a line each, at wall-clock (UTC) times that can be
+        matched with the servers' journals; why each failure failed."""
+        epoch = time.time() - time.monotonic()
+        return "\n".join(
+            f"{time.strftime('%H:%M:%S', time.gmtime(epoch + start))}.{int((epoch + start) % 1 * 1000):03d} UTC "
+            f"{seconds:6.2f} s {'ok' if ok else 'FAILED: ' + self.errors.get(email, '?')} {email}"
+            for start, seconds, ok, email in self.results if not ok or seconds > slower_than)
+
 
 
 def vip_holder(names: list[str]) -> str | None:

@@ -10,6 +10,7 @@ Postfix null client and alerts of failed units mailed to the operator (``mail.py
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
 from pathlib import Path
 
 from pyinfra import host
@@ -257,14 +258,18 @@ def firewall_and_sysctl() -> None:
         systemd.service(name="nftables enabled", service="nftables", enabled=True, running=None)
         owed_action("apply-nftables", "nft -f /etc/nftables.conf", [swap])
 
-    in_container = bool(host.get_fact(Container))
     template_file("base/etc/modprobe.d/webstack-hardening.conf.j2", "/etc/modprobe.d/webstack-hardening.conf",
                   modules=_release.DISABLED_MODULES)
-    template_file("base/etc/sysctl.d/60-webstack.conf.j2", "/etc/sysctl.d/60-webstack.conf",
-                  sysctls=_release.SYSCTLS)
+    sysctls("/etc/sysctl.d/60-webstack.conf", _release.SYSCTLS)
+
+
+def sysctls(dest: str, pairs: Sequence[tuple[str, str]]) -> None:
+    """Kernel settings: a sysctl.d file (applied at boot) and the running values that differ."""
+    template_file("base/etc/sysctl.d/60-webstack.conf.j2", dest, sysctls=pairs)
+    in_container = bool(host.get_fact(Container))
     # Kept before server.sysctl (which checks too): one fact for all keys, not a fact and an operation per key on every run.
-    current = host.get_fact(Sysctl, keys=[k for k, _ in _release.SYSCTLS])
-    for key, value in _release.SYSCTLS:
+    current = host.get_fact(Sysctl, keys=[k for k, _ in pairs])
+    for key, value in pairs:
         if in_container and not key.startswith("net."):
             continue  # read-only in a container; the file applies on a VM at boot
         if str(current.get(key)) != value:

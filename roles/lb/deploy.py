@@ -22,7 +22,7 @@ from pyinfra.operations import files, systemd
 from roles._lib import TEMPLATES, config, install_packages, owed_action, peer_fact, render, template_file, validated_file
 from roles.app.deploy import AppState
 from roles.app.settings import AppSettings
-from roles.base.deploy import codename
+from roles.base.deploy import codename, sysctls
 from roles.base.settings import BaseSettings
 from roles.lb.settings import LbSettings
 from roles.registry import ROLES
@@ -34,6 +34,13 @@ ROOT = Path(__file__).resolve().parents[2]
 SITE = "/etc/nginx/sites-available/webstack.conf"
 # nginx 1.25.1+ (trixie) spells HTTP/2 as a directive; 1.22 (bookworm) on `listen`.
 HTTP2_DIRECTIVE = {"bookworm": False, "trixie": True}
+# A load balancer that loses the VIP (stopped, preempted, unhealthy) keeps it as a local route on lo
+# for this long (lb-notify), so the requests already in flight there still get their answers:
+# nginx's longest wait for an application server (proxy_read_timeout 30 s) and a margin.
+VIP_DRAIN_S = 35
+# ARP for the VIP is keepalived's alone: answered only on the interface that carries it (not for
+# the drain's route on lo), asked with the interface's own address.
+VIP_SYSCTLS = (("net.ipv4.conf.all.arp_ignore", "1"), ("net.ipv4.conf.all.arp_announce", "2"))
 
 
 def interface_of(devices: dict[str, Any], address: str) -> str | None:
@@ -193,9 +200,10 @@ def apply() -> None:
         if not interface:
             raise OperationError(f"{cfg.name}: no interface carries {cfg.address}")
         check_vip_not_held_elsewhere(cfg, devices)
+        sysctls("/etc/sysctl.d/61-webstack-vip.conf", VIP_SYSCTLS)
         scripts = [
             template_file(f"lb/usr/local/lib/webstack/{name}.j2", f"/usr/local/lib/webstack/{name}", mode="755",
-                          validate="sh -n {}")
+                          validate="sh -n {}", vip=lb.vip, drain=VIP_DRAIN_S)
             for name in ("lb-check", "lb-notify")
         ]
         conf = template_file(

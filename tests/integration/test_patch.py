@@ -87,13 +87,14 @@ def test_full_patch_run_under_load_fails_no_request_and_loses_no_row(converged, 
           f"({pages.resets} reset by a VIP move and sent again); "
           f"{len(signups.results)} sign-ups, {len(signups.failures())} failed, slowest {latencies[-1]:.2f} s, "
           f"p99 {latencies[int(len(latencies) * 0.99)]:.2f} s")
+    print(signups.explain())
     for r in rows:
         print(f"  {r['host']:8} {r['tier']:8} {len(r['upgraded']):3} upgraded, rebooted={r['rebooted']}, "
               f"{r['seconds']:.0f} s, {r['health']}")
     assert {r["host"] for r in rows} == set(MACHINES)
     assert all(r["health"] == "ok" for r in rows)
     assert pages.failures() == [] and len(pages.results) > 100
-    assert signups.failures() == [] and len(signups.results) > 20
+    assert signups.failures() == [] and len(signups.results) > 20, signups.explain()
     # Every acknowledged sign-up is in the database (the primary is the inventory's again).
     emails = host("db1").check_output(
         f"runuser -u postgres -- psql -XAt -d app -c \"select email from signups where email like '{signups.tag}-%'\"")

@@ -12,6 +12,9 @@ import ssl
 import subprocess
 import time
 import urllib.request
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import yaml
@@ -312,6 +315,55 @@ def test_clean_stop_costs_at_most_a_second(converged):
     while vip_holder(LBS) != holder:  # preempts back once its check passes
         assert time.monotonic() < deadline, "the VIP did not come back to the preferred load balancer"
         time.sleep(0.5)
+
+
+def test_a_request_in_flight_when_the_vip_moves_is_answered(converged):
+    """The fault: a sign-up accepted by the VIP holder, its answer still being made (both application
+    servers paused), when the VIP moves: the holder's keepalived stopped, then started (the VIP comes
+    back by preemption, so the peer loses it). Each time the answer still reaches the client, from
+    the load balancer that lost the VIP and keeps it as a route on lo for the drain; without that,
+    the kernel could not send from the address and the client waited out its timeout."""
+    holder = vip_holder(LBS)
+    assert holder == "lb1"
+    peer = next(n for n in LBS if n != holder)
+    address = vip()
+    drain_route = f"local {address} dev lo"
+
+    def signal_app(sig: str) -> str:  # the gunicorn master and its workers
+        return f"main=$(systemctl show -P MainPID webapp) && kill -{sig} $main && pkill -{sig} -P $main"
+
+    def in_flight(via: str, move: Callable[[], None], moved_to: str) -> None:
+        form = SignupForm(timeout=25)
+        form.load()
+        email = f"inflight-{uuid.uuid4().hex[:8]}@customer.test"
+        with ThreadPoolExecutor(1) as pool:
+            for name in APPS:
+                host(name).check_output(signal_app("STOP"))
+            try:
+                started = time.monotonic()
+                answer = pool.submit(form.post, email)
+                wait_for(lambda: host(via).run(f"ss -Htn state established src {address}:443 | grep -q .").rc == 0,
+                         5, f"the sign-up never reached {via}")
+                time.sleep(0.5)  # its request sent and acknowledged: now waiting for the answer
+                move()
+                wait_for(lambda: vip_holder(LBS) == moved_to, 15, f"the VIP did not move to {moved_to}")
+                routes = {name: host(name).check_output("ip route show table local") for name in (via, moved_to)}
+            finally:
+                for name in APPS:
+                    host(name).run(signal_app("CONT"))
+            status, _, _ = answer.result(timeout=30)
+        took = time.monotonic() - started
+        assert status == 201 and took < 10, f"HTTP {status} after {took:.1f} s (moved from {via} to {moved_to})"
+        assert drain_route in routes[via] and drain_route not in routes[moved_to], routes
+        assert email in host("db1").check_output(
+            f"runuser -u postgres -- psql -XAt -d app -c \"select email from signups where email = '{email}'\"")
+
+    try:
+        in_flight(holder, lambda: host(holder).check_output("systemctl stop keepalived"), peer)
+        in_flight(peer, lambda: host(holder).check_output("systemctl start keepalived"), holder)
+    finally:
+        host(holder).run("systemctl start keepalived")
+    wait_for(lambda: vip_holder(LBS) == holder, 15, "the VIP did not come back to the preferred load balancer")
 
 
 def test_check_deploy_flags_an_expiring_certificate(converged, tmp_path):
