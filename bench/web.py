@@ -1,6 +1,7 @@
 """Web-tier benchmark: HTTPS vs plain HTTP throughput, and VIP outage on failover.
 
-    .venv/bin/python bench/web.py [--seconds 15] [--connections 16] [--trials 10] [--soak MINUTES] [--no-throughput]
+    .venv/bin/python bench/web.py [--seconds 15] [--connections 16] [--trials 10] [--moves N [--away S]]
+                                  [--soak MINUTES] [--no-throughput] [--events poweroff,clean_stop]
 
 Needs a converged lab (`make demo`) and `wrk` on the control machine
 (installed from Debian if missing).
@@ -14,7 +15,14 @@ Needs a converged lab (`make demo`) and `wrk` on the control machine
    a clean `systemctl stop keepalived` on it. A client requests /ping every
    20 ms (0.3 s timeout); the outage is the time between the last answer
    before the event and the first answer after it.
-3. With ``--soak MINUTES``: false takeovers on the loaded lab. For that long,
+3. With ``--moves N``: planned VIP moves under load, N times: the holder's
+   keepalived is stopped (the VIP moves to the peer), started again ``--away``
+   seconds later (the VIP comes back by preemption), while a client signs up
+   every 0.2 s (30 s timeout) and another loads /app every 50 ms. Counted:
+   sign-ups failed, slower than 1 s, the slowest; pages failed. A request in
+   flight on the load balancer that loses the VIP is what this measures (its
+   answer is sent from the VIP's drain route, lb-notify).
+4. With ``--soak MINUTES``: false takeovers on the loaded lab. For that long,
    wrk keeps 16 connections busy on /app (a database read each) while a client
    signs up every 0.2 s; every VRRP transition either load balancer logs meanwhile
    (keepalived's notify lines) is a false takeover, since nothing failed.
@@ -103,6 +111,37 @@ def outage(event: str) -> float:
     return client.longest_outage()
 
 
+def moves(count: int, away: float) -> dict:
+    """Planned VIP moves (keepalived stopped on the holder, started ``away`` s later) under sign-ups."""
+    holder = vip_holder(LBS)
+    peer = next(n for n in LBS if n != holder)
+
+    def wait_holder(name: str) -> None:
+        deadline = time.monotonic() + 30
+        while vip_holder(LBS) != name:
+            if time.monotonic() > deadline:
+                sys.exit(f"the VIP did not move to {name}")
+            time.sleep(0.2)
+
+    limit = count * (away + 20) + 30
+    with SteadyClient(interval=0.05, limit=limit, timeout=5.0, retry_reset=True) as pages, \
+            SignupClient(limit=limit) as signups:
+        time.sleep(2)
+        for n in range(count):
+            host(holder).run("systemctl stop keepalived")
+            wait_holder(peer)
+            time.sleep(away)
+            host(holder).run("systemctl start keepalived")
+            wait_holder(holder)
+            time.sleep(3)
+            print(f"  move {n + 1}: {len(signups.results)} sign-ups so far, {len(signups.failures())} failed", flush=True)
+    latencies = sorted(r[1] for r in signups.results)
+    return {"moves": count, "away_s": away, "signups": len(latencies), "signups_failed": len(signups.failures()),
+            "signups_over_1s": sum(1 for x in latencies if x > 1.0), "slowest_s": latencies[-1],
+            "pages": len(pages.results), "pages_failed": len(pages.failures()), "pages_resent": pages.resets,
+            "slow": signups.explain(1.0).splitlines()}
+
+
 def soak(minutes: float) -> dict:
     """VRRP transitions logged by the load balancers during ``minutes`` of load (none should happen)."""
     since = {lb: host(lb).check_output("date +%s.%N") for lb in LBS}
@@ -128,6 +167,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=15)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--trials", type=int, default=10)
+    parser.add_argument("--moves", type=int, default=0, help="planned VIP moves (out and back) under sign-ups")
+    parser.add_argument("--away", type=float, default=8, help="seconds the VIP stays on the peer at each move")
     parser.add_argument("--soak", type=float, default=0, help="minutes of load counting false takeovers")
     parser.add_argument("--no-throughput", action="store_true", help="skip the HTTPS/HTTP throughput part")
     parser.add_argument("--events", default="poweroff,clean_stop", help="VIP outage events to measure")
@@ -140,6 +181,14 @@ def main() -> int:
         print(f"/ping through the VIP, {args.connections} keepalive connections, {args.seconds} s: "
               f"HTTPS {rps['https_rps']:.0f} req/s, plain HTTP {rps['http_rps']:.0f} req/s, "
               f"ratio {rps['ratio']:.2f}", flush=True)
+    if args.moves:
+        m = rps["moves"] = moves(args.moves, args.away)
+        print(f"{m['moves']} planned VIP moves out and back ({m['away_s']:g} s away each): {m['signups']} sign-ups, "
+              f"{m['signups_failed']} failed, {m['signups_over_1s']} over 1 s, slowest {m['slowest_s']:.2f} s; "
+              f"{m['pages']} pages, {m['pages_failed']} failed, {m['pages_resent']} sent again after a reset",
+              flush=True)
+        for line in m["slow"]:
+            print(f"  {line}")
     if args.soak:
         rps["soak"] = soak(args.soak)
         s = rps["soak"]

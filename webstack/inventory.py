@@ -360,13 +360,14 @@ def pyinfra_groups(inventory_file: str, catalog: Catalog | None = None) -> dict[
     """
     from pyinfra.api.exceptions import PyinfraError
 
-    from webstack import factcache, fastops, nodelay
+    from webstack import factcache, fastops, nodelay, sshoutput
     from webstack.catalog import discover
     from webstack.options import check_command_line
 
     factcache.install()
     fastops.install()
     nodelay.install()
+    sshoutput.install()
     catalog = catalog or discover()
     inv = Path(inventory_file).resolve().with_suffix("")
     try:

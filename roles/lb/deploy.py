@@ -53,13 +53,16 @@ def interface_of(devices: dict[str, Any], address: str) -> str | None:
 
 
 class AnswersOn443(FactBase):
-    """Whether something answers TCP connections on ``address``:443 (within 1 s)."""
+    """Whether something answers TCP connections on ``address``:443 (within 1 s): "yes", "no", or
+    "draining" (this host gave the VIP up moments ago and keeps it as a route on lo, lb-notify: it
+    would answer itself, so whether another machine does cannot be told from here)."""
 
     def command(self, address: str) -> str:
-        return f"timeout 1 bash -c ': </dev/tcp/{address}/443' 2>/dev/null && echo yes || echo no"
+        return (f"if ip route show table local | grep -q '^local {address} dev lo'; then echo draining; "
+                f"else timeout 1 bash -c ': </dev/tcp/{address}/443' 2>/dev/null && echo yes || echo no; fi")
 
-    def process(self, output: Sequence[str]) -> bool:
-        return "".join(output).strip() == "yes"
+    def process(self, output: Sequence[str]) -> str:
+        return "".join(output).strip()
 
 
 def check_vip_not_held_elsewhere(cfg: HostConfig, devices: dict[str, Any]) -> None:
@@ -77,12 +80,20 @@ def check_vip_not_held_elsewhere(cfg: HostConfig, devices: dict[str, Any]) -> No
         peer_devices = peer_fact(peer.name, NetworkDevices)
         if peer_devices is None or interface_of(peer_devices, lb.vip):
             holders.append(peer.name)  # holds it, or not in this run (may hold it: its own run decides)
-    if not holders and host.get_fact(AnswersOn443, address=lb.vip):
+    answers = host.get_fact(AnswersOn443, address=lb.vip) if not holders else "no"
+    pair = ", ".join(sorted([cfg.name, *(p.name for p in peers)]))
+    if answers == "draining":
+        raise OperationError(
+            f"{cfg.name}: the VIP {lb.vip}: no load balancer of the inventory holds it, and this one gave it up "
+            f"less than {VIP_DRAIN_S} s ago (it still answers the requests it had accepted), so whether a load "
+            "balancer removed from the inventory still holds it cannot be told from here. If one does, stop "
+            f"keepalived there (systemctl stop keepalived) so {pair} take the VIP over; if none does, run site "
+            f"again in {VIP_DRAIN_S} s.")
+    if answers == "yes":
         raise OperationError(
             f"{cfg.name}: the VIP {lb.vip} answers, but no load balancer of the inventory holds it: a load "
             f"balancer removed from the inventory still does. Stop keepalived there (systemctl stop keepalived) "
-            f"so {', '.join(sorted([cfg.name, *(p.name for p in peers)]))} "
-            "take the VIP over, then run site again.")
+            f"so {pair} take the VIP over, then run site again.")
 
 
 def upstreams(cfg: HostConfig, drained: Sequence[str]) -> list[dict]:

@@ -125,3 +125,41 @@ def test_ssh_connections_offer_gcm_first_and_keep_every_other_cipher():
     nodelay.install()
     offered = Transport._preferred_ciphers  # type: ignore[attr-defined]
     assert offered[:2] == nodelay.AEAD_FIRST and set(nodelay.AEAD_FIRST) <= set(SSH_CIPHERS)  # sshd accepts both
+
+
+class _ChannelFile:
+    """A paramiko channel file over fixed bytes: paramiko's own BufferedFile (its readline decodes)."""
+
+    def __new__(cls, data: bytes):  # type: ignore[no-untyped-def]
+        from paramiko.file import BufferedFile
+
+        class Fixed(BufferedFile):
+            def __init__(self) -> None:
+                super().__init__()
+                self._data = data
+                self._set_mode("r")  # text mode, as exec_command opens stdout and stderr
+
+            def _read(self, size: int) -> bytes | None:
+                chunk, self._data = self._data[:size], self._data[size:]
+                return chunk or None
+
+        return Fixed()
+
+
+def test_output_that_is_not_utf8_is_read_with_replacement_characters():
+    """The fault: a remote command prints bytes that are not UTF-8 (Latin-1 here). paramiko's text-mode
+    readline raises UnicodeDecodeError, which stopped the whole pyinfra run; through the installed
+    reader the line arrives with a replacement character and the lines around it unchanged."""
+    from pyinfra.connectors import ssh
+
+    from webstack import sshoutput
+
+    data = b"first\nstanza caf\xe9 ok\nlast\n"
+    with pytest.raises(UnicodeDecodeError):
+        list(_ChannelFile(data))
+    sshoutput.install()
+    out = ssh.read_output_buffers(_ChannelFile(data), _ChannelFile(b"warn\xff\n"), timeout=5, print_output=False,
+                                  print_prefix="")
+    assert out.stdout_lines == ["first", "stanza caf\ufffd ok", "last"]
+    assert out.stderr_lines == ["warn\ufffd"]
+    assert list(sshoutput.lenient(["as", "is"])) == ["as", "is"]  # not a channel file: untouched
