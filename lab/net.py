@@ -117,6 +117,22 @@ def flush_extra_addrs(netns: str, primary: str) -> list[str]:
     return removed
 
 
+def flush_runtime_state(netns: str, primary: str) -> list[str]:
+    """What a real reboot loses and the machine's network namespace (kept across the lab's reboots)
+    would not: addresses added at run time (a keepalived VIP), routes added at run time in the
+    local table (a VIP's drain on lo), and the nftables ruleset (the boot loads it again).
+    Returns what was removed."""
+    removed = flush_extra_addrs(netns, primary)
+    out = run(["ip", "-n", netns, "route", "show", "table", "local", "dev", "lo"], check=False).stdout
+    for line in out.splitlines():
+        if line.startswith("local ") and "proto kernel" not in line:
+            target = line.split()[1]
+            run(["ip", "-n", netns, "route", "del", "local", target, "dev", "lo", "table", "local"], check=False)
+            removed.append(f"route local {target} dev lo")
+    run(["ip", "netns", "exec", netns, "nft", "flush", "ruleset"], check=False)
+    return removed
+
+
 def set_link(m: Machine, up: bool) -> None:
     """Set the host-side veth of m up or down (down = cable pulled)."""
     if link_exists(m.veth):

@@ -55,11 +55,11 @@ def main(argv: list[str]) -> int:
         _say(f"nspawn exited with {rc}")
         if rc != REBOOT_EXIT or stopping:
             break
-        # A real reboot loses runtime addresses (e.g. a keepalived VIP): do the same.
-        from lab.net import flush_extra_addrs  # local import: keep startup cheap
-        removed = flush_extra_addrs(netns, primary)
+        # A real reboot loses runtime addresses (e.g. a keepalived VIP), routes and firewall rules: do the same.
+        from lab.net import flush_runtime_state  # local import: keep startup cheap
+        removed = flush_runtime_state(netns, primary)
         if removed:
-            _say(f"reboot: removed addresses {removed}")
+            _say(f"reboot: removed {removed}")
         _say("reboot requested (exit 133): restarting")
         time.sleep(0.2)
     try:

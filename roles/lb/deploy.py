@@ -38,6 +38,7 @@ HTTP2_DIRECTIVE = {"bookworm": False, "trixie": True}
 # for this long (lb-notify), so the requests already in flight there still get their answers:
 # nginx's longest wait for an application server (proxy_read_timeout 30 s) and a margin.
 VIP_DRAIN_S = 35
+VIP_HELD = "/run/webstack-vip-held"  # lb-notify's marker: this host held the VIP, so drains it when it leaves
 # ARP for the VIP is keepalived's alone: answered only on the interface that carries it (not for
 # the drain's route on lo), asked with the interface's own address.
 VIP_SYSCTLS = (("net.ipv4.conf.all.arp_ignore", "1"), ("net.ipv4.conf.all.arp_announce", "2"))
@@ -211,10 +212,12 @@ def apply() -> None:
         if not interface:
             raise OperationError(f"{cfg.name}: no interface carries {cfg.address}")
         check_vip_not_held_elsewhere(cfg, devices)
+        if interface_of(devices, lb.vip):  # lb-notify drains only a VIP it saw arrive: say it did
+            files.file(name="The VIP is held here (lb-notify drains it when it leaves)", path=VIP_HELD, present=True)
         sysctls("/etc/sysctl.d/61-webstack-vip.conf", VIP_SYSCTLS)
         scripts = [
             template_file(f"lb/usr/local/lib/webstack/{name}.j2", f"/usr/local/lib/webstack/{name}", mode="755",
-                          validate="sh -n {}", vip=lb.vip, drain=VIP_DRAIN_S)
+                          validate="sh -n {}", vip=lb.vip, drain=VIP_DRAIN_S, held=VIP_HELD)
             for name in ("lb-check", "lb-notify")
         ]
         conf = template_file(
