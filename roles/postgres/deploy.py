@@ -433,7 +433,7 @@ def apply(restoring: bool = False) -> None:
     peers = [x.address for x in topology(cfg).cluster_peers(cfg.name)]
     watch = template_file("postgres/usr/local/lib/webstack/pg-watch.j2", "/usr/local/lib/webstack/pg-watch",
                           mode="755", validate="sh -n {}", owes="restart-pg-watch", peers=peers, version=version,
-                          interval=2, client_tls=certs.client_options(pg.cluster))
+                          interval=2, data=p.data, client_tls=certs.client_options(pg.cluster))
     watch_unit = unit_file(WATCH, render("postgres/etc/systemd/system/webstack-pg-watch.service.j2"),
                            owes="daemon-reload")
     started = template_file("postgres/usr/local/lib/webstack/pg-started.j2", "/usr/local/lib/webstack/pg-started",
