@@ -283,24 +283,40 @@ def local_only(cfg: Config) -> list[str]:
     return [f"--reset-{option}" for option in cfg.other_member_options]
 
 
-def cmd_scheduled(args: argparse.Namespace) -> int:
+LOCK_BUSY = 50  # pgBackRest's exit code for LockAcquireError
+
+
+def cmd_scheduled(args: argparse.Namespace, wait_s: float = 1800, pause: float = 5.0) -> int:
+    """The scheduled backup. While another pgBackRest backup holds the stanza's lock (the timer's
+    run at :05 when somebody started one by hand, or the other way round), it waits for it and
+    decides the type again afterwards (two fulls back to back otherwise), for ``wait_s`` at most:
+    failing at once alerted the operator for a backup that was being taken."""
     if in_recovery():
         print("standby: the primary takes the backups")
         return 0
-    st = info(args.stanza)
-    code = st.get("status", {}).get("code")
-    if code not in (0, 2):  # 2: no backup yet; anything else (99: unreachable) must not look like "empty"
-        print(f"repository of {args.stanza} unusable: {st.get('status')}", file=sys.stderr)
-        return 1
-    kind = args.type or decide(time.time(), st.get("backup", []))
-    # Read the data files from a streaming standby when there is one, to spare the primary's disks
-    # (pgBackRest 2.45 has no backup-standby=prefer, so the choice is made here for both releases).
-    standby = psql("select count(*) from pg_stat_replication where state = 'streaming'") != "0"
-    hosts = ["--backup-standby=y"] if standby else ["--backup-standby=n", *local_only(Config.load(args.stanza,
-                                                                                                   args.settings))]
-    print(f"{kind} backup of {args.stanza}{' from a standby' if standby else ''}", flush=True)
-    return subprocess.call(["pgbackrest", f"--stanza={args.stanza}", f"--type={kind}", *hosts,
-                            "--log-level-console=info", "backup"])
+    deadline = time.monotonic() + wait_s
+    while True:
+        st = info(args.stanza)
+        code = st.get("status", {}).get("code")
+        if code not in (0, 2):  # 2: no backup yet; anything else (99: unreachable) must not look like "empty"
+            print(f"repository of {args.stanza} unusable: {st.get('status')}", file=sys.stderr)
+            return 1
+        kind = args.type or decide(time.time(), st.get("backup", []))
+        # Read the data files from a streaming standby when there is one, to spare the primary's disks
+        # (pgBackRest 2.45 has no backup-standby=prefer, so the choice is made here for both releases).
+        standby = psql("select count(*) from pg_stat_replication where state = 'streaming'") != "0"
+        hosts = ["--backup-standby=y"] if standby else ["--backup-standby=n", *local_only(Config.load(args.stanza,
+                                                                                                       args.settings))]
+        print(f"{kind} backup of {args.stanza}{' from a standby' if standby else ''}", flush=True)
+        result = subprocess.call(["pgbackrest", f"--stanza={args.stanza}", f"--type={kind}", *hosts,
+                                  "--log-level-console=info", "backup"])
+        if result != LOCK_BUSY or time.monotonic() + pause > deadline:
+            return result
+        waited = wait_s - (deadline - time.monotonic())
+        if waited < pause or waited % 60 < pause:  # the first time, then once a minute
+            print(f"another pgBackRest backup of {args.stanza} is running: waiting for it ({waited:.0f} s so far)",
+                  file=sys.stderr, flush=True)
+        time.sleep(pause)
 
 
 def check_limits(args: argparse.Namespace) -> Limits:
@@ -448,9 +464,6 @@ def cmd_restore(args: argparse.Namespace) -> int:
         shutil.rmtree(doomed)
     print(json.dumps({"restored": args.stanza, "target": args.time or "latest", "seconds": round(time.time() - started, 1)}))
     return 0
-
-
-LOCK_BUSY = 50  # pgBackRest's exit code for LockAcquireError
 
 
 def cmd_stanza_create(args: argparse.Namespace, tries: int = 30, pause: float = 1.0) -> int:

@@ -415,6 +415,35 @@ def test_scheduled_backup_reads_a_standby_or_the_primary_alone(tmp_path, standby
                              "--log-level-console=info backup")
 
 
+def test_scheduled_backup_waits_for_a_backup_already_running_and_decides_again(tmp_path, monkeypatch, capsys):
+    """The fault: the timer's run at :05 finds a backup started by hand holding pgBackRest's lock
+    (error 50; seen in the lab, the other way round). It waits for it, then decides the type again
+    (that backup was a full: an incremental now, not a second full); a lock that stays held gives up
+    with pgBackRest's own code after the wait."""
+    bin_dir = tmp_path / "bin"
+    fake_bin(bin_dir, "psql", 'case "$*" in *pg_is_in_recovery*) echo f;; *pg_stat_replication*) echo 1;; esac\n')
+    fake_bin(bin_dir, "pgbackrest", 'echo "$*" >> "$LOG"\ncase "$*" in\n'
+             '  *" info") if [ -e "$DONE" ]; then echo \'[{"status": {"code": 0, "message": "ok"}, "backup": '
+             '[{"type": "full", "timestamp": {"start": \'$NOW\', "stop": \'$NOW\'}}]}]\'; '
+             'else echo \'[{"status": {"code": 2, "message": "no valid backups"}, "backup": []}]\'; fi;;\n'
+             '  *" backup") [ -e "$HELD" ] && exit 50; [ -e "$DONE" ] || { touch "$DONE"; exit 50; };;\n'
+             'esac\n')
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    monkeypatch.setenv("LOG", str(tmp_path / "log"))
+    monkeypatch.setenv("DONE", str(tmp_path / "done"))
+    monkeypatch.setenv("HELD", str(tmp_path / "held"))
+    monkeypatch.setenv("NOW", str(int(time.time())))
+    args = agent.parser().parse_args(["--settings", str(settings_file(tmp_path)), "scheduled", "--stanza", "main"])
+    assert agent.cmd_scheduled(args, wait_s=5, pause=0.01) == 0
+    backups = [c for c in (tmp_path / "log").read_text().splitlines() if c.endswith(" backup")]
+    assert [c.split()[1] for c in backups] == ["--type=full", "--type=incr"]
+    assert "another pgBackRest backup of main is running: waiting for it" in capsys.readouterr().err
+    (tmp_path / "held").touch()
+    started = time.monotonic()
+    assert agent.cmd_scheduled(args, wait_s=0.2, pause=0.01) == agent.LOCK_BUSY
+    assert 0.15 < time.monotonic() - started < 5
+
+
 class FakeServer:
     """subprocess for ``restore``: pgbackrest, systemctl and psql as on a server, recorded."""
 
