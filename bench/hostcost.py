@@ -112,9 +112,10 @@ def host_row(name: str, machine: dict, ns: str, args: argparse.Namespace) -> dic
 
     def site() -> None:
         done = subprocess.run(pyinfra, cwd=ROOT, capture_output=True, text=True)
-        total = next((line for line in done.stdout.splitlines() if "Grand total" in line), "")
+        output = done.stdout + done.stderr  # pyinfra prints to stderr
+        total = next((line for line in output.splitlines() if "Grand total" in line), "")
         if done.returncode or total.split()[3:4] != ["-"]:
-            sys.exit(f"the no-change run failed or changed something:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+            sys.exit(f"the no-change run failed or changed something:\n{output[-3000:]}")
 
     return {"release": machine["release"],
             "connection_true": measure(ns, args.connections, lambda: connect(address, "true")),
