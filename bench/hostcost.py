@@ -4,15 +4,16 @@
 
 Needs the converged lab (make demo). The lab's machines share this machine's kernel, so their
 processes are visible here: a machine's CPU is read from its own processes (``utime + stime +
-cutime + cstime`` in ``/proc/<pid>/stat`` of every process in the machine's PID namespace that is
-alive before and after; a short-lived process, such as a login's ``sshd-session`` and everything it
-started, is counted in the parent that reaped it). Measures, per host:
+cutime + cstime`` in ``/proc/<pid>/stat`` of every process in the machine's PID namespace, the sum
+after less the sum before; a short-lived process, such as a login's ``sshd-session`` and everything
+it started, is counted in the parent that reaped it). Measures, per host:
 
 - an SSH connection as pyinfra makes one (paramiko, the lab key, user ops) running ``true``, then
   ``sudo -H -n sh -c true``: the server's CPU per connection, by process (sshd, systemd, logind...);
 - a no-change ``deploys/site.py --limit <host>`` (its one prefetch command under sudo): the
   server's CPU per run;
-- with ``--idle S``: every lab machine's CPU per second over S seconds with nothing run.
+- with ``--idle S``: every lab machine's CPU per second over S seconds with nothing run, and the
+  machines' processes by name.
 
 Writes bench/results/hostcost-<utc>.json.
 """
@@ -55,8 +56,8 @@ def namespaces() -> dict[str, str]:
     return found
 
 
-def snapshot() -> dict[int, tuple[str, str, int]]:
-    """pid -> (PID namespace, process name, CPU ticks including reaped children)."""
+def snapshot() -> dict[tuple[int, int], tuple[str, str, int]]:
+    """(pid, start time) -> (PID namespace, process name, CPU ticks including reaped children)."""
     out = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -64,20 +65,23 @@ def snapshot() -> dict[int, tuple[str, str, int]]:
             stat = Path(f"/proc/{pid}/stat").read_text()
             name = stat[stat.index("(") + 1:stat.rindex(")")]
             fields = stat[stat.rindex(")") + 2:].split()
-            out[int(pid)] = (ns, name, sum(int(x) for x in fields[11:15]))
-        except (OSError, ValueError):
+            out[(int(pid), int(fields[19]))] = (ns, name, sum(int(x) for x in fields[11:15]))
+        except (OSError, ValueError, IndexError):
             continue
     return out
 
 
 def spent(before: dict, after: dict, ns: str | None) -> dict[str, float]:
-    """CPU seconds by process name between two snapshots, in namespace ``ns`` (None: every one,
-    keyed by namespace instead)."""
+    """CPU seconds between two snapshots by process name in namespace ``ns`` (None: by namespace,
+    every one): the sum after less the sum before. A process that ended in between hands its whole
+    life's CPU to the parent that reaped it, so what it had used before is taken off; one that started
+    in between counts from zero."""
     by: dict[str, float] = {}
-    for pid, (space, name, ticks) in after.items():
-        if pid in before and before[pid][0] == space and (ns is None or space == ns):
-            key = space if ns is None else name
-            by[key] = by.get(key, 0.0) + (ticks - before[pid][2]) / HZ
+    for sign, snap in ((1, after), (-1, before)):
+        for space, name, ticks in snap.values():
+            if ns is None or space == ns:
+                key = space if ns is None else name
+                by[key] = by.get(key, 0.0) + sign * ticks / HZ
     return by
 
 
@@ -88,7 +92,8 @@ def connect(address: str, command: str) -> None:
     try:
         _, out, _ = client.exec_command(command)
         out.read()
-        out.channel.recv_exit_status()
+        if out.channel.recv_exit_status() != 0:
+            sys.exit(f"{address}: {command!r} failed")
     finally:
         client.close()
 
@@ -146,11 +151,20 @@ def main() -> int:
         names = namespaces()
         before = snapshot()
         time.sleep(args.idle)
-        by = spent(before, snapshot(), None)
-        idle = {names.get(ns, "(this machine)"): round(v / args.idle * 1000, 1) for ns, v in by.items()}
-        idle = dict(sorted(idle.items(), key=lambda x: -x[1]))
-        result["idle_ms_per_s"] = idle
+        after = snapshot()
+        idle: dict[str, float] = {}
+        for ns, v in spent(before, after, None).items():
+            label = names.get(ns, "(this machine)" if ns == os.readlink("/proc/self/ns/pid") else ns)
+            idle[label] = idle.get(label, 0.0) + v / args.idle * 1000
+        idle = {k: round(v, 1) for k, v in sorted(idle.items(), key=lambda x: -x[1])}
+        processes: dict[str, float] = {}
+        for ns in names:
+            for name, v in spent(before, after, ns).items():
+                processes[name] = processes.get(name, 0.0) + v / args.idle * 1000
+        top = {k: round(v, 1) for k, v in sorted(processes.items(), key=lambda x: -x[1])[:12]}
+        result["idle_ms_per_s"], result["idle_ms_per_s_by_process"] = idle, top
         print("idle, ms of CPU per second: " + ", ".join(f"{k} {v}" for k, v in idle.items()))
+        print("  by process, all machines: " + ", ".join(f"{k} {v}" for k, v in top.items()))
     out = ROOT / "bench" / "results" / f"hostcost-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")

@@ -290,32 +290,44 @@ def cmd_scheduled(args: argparse.Namespace, wait_s: float = 1800, pause: float =
     """The scheduled backup. While another pgBackRest backup holds the stanza's lock (the timer's
     run at :05 when somebody started one by hand, or the other way round), it waits for it and
     decides the type again afterwards (two fulls back to back otherwise), for ``wait_s`` at most:
-    failing at once alerted the operator for a backup that was being taken."""
-    if in_recovery():
-        print("standby: the primary takes the backups")
-        return 0
+    failing at once alerted the operator for a backup that was being taken. The lock is read from
+    ``pgbackrest info``; a backup that takes it in between (pgBackRest's error 50) is waited for
+    the same way. One line when the wait starts, then one a minute."""
     deadline = time.monotonic() + wait_s
+    started: float | None = None
+    next_note = 0.0
+    announced = ""
     while True:
+        if in_recovery():  # checked again after a wait: a switchover may have demoted this server
+            print("standby: the primary takes the backups")
+            return 0
         st = info(args.stanza)
-        code = st.get("status", {}).get("code")
-        if code not in (0, 2):  # 2: no backup yet; anything else (99: unreachable) must not look like "empty"
-            print(f"repository of {args.stanza} unusable: {st.get('status')}", file=sys.stderr)
+        status = st.get("status", {})
+        if status.get("code") not in (0, 2):  # 2: no backup yet; anything else (99: unreachable) must not look like "empty"
+            print(f"repository of {args.stanza} unusable: {status}", file=sys.stderr)
             return 1
-        kind = args.type or decide(time.time(), st.get("backup", []))
-        # Read the data files from a streaming standby when there is one, to spare the primary's disks
-        # (pgBackRest 2.45 has no backup-standby=prefer, so the choice is made here for both releases).
-        standby = psql("select count(*) from pg_stat_replication where state = 'streaming'") != "0"
-        hosts = ["--backup-standby=y"] if standby else ["--backup-standby=n", *local_only(Config.load(args.stanza,
-                                                                                                       args.settings))]
-        print(f"{kind} backup of {args.stanza}{' from a standby' if standby else ''}", flush=True)
-        result = subprocess.call(["pgbackrest", f"--stanza={args.stanza}", f"--type={kind}", *hosts,
-                                  "--log-level-console=info", "backup"])
-        if result != LOCK_BUSY or time.monotonic() + pause > deadline:
+        result = LOCK_BUSY
+        if not status.get("lock", {}).get("backup", {}).get("held"):
+            kind = args.type or decide(time.time(), st.get("backup", []))
+            # Read the data files from a streaming standby when there is one, to spare the primary's disks
+            # (pgBackRest 2.45 has no backup-standby=prefer, so the choice is made here for both releases).
+            standby = psql("select count(*) from pg_stat_replication where state = 'streaming'") != "0"
+            hosts = ["--backup-standby=y"] if standby else ["--backup-standby=n",
+                                                            *local_only(Config.load(args.stanza, args.settings))]
+            line = f"{kind} backup of {args.stanza}{' from a standby' if standby else ''}"
+            if line != announced:
+                print(line, flush=True)
+                announced = line
+            result = subprocess.call(["pgbackrest", f"--stanza={args.stanza}", f"--type={kind}", *hosts,
+                                      "--log-level-console=info", "backup"])
+        now = time.monotonic()
+        if result != LOCK_BUSY or now + pause > deadline:
             return result
-        waited = wait_s - (deadline - time.monotonic())
-        if waited < pause or waited % 60 < pause:  # the first time, then once a minute
-            print(f"another pgBackRest backup of {args.stanza} is running: waiting for it ({waited:.0f} s so far)",
-                  file=sys.stderr, flush=True)
+        started = now if started is None else started
+        if now - started >= next_note:
+            print(f"another pgBackRest backup of {args.stanza} is running: waiting for it "
+                  f"({now - started:.0f} s so far)", file=sys.stderr, flush=True)
+            next_note = now - started + 60
         time.sleep(pause)
 
 

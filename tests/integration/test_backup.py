@@ -276,6 +276,9 @@ def test_retention_keeps_exactly_the_models_set(converged):
     counts scaled down (full=2, diff=3), must leave exactly what the model predicts."""
     db1 = host_for("db1")
     db1.check_output("systemctl stop webstack-backup.timer")
+    # A run the timer started is not stopped with it: its lock would fail this test's backups (error 50).
+    wait_for(lambda: db1.run("systemctl is-active --quiet webstack-backup.service").rc != 0, 600,
+             "the timer's backup did not finish")
     try:
         st = info("db1", "main")
         model = [Backup(b["label"], b["type"], b.get("prior")) for b in st["backup"]]

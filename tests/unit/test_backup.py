@@ -417,31 +417,45 @@ def test_scheduled_backup_reads_a_standby_or_the_primary_alone(tmp_path, standby
 
 def test_scheduled_backup_waits_for_a_backup_already_running_and_decides_again(tmp_path, monkeypatch, capsys):
     """The fault: the timer's run at :05 finds a backup started by hand holding pgBackRest's lock
-    (error 50; seen in the lab, the other way round). It waits for it, then decides the type again
-    (that backup was a full: an incremental now, not a second full); a lock that stays held gives up
-    with pgBackRest's own code after the wait."""
+    (error 50 in the lab, the other way round). It waits while ``info`` reports the lock held,
+    without calling pgBackRest's backup, then decides the type again (that backup was a full: an
+    incremental now, not a second full); a backup that takes the lock between ``info`` and its own
+    (error 50) is waited for too; a lock that stays held gives up with pgBackRest's code."""
     bin_dir = tmp_path / "bin"
     fake_bin(bin_dir, "psql", 'case "$*" in *pg_is_in_recovery*) echo f;; *pg_stat_replication*) echo 1;; esac\n')
     fake_bin(bin_dir, "pgbackrest", 'echo "$*" >> "$LOG"\ncase "$*" in\n'
-             '  *" info") if [ -e "$DONE" ]; then echo \'[{"status": {"code": 0, "message": "ok"}, "backup": '
-             '[{"type": "full", "timestamp": {"start": \'$NOW\', "stop": \'$NOW\'}}]}]\'; '
-             'else echo \'[{"status": {"code": 2, "message": "no valid backups"}, "backup": []}]\'; fi;;\n'
-             '  *" backup") [ -e "$HELD" ] && exit 50; [ -e "$DONE" ] || { touch "$DONE"; exit 50; };;\n'
+             '  *" info") n=$(($(cat "$COUNT") + 1)); echo $n > "$COUNT"\n'
+             '    if [ $n -le 2 ] || [ -e "$HELD" ]; then held=true; else held=false; fi\n'
+             '    if [ $n -le 2 ]; then echo \'[{"status": {"code": 2, "lock": {"backup": {"held": true}}}, "backup": []}]\'\n'
+             '    else echo \'[{"status": {"code": 0, "lock": {"backup": {"held": \'$held\'}}}, "backup": '
+             '[{"type": "full", "timestamp": {"start": \'$NOW\', "stop": \'$NOW\'}}]}]\'; fi;;\n'
+             '  *" backup") if [ -e "$RACE" ]; then rm "$RACE"; exit 50; fi;;\n'
              'esac\n')
-    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
-    monkeypatch.setenv("LOG", str(tmp_path / "log"))
-    monkeypatch.setenv("DONE", str(tmp_path / "done"))
-    monkeypatch.setenv("HELD", str(tmp_path / "held"))
-    monkeypatch.setenv("NOW", str(int(time.time())))
+    count = tmp_path / "count"
+    count.write_text("0")
+    for name, value in (("PATH", f"{bin_dir}:/usr/bin:/bin"), ("LOG", tmp_path / "log"), ("COUNT", count),
+                        ("HELD", tmp_path / "held"), ("RACE", tmp_path / "race"), ("NOW", int(time.time()))):
+        monkeypatch.setenv(name, str(value))
     args = agent.parser().parse_args(["--settings", str(settings_file(tmp_path)), "scheduled", "--stanza", "main"])
+
+    def backups() -> list[str]:
+        calls = (tmp_path / "log").read_text().splitlines()
+        (tmp_path / "log").write_text("")
+        return [c.split()[1] for c in calls if c.endswith(" backup")]
+
+    assert agent.cmd_scheduled(args, wait_s=5, pause=0.01) == 0  # held for two looks, then free
+    assert backups() == ["--type=incr"]
+    out = capsys.readouterr()
+    assert out.err.count("another pgBackRest backup of main is running: waiting for it (0 s so far)") == 1
+    assert out.out == "incr backup of main from a standby\n"
+    (tmp_path / "race").touch()  # free by info, taken by another backup in between
     assert agent.cmd_scheduled(args, wait_s=5, pause=0.01) == 0
-    backups = [c for c in (tmp_path / "log").read_text().splitlines() if c.endswith(" backup")]
-    assert [c.split()[1] for c in backups] == ["--type=full", "--type=incr"]
-    assert "another pgBackRest backup of main is running: waiting for it" in capsys.readouterr().err
-    (tmp_path / "held").touch()
+    assert backups() == ["--type=incr", "--type=incr"]
+    assert capsys.readouterr().out == "incr backup of main from a standby\n"  # said once
+    (tmp_path / "held").touch()  # never released
     started = time.monotonic()
     assert agent.cmd_scheduled(args, wait_s=0.2, pause=0.01) == agent.LOCK_BUSY
-    assert 0.15 < time.monotonic() - started < 5
+    assert 0.15 < time.monotonic() - started < 5 and backups() == []
 
 
 class FakeServer:
