@@ -161,6 +161,28 @@ def vrrp_ready(within: int) -> str:
             f"{last} | grep -qE 'Entering (BACKUP|MASTER) STATE' && exit 0; sleep 0.5; done; exit 1")
 
 
+PRE_DRAIN_S = 3  # at most, for the VIP's open connections to finish before the VIP moves
+
+
+def pre_drain(vip: str) -> str:
+    """A shell step on the VIP holder before a planned move: new connections to the VIP are dropped
+    (lb-notify's drain table, taken over by the drain when keepalived stops; removed after 60 s by a
+    timer should the move not follow), then up to ``PRE_DRAIN_S`` s for the connections open on the
+    VIP to finish. A request whose packets are still on their way when the peer announces the VIP
+    is lost (one sign-up in a lab patch run: started 13 ms before keepalived stopped, on a busy
+    machine, not done 0.15 s later); a new one waits for its SYN to be sent again, to the new
+    holder."""
+    table = "inet webstack_vip_drain"
+    return (f"nft add table {table} && "
+            f"nft add chain {table} input '{{ type filter hook input priority filter - 1; policy accept; }}' && "
+            f"nft flush chain {table} input && nft add rule {table} input ip daddr {vip} ct state new drop && "
+            "{ systemctl stop --no-block webstack-vip-drain.timer 2>/dev/null; "
+            "systemd-run --quiet --no-block --collect --unit webstack-vip-drain --on-active=60 "
+            f"nft delete table {table} || true; }}; "
+            f"for i in $(seq {PRE_DRAIN_S * 10}); do ss -Htn state established src {vip} | grep -q . || exit 0; "
+            "sleep 0.1; done; exit 0")
+
+
 def health_commands(cfg: HostConfig, version: str = "", vrrp: bool = False) -> list[tuple[str, str]]:
     """(what, shell check) for the host's roles, all to pass within the run's ``health_timeout``
     (``vrrp``: a load balancer of a VIP pair whose keepalived runs during the check)."""
@@ -403,6 +425,8 @@ def _one(cfg: HostConfig, step: Step, version: str, drained: list[str], distro: 
     if step.holds_vip:
         barrier(name=f"A peer can take the VIP from {step.host}", label=label)
     if cfg.name == step.host and step.holds_vip:
+        server.shell(name=f"No new connection to the VIP here; the open ones finish ({PRE_DRAIN_S} s at most)",
+                     commands=[pre_drain(step.vip)])
         systemd.service(name="Stop keepalived: the VIP moves to the peer", service="keepalived", running=False)
         server.shell(name="Wait until the VIP has left", commands=[
             f"for i in $(seq 50); do ip -o addr show to {step.vip} | grep -q . || exit 0; sleep 0.2; done; exit 1"])
