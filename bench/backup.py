@@ -40,6 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import report  # noqa: E402
 from lab.probe import PGPASS, conninfo, host  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -218,9 +219,7 @@ def main() -> None:
     for n in range(args.rpo_trials):
         results["rpo"].append(rpo_trial(app1, base + n, rng.uniform(20, 80)))
         print(json.dumps(results["rpo"][-1]), flush=True)
-    out = ROOT / "bench" / "results"
-    out.mkdir(exist_ok=True)
-    (out / f"backup-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json").write_text(json.dumps(results, indent=2))
+    report.write("backup", results)
     for timeout, g in results.get("growth", {}).items():
         print(f"archive_timeout {timeout} s: {g['segments_per_day']} segments/day, {g['mib_per_day']} MiB/day "
               f"in the repository ({g['wal_switched_gib_per_day']} GiB/day of 16 MiB WAL files)")

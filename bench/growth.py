@@ -12,15 +12,14 @@ floating IP. Results are also written to bench/results/growth-<time>.json.
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
-from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import report  # noqa: E402
 from tests.integration.growth import grow, stored_signups, write_pause  # noqa: E402
 
 
@@ -44,9 +43,7 @@ def main() -> int:
     for key, value in result.items():
         if key != "steps_s":
             print(f"{key:24} {value}")
-    out = ROOT / "bench" / "results" / f"growth-{datetime.now(UTC):%Y%m%dT%H%M%S}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    report.write("growth", result)
     return 0 if result["pages_failed"] == result["signups_failed"] == result["acked_missing"] == 0 else 1
 
 

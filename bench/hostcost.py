@@ -21,12 +21,10 @@ Writes bench/results/hostcost-<utc>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import paramiko
@@ -34,6 +32,7 @@ import paramiko
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import report  # noqa: E402
 from lab.probe import MACHINES  # noqa: E402
 
 KEY = Path("/var/lib/webstack-lab/ssh/id_ed25519")
@@ -165,9 +164,7 @@ def main() -> int:
         result["idle_ms_per_s"], result["idle_ms_per_s_by_process"] = idle, top
         print("idle, ms of CPU per second: " + ", ".join(f"{k} {v}" for k, v in idle.items()))
         print("  by process, all machines: " + ", ".join(f"{k} {v}" for k, v in top.items()))
-    out = ROOT / "bench" / "results" / f"hostcost-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    out = report.write("hostcost", result)
     print(f"written: {out.relative_to(ROOT)}")
     return 0
 

@@ -88,9 +88,7 @@ def main() -> int:
         "failures": failures,
     }
     print(json.dumps(result, indent=2))
-    out = ROOT / "bench" / "results" / f"patch-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    report.write("patch", result)
     return proc.returncode
 
 

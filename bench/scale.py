@@ -16,18 +16,17 @@ With ``--interleave``, every size runs from the one inventory of the largest (sm
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import report  # noqa: E402
 from bench.nochange import one  # noqa: E402
 from lab.config import DEFAULT_FLEET, load_fleet  # noqa: E402
 from lab.probe import MACHINES  # noqa: E402
@@ -117,9 +116,7 @@ def main() -> int:
         result["sizes"][n]["added_per_host_s"] = added
         print(f"{n:3} hosts: {added:.3f} s added per host beyond the standing {len(MACHINES)}")
     one(["deploys/site.py"], "prefetch")  # the standing lab back to its own inventory's /etc/hosts
-    out = ROOT / "bench" / "results" / f"scale-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    out = report.write("scale", result)
     print(f"written: {out.relative_to(ROOT)}")
     return 0
 
