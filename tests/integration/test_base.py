@@ -219,6 +219,28 @@ def test_firewall_is_persistent(release_machine):
     assert "policy drop" in host.check_output("nft list chain inet webstack input")
 
 
+def test_packages_come_without_recommends_and_what_the_stack_needs_is_there(machine):
+    """Every role's packages are installed without Recommends: no MIME database (a recommendation
+    of GLib), no sysstat (of PostgreSQL), no bash completion; the recommendations the stack does
+    need are named and work."""
+    host = host_for(machine)
+    for absent in ("shared-mime-info", "sysstat", "bash-completion"):
+        assert not host.package(absent).is_installed, f"{machine}: {absent} (a recommendation) installed"
+    # netbase: nft and the firewall resolve protocol and service names with /etc/protocols, /etc/services
+    assert host.run("getent protocols tcp udp icmp && getent services ssh https").rc == 0
+    # logrotate rotates nginx's, PostgreSQL's and pgBackRest's logs (--debug: reads all, rotates nothing)
+    rotate = host.run("logrotate --debug /etc/logrotate.conf")
+    assert rotate.rc == 0, rotate.stderr[-2000:]
+    # libpam-systemd: an SSH login is a logind session, as on any Debian server
+    assert re.search(r"/session-[^/]+\.scope$", host.check_output("cat /proc/self/cgroup"), re.M), machine
+    # unattended-upgrades' shutdown helper waits for logind's signal (python3-gi's GLib) instead of polling
+    assert host.service("unattended-upgrades").is_running
+    glib = host.run("python3 -c 'from gi.repository import GLib'")
+    assert glib.rc == 0, glib.stderr[-2000:]
+    upgrade = host.run("unattended-upgrade --help")
+    assert upgrade.rc == 0, upgrade.stderr[-2000:]
+
+
 def test_security_updates_and_journal(machine):
     host = host_for(machine)
     assert host.package("unattended-upgrades").is_installed
