@@ -30,6 +30,9 @@ from roles.topology import topology
 from webstack.inventory import HostConfig
 
 SSH_HOST_KEYS = ("/etc/ssh/ssh_host_ed25519_key", "/etc/ssh/ssh_host_rsa_key")
+# How long an apt-get waits for the dpkg lock (unattended-upgrades' daily run) before failing: run 43
+# failed a patch run whose upgrade started while apt-daily-upgrade.service was installing.
+APT_LOCK_TIMEOUT_S = 600
 
 
 def resolve_key(entry: str) -> str:
@@ -139,7 +142,7 @@ def packages_and_time() -> None:
     cfg = config()
     base = cfg.settings(BaseSettings)
     template_file("base/etc/apt/apt.conf.d/51webstack-lists.j2", "/etc/apt/apt.conf.d/51webstack-lists",
-                  validate="apt-config -c {} dump", descriptions=base.apt_descriptions)
+                  validate="apt-config -c {} dump", descriptions=base.apt_descriptions, lock_timeout=APT_LOCK_TIMEOUT_S)
     files.directory(name="/etc/needrestart/conf.d", path="/etc/needrestart/conf.d")
     template_file("base/etc/needrestart/conf.d/webstack.conf.j2", "/etc/needrestart/conf.d/webstack.conf",
                   validate="perl -c {} 2>/dev/null")

@@ -15,7 +15,9 @@ from tests.integration.conftest import (
     KNOWN_HOSTS,
     MACHINES,
     RELEASES,
+    deploy,
     host_for,
+    inventory_copy,
     lab,
     run,
     site,
@@ -239,6 +241,36 @@ def test_packages_come_without_recommends_and_what_the_stack_needs_is_there(mach
     assert glib.rc == 0, glib.stderr[-2000:]
     upgrade = host.run("unattended-upgrade --help")
     assert upgrade.rc == 0, upgrade.stderr[-2000:]
+
+
+LOCK_HOLDER = ("import apt_pkg, time\n"
+               "apt_pkg.init(); apt_pkg.pkgsystem_lock()\n"
+               "open('/run/webstack-test-locked', 'w').close(); time.sleep({hold})\n"
+               "open('/run/webstack-test-released', 'w').write(str(time.time()))\n")
+
+
+def test_a_deploy_waits_for_the_daily_upgrade_holding_the_dpkg_lock(converged, tmp_path):
+    """Fault: unattended-upgrades is installing (it holds the dpkg lock, as apt-daily-upgrade.service
+    did on app2 when run 43's patch run failed at once) when a deploy needs apt-get. The deploy's
+    apt-get waits for the lock and installs after it is released."""
+    host = host_for("spare1")
+    inv = inventory_copy(tmp_path)
+    spare = inv.parent / "lab" / "group_data" / "spare.yml"
+    spare.write_text(spare.read_text() + "base__extra_packages: [psmisc]\n")
+    host.run("apt-get purge -y -q psmisc; rm -f /run/webstack-test-locked /run/webstack-test-released")
+    assert not host.package("psmisc").is_installed
+    host.check_output("systemd-run --quiet --collect --unit webstack-test-dpkg-lock python3 -c %s",
+                      LOCK_HOLDER.format(hold=15))
+    try:
+        wait_for(lambda: host.file("/run/webstack-test-locked").exists, 20, "the lock holder never took the lock")
+        result = deploy(inv, "site", "--limit", "spare1")
+        assert host.package("psmisc").is_installed, result.output[-2000:]
+        released = float(host.file("/run/webstack-test-released").content_string)
+        installed = host.check_output("stat -c %Y /var/lib/dpkg/info/psmisc.list")  # written as dpkg unpacks it
+        assert int(installed) >= int(released), (installed, released)  # installed only once the lock was free
+    finally:
+        host.run("systemctl stop webstack-test-dpkg-lock; apt-get purge -y -q psmisc; "
+                 "rm -f /run/webstack-test-locked /run/webstack-test-released")
 
 
 def test_security_updates_and_journal(machine):
