@@ -433,7 +433,10 @@ def install_all_packages(name: str, packages: Sequence[str], cache_time: int) ->
     stops here."""
     installed = host.get_fact(DebPackages)
     setattr(host, INSTALLING, frozenset(p for p in packages if p not in installed))
-    apt.packages(name=name, packages=list(packages), update=True, cache_time=cache_time, no_recommends=True)
+    # Retried: apt-get update fails at once on the lists lock of apt-daily.service's refresh (a few
+    # seconds, twice a day); DPkg::Lock::Timeout (51webstack-lists) covers only the dpkg lock.
+    apt.packages(name=name, packages=list(packages), update=True, cache_time=cache_time, no_recommends=True,
+                 _retries=2, _retry_delay=15)
 
 
 def install_packages(name: str, packages: Sequence[str]) -> None:

@@ -67,13 +67,15 @@ _INST = re.compile(r"^Inst (\S+) (?:\[(\S+)\] )?\((\S+)")
 class PendingUpgrades(FactBase):
     """Packages ``apt-get dist-upgrade`` would upgrade or install: [{package, from, to}].
 
-    Refreshes the package lists first (``apt-get update``), so the answer is today's.
+    Refreshes the package lists first (``apt-get update``, tried again for a minute: it fails at
+    once while apt-daily.service refreshes them), so the answer is today's.
     """
 
     default = list
 
     def command(self) -> str:
-        return ("apt-get -qq update >/dev/null 2>&1 || echo 'E: apt-get update failed'; "
+        return ("for i in 1 2 3 4 5 6 7; do apt-get -qq update >/dev/null 2>&1 && break; "
+                "[ $i = 7 ] && { echo 'E: apt-get update failed'; break; }; sleep 10; done; "
                 "LC_ALL=C apt-get -s -o Debug::NoLocking=1 dist-upgrade")
 
     def process(self, output: Sequence[str]) -> list[dict[str, str]]:

@@ -19,7 +19,9 @@ class AppSettings:
     port: int = setting(8000, "port gunicorn listens on (the load balancers connect to it)")
     workers: int = setting(3, "gunicorn worker processes")
     keep_releases: int = setting(5, "releases kept on disk for rollback")
-    packages: tuple[str, ...] = setting(("python3-psycopg2",), "Debian packages the application imports")
+    packages: tuple[str, ...] = setting(("python3-psycopg2",), "Debian packages the application imports (installed without "
+                                                        "their Recommends: name those it needs, e.g. libjs-jquery for "
+                                                        "Django's admin)")
     database: str = setting("app", "database (from postgres__databases) whose URL goes in DATABASE_URL")
     health_path: str = setting("/healthz", "path that answers 200 when the server can serve")
     health_timeout: int = setting(60, "seconds a switched server has to answer its health check with the new "

@@ -243,10 +243,19 @@ def test_packages_come_without_recommends_and_what_the_stack_needs_is_there(mach
     assert upgrade.rc == 0, upgrade.stderr[-2000:]
 
 
-LOCK_HOLDER = ("import apt_pkg, time\n"
-               "apt_pkg.init(); apt_pkg.pkgsystem_lock()\n"
-               "open('/run/webstack-test-locked', 'w').close(); time.sleep({hold})\n"
-               "open('/run/webstack-test-released', 'w').write(str(time.time()))\n")
+# Holds the dpkg lock as unattended-upgrades does (python-apt), until an apt-get install has waited
+# for it 3 s (or 120 s went by), then says whether it saw one waiting.
+LOCK_HOLDER = """
+import apt_pkg, subprocess, time
+apt_pkg.init(); apt_pkg.pkgsystem_lock()
+open('/run/webstack-test-locked', 'w').close()
+seen, until = False, time.time() + 120
+while time.time() < until and not seen:
+    seen = subprocess.run(['pgrep', '-f', '[a]pt-get .*install'], capture_output=True).returncode == 0
+    time.sleep(0.2)
+time.sleep(3)
+open('/run/webstack-test-released', 'w').write(f"{time.time()} {'waited' if seen else 'none'}")
+"""
 
 
 def test_a_deploy_waits_for_the_daily_upgrade_holding_the_dpkg_lock(converged, tmp_path):
@@ -259,15 +268,15 @@ def test_a_deploy_waits_for_the_daily_upgrade_holding_the_dpkg_lock(converged, t
     spare.write_text(spare.read_text() + "base__extra_packages: [psmisc]\n")
     host.run("apt-get purge -y -q psmisc; rm -f /run/webstack-test-locked /run/webstack-test-released")
     assert not host.package("psmisc").is_installed
-    host.check_output("systemd-run --quiet --collect --unit webstack-test-dpkg-lock python3 -c %s",
-                      LOCK_HOLDER.format(hold=15))
+    host.check_output("systemd-run --quiet --collect --unit webstack-test-dpkg-lock python3 -c %s", LOCK_HOLDER)
     try:
         wait_for(lambda: host.file("/run/webstack-test-locked").exists, 20, "the lock holder never took the lock")
         result = deploy(inv, "site", "--limit", "spare1")
         assert host.package("psmisc").is_installed, result.output[-2000:]
-        released = float(host.file("/run/webstack-test-released").content_string)
+        released, seen = host.file("/run/webstack-test-released").content_string.split()
+        assert seen == "waited", "the deploy's apt-get never ran while the lock was held"
         installed = host.check_output("stat -c %Y /var/lib/dpkg/info/psmisc.list")  # written as dpkg unpacks it
-        assert int(installed) >= int(released), (installed, released)  # installed only once the lock was free
+        assert int(installed) >= int(float(released)), (installed, released)  # only once the lock was free
     finally:
         host.run("systemctl stop webstack-test-dpkg-lock; apt-get purge -y -q psmisc; "
                  "rm -f /run/webstack-test-locked /run/webstack-test-released")
