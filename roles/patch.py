@@ -46,7 +46,7 @@ from pyinfra.operations import apt, python, server, systemd
 from roles._lib import barrier, config, options, owed_action, peer_fact, root_shell
 from roles.app.settings import AppSettings
 from roles.base.deploy import codename
-from roles.lb.deploy import nginx_site
+from roles.lb.deploy import VIP_DRAIN_TABLE, VIP_DRAIN_UNIT, nginx_site
 from roles.lb.settings import LbSettings
 from roles.options import PatchOptions
 from roles.postgres import orchestrate
@@ -174,12 +174,12 @@ def pre_drain(vip: str) -> str:
     is lost (one sign-up in a lab patch run: started 13 ms before keepalived stopped, on a busy
     machine, not done 0.15 s later); a new one waits for its SYN to be sent again, to the new
     holder."""
-    table = "inet webstack_vip_drain"
+    table, unit = VIP_DRAIN_TABLE, VIP_DRAIN_UNIT
     return (f"nft add table {table} && "
             f"nft add chain {table} input '{{ type filter hook input priority filter - 1; policy accept; }}' && "
             f"nft flush chain {table} input && nft add rule {table} input ip daddr {vip} ct state new drop && "
-            "{ systemctl stop --no-block webstack-vip-drain.timer 2>/dev/null; "
-            "systemd-run --quiet --no-block --collect --unit webstack-vip-drain --on-active=60 "
+            f"{{ systemctl stop --no-block {unit}.timer 2>/dev/null; "
+            f"systemd-run --quiet --no-block --collect --unit {unit} --on-active=60 "
             f"nft delete table {table} || true; }}; "
             f"for i in $(seq {PRE_DRAIN_S * 10}); do ss -Htn state established src {vip} | grep -q . || exit 0; "
             "sleep 0.1; done; exit 0")

@@ -39,6 +39,11 @@ HTTP2_DIRECTIVE = {"bookworm": False, "trixie": True}
 # nginx's longest wait for an application server (proxy_read_timeout 30 s) and a margin.
 VIP_DRAIN_S = 35
 VIP_HELD = "/run/webstack-vip-held"  # lb-notify's marker: this host held the VIP, so drains it when it leaves
+# lb-notify's drain: the nftables table that drops new connections to the VIP, and the transient
+# systemd unit whose timer ends the drain (the patch run's pre-drain writes the same ones for
+# lb-notify to take over).
+VIP_DRAIN_TABLE = "inet webstack_vip_drain"
+VIP_DRAIN_UNIT = "webstack-vip-drain"
 # ARP for the VIP is keepalived's alone: answered only on the interface that carries it (not for
 # the drain's route on lo), asked with the interface's own address.
 VIP_SYSCTLS = (("net.ipv4.conf.all.arp_ignore", "1"), ("net.ipv4.conf.all.arp_announce", "2"))
@@ -217,7 +222,8 @@ def apply() -> None:
         sysctls("/etc/sysctl.d/61-webstack-vip.conf", VIP_SYSCTLS)
         scripts = [
             template_file(f"lb/usr/local/lib/webstack/{name}.j2", f"/usr/local/lib/webstack/{name}", mode="755",
-                          validate="sh -n {}", vip=lb.vip, drain=VIP_DRAIN_S, held=VIP_HELD)
+                          validate="sh -n {}", vip=lb.vip, drain=VIP_DRAIN_S, held=VIP_HELD,
+                          drain_table=VIP_DRAIN_TABLE, drain_unit=VIP_DRAIN_UNIT)
             for name in ("lb-check", "lb-notify")
         ]
         conf = template_file(
