@@ -44,6 +44,7 @@ PREFETCH_ENV = "WEBSTACK_FACT_PREFETCH"
 _SENT: Counter[str] = Counter()
 _KEPT: Counter[str] = Counter()
 _PREFETCHED: Counter[str] = Counter()
+_ALONE: dict[str, list[str]] = {}  # per host: the facts asked by a command of their own (not the prefetch)
 _INSTALLED: list[Any] = []
 _RUNS: list[Any] = []
 _LOCKS: dict[str, Any] = {}
@@ -181,6 +182,7 @@ def install() -> None:
             _KEPT[host.name] += 1
             return _copy(answers[key])  # the caller may change the list or dict it gets
         _SENT[host.name] += 1
+        _ALONE.setdefault(host.name, []).append(f"{cls.__module__}.{cls.__qualname__}")
         value = original(state, host, cls, args=args, kwargs=kwargs, **more)
         # Not kept: a failed fact (the host failed; its answer is the default), or a host changed meanwhile.
         if key is not None and cache.usable(host.name) and host not in getattr(state, "failed_hosts", ()):
@@ -225,10 +227,12 @@ def host_changed(target: Any) -> None:
         _run_cache(target.state).host_changed(target.name)
 
 
-def stats() -> dict[str, dict[str, int]]:
+def stats() -> dict[str, dict[str, Any]]:
     """Per host: fact commands sent (a prefetch counts one), answers served from an earlier
-    question or the prefetch, and answers the prefetch brought."""
-    return {name: {"sent": _SENT[name], "kept": _KEPT[name], "prefetched": _PREFETCHED[name]}
+    question or the prefetch, answers the prefetch brought, and the facts asked by a command of
+    their own."""
+    return {name: {"sent": _SENT[name], "kept": _KEPT[name], "prefetched": _PREFETCHED[name],
+                   "alone": _ALONE.get(name, [])}
             for name in sorted(set(_SENT) | set(_KEPT))}
 
 

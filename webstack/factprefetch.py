@@ -69,11 +69,19 @@ def _plain(value: Any) -> bool:
     return False
 
 
+# Connector arguments that change when or how often a command runs, not what it prints: a fact
+# asked inside an operation with ``_retries`` (the base role's one install: its lists' stamp and
+# the server's date) is answered by the prefetch like any other. With them in the signature those
+# two questions went by commands of their own on every host (3 fact commands per host instead of 1;
+# the no-change run's cost per added host 0.146 s instead of 0.107-0.12).
+NOT_IN_SIGNATURE = frozenset({"_retries", "_retry_delay", "_retry_until", "_timeout", "_temp_dir"})
+
+
 def connector_signature(global_kwargs: dict[str, Any]) -> str:
     """A comparable digest of the connector arguments a fact runs with (sudo, user, env...)."""
     from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS
 
-    items = sorted((k, repr(global_kwargs.get(k))) for k in CONNECTOR_ARGUMENT_KEYS)
+    items = sorted((k, repr(global_kwargs.get(k))) for k in CONNECTOR_ARGUMENT_KEYS if k not in NOT_IN_SIGNATURE)
     return hashlib.sha1(repr(items).encode()).hexdigest()
 
 

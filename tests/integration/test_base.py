@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import subprocess
@@ -46,6 +47,27 @@ def test_second_site_run_changes_nothing(converged):
     assert "Grand total" in first and second["error"] == "-"
     assert second["changed"] == "-", converged["again"].output[-4000:]
     assert int(second["no_change"]) > 100
+
+
+# Facts one host's operations ask of another (a peer's live cluster, release, host keys): asked in
+# that operation's context, they go by a command of their own.
+PEER_FACTS = {"roles.postgres.facts.PgCluster", "roles.app.deploy.AppState", "roles.postgres.backup.SshHostKeys"}
+
+
+def test_a_no_change_run_asks_each_host_one_command(converged, tmp_path):
+    """Every fact a no-change site run asks of a host comes from the one command that brings what
+    the last run asked (webstack.factprefetch), but what other hosts ask of it. Caught a regression:
+    the base role's install, run with ``_retries``, sent its two facts alone on every host."""
+    site()  # whatever an earlier test left, and this run's record of questions
+    stats = tmp_path / "facts.json"
+    again = run(str(BIN / "pyinfra"), "-y", "inventories/lab.py", "deploys/site.py",
+                env={"WEBSTACK_FACT_STATS": str(stats)})
+    assert again.totals()["changed"] == "-", again.output[-3000:]
+    facts = json.loads(stats.read_text())
+    assert set(facts) == set(MACHINES)
+    for name, asked in facts.items():
+        assert asked["prefetched"] > 20 and asked["sent"] == 1 + len(asked["alone"]), (name, asked)
+        assert set(asked["alone"]) <= PEER_FACTS, (name, asked["alone"])
 
 
 def test_fast_users_fact_prints_what_pyinfras_prints(release_machine):

@@ -369,3 +369,15 @@ def test_codename_fact_answers_what_pyinfras_linux_distribution_says_here():
 
     theirs = ask(LinuxDistribution())["release_meta"].get("VERSION_CODENAME", "")  # type: ignore[index]
     assert ask(Codename()) == theirs and theirs
+
+
+def test_retries_and_timeouts_do_not_keep_a_fact_from_the_prefetch():
+    """A fact asked inside an operation run with ``_retries`` (the base role's one install asks its
+    lists' stamp and the date there) has the signature of the same fact asked outside it; the user a
+    command runs as still tells two apart."""
+    from webstack.factprefetch import connector_signature
+
+    plain = connector_signature({"_sudo": True})
+    assert connector_signature({"_sudo": True, "_retries": 2, "_retry_delay": 15, "_timeout": 30}) == plain
+    assert connector_signature({"_sudo": True, "_sudo_user": "postgres"}) != plain
+    assert connector_signature({"_sudo": True, "_success_exit_codes": [0, 1]}) != plain
