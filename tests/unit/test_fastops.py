@@ -163,3 +163,37 @@ def test_output_that_is_not_utf8_is_read_with_replacement_characters():
     assert out.stdout_lines == ["first", "stanza caf\ufffd ok", "last"]
     assert out.stderr_lines == ["warn\ufffd"]
     assert list(sshoutput.lenient(["as", "is"])) == ["as", "is"]  # not a channel file: untouched
+
+
+def test_an_operation_runs_on_the_hosts_it_concerns_and_no_greenlet_starts_for_the_others(monkeypatch):
+    """pyinfra's execute stage with ``_run_single_op`` narrowed: the operation of web1 runs there
+    once; web2, which it does not concern, gets no greenlet (pyinfra's own started one to log
+    "Skipped"); web2 stays active, its own operation runs."""
+    from pyinfra.api import operations
+    from pyinfra.api.operation import add_op
+    from pyinfra.api.operations import run_ops
+    from pyinfra.api.state import StateStage
+    from pyinfra.operations import python
+
+    fastops.install()
+    inventory = Inventory((["web1", "web2"], {}))
+    state = State(inventory, Config())
+    state.set_stage(StateStage.Prepare)
+    for host in inventory:
+        state.activate_host(host)
+    ran: list[str] = []
+    web1, web2 = inventory.get_host("web1"), inventory.get_host("web2")
+    add_op(state, python.call, function=lambda: ran.append("web1's"), host=[web1])
+    add_op(state, python.call, function=lambda: ran.append("both"), host=[web1, web2])
+    started: list[str] = []
+    original = operations._run_host_op_with_context
+
+    def counting(state, host, op_hash):
+        started.append(host.name)
+        return original(state, host, op_hash)
+
+    monkeypatch.setattr(operations, "_run_host_op_with_context", counting)
+    state.set_stage(StateStage.Execute)
+    run_ops(state)
+    assert sorted(ran) == ["both", "both", "web1's"] and sorted(started) == ["web1", "web1", "web2"]
+    assert sorted(h.name for h in inventory.get_active_hosts()) == ["web1", "web2"] and not state.failed_hosts
