@@ -28,6 +28,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from gevent.lock import Semaphore
 from pyinfra import host, inventory, state
 from pyinfra.context import ctx_state
 from pyinfra.operations import server
@@ -40,6 +41,10 @@ ROOT = Path(__file__).resolve().parent.parent
 RUN = uuid.uuid4().hex[:12]
 _NOTES: dict[str, Any] = {}
 _REGISTERED: list[str] = []
+# Every host's deploy asks for the run's line at once (greenlets): the first computes it, the
+# others wait for it. Without this each one that came while the first's git ran started its own
+# two: 30 git processes per run of 37 hosts, a fifth of the control machine's CPU.
+_BASE_LOCK = Semaphore()
 
 
 def reset() -> None:
@@ -48,7 +53,7 @@ def reset() -> None:
     RUN = uuid.uuid4().hex[:12]
     _NOTES.clear()
     _REGISTERED.clear()
-    _base.cache_clear()
+    _base_once.cache_clear()
 
 
 def note(key: str, value: Any) -> None:
@@ -72,8 +77,13 @@ def _options() -> dict[str, str]:
     return command_line()["data"]
 
 
-@cache
 def _base(deploy: str) -> dict[str, Any]:
+    with _BASE_LOCK:
+        return _base_once(deploy)
+
+
+@cache
+def _base_once(deploy: str) -> dict[str, Any]:
     commit, dirty = _git()
     return {"run": RUN, "at": datetime.now(UTC).isoformat(timespec="seconds"), "deploy": deploy,
             "operator": getpass.getuser(), "commit": commit, "dirty": dirty, "options": _options()}

@@ -55,3 +55,25 @@ def test_status_table_names_the_vip_holder_primary_and_stale_inventory():
     assert "main primary, 1 streaming, tl 3; (inventory says db1)" in text
     assert "2026-12-02T09:00:00+00:00 (ok)" in text and "not connected" in text
     assert "backups of main (from db2): full -" in text
+
+
+def test_the_runs_audit_line_asks_git_once_when_every_host_asks_at_once(monkeypatch):
+    """Every host's deploy asks for the run's audit line at once (greenlets, as pyinfra runs them):
+    git is asked once, not once per host that came while it ran."""
+    import gevent
+
+    from roles import audit
+
+    calls: list[int] = []
+
+    def slow_git() -> tuple[str, bool]:
+        calls.append(1)
+        gevent.sleep(0.05)  # as a subprocess: the other greenlets run meanwhile
+        return "abc123", False
+
+    monkeypatch.setattr(audit, "_git", slow_git)
+    monkeypatch.setattr(audit, "_options", lambda: {})
+    audit.reset()
+    lines = [g.value for g in gevent.joinall([gevent.spawn(audit._base, "site") for _ in range(10)])]
+    assert len(calls) == 1 and all(line == lines[0] and line["commit"] == "abc123" for line in lines)
+    audit.reset()
