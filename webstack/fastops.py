@@ -46,16 +46,25 @@ is out of scope (pyinfra's own loop misreads those too).
   narrowed to those the operation concerns, it does the same for those and nothing for the
   others; failures count against all active hosts as before (``State.fail_hosts`` reads the set).
 
+- Python's cyclic garbage collector: a run's objects (operations, their arguments, the facts'
+  answers) live until it ends, and the collector scanned them again every 700 allocations: a
+  tenth of the pyinfra process's CPU samples (``gc_collect_main``) on a no-change run of 52
+  hosts. What is loaded before the run (modules, the inventory) is frozen out of the scans and
+  the youngest generation is collected every 50,000 allocations (``GC_THRESHOLD``): the control
+  machine's CPU on that run 7% less (4 alternating rounds), the peak memory the same (97 MB).
+
 The Python helpers are checked against pyinfra's own in ``tests/unit/test_fastops.py``.
 """
 
 from __future__ import annotations
 
+import gc
 import importlib
 import sys
 from types import FrameType
 from typing import Any
 
+GC_THRESHOLD = (50_000, 20, 20)
 _INSTALLED: list[bool] = []
 _ORIGINAL: dict[str, Any] = {}
 
@@ -219,4 +228,6 @@ def install() -> None:
     operations: Any = importlib.import_module("pyinfra.api.operations")
     _ORIGINAL["run_single_op"] = operations._run_single_op
     operations._run_single_op = run_single_op_for_its_hosts(operations._run_single_op)
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLD)
     _INSTALLED.append(True)

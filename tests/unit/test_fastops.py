@@ -197,3 +197,10 @@ def test_an_operation_runs_on_the_hosts_it_concerns_and_no_greenlet_starts_for_t
     run_ops(state)
     assert sorted(ran) == ["both", "both", "web1's"] and sorted(started) == ["web1", "web1", "web2"]
     assert sorted(h.name for h in inventory.get_active_hosts()) == ["web1", "web2"] and not state.failed_hosts
+
+
+def test_the_collector_scans_a_runs_objects_less_often_and_not_what_was_loaded_before():
+    import gc
+
+    fastops.install()
+    assert gc.get_threshold() == fastops.GC_THRESHOLD and gc.get_freeze_count() > 1000
