@@ -26,6 +26,7 @@ not fit the run only costs a few unused commands.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import json
@@ -77,11 +78,17 @@ def _plain(value: Any) -> bool:
 NOT_IN_SIGNATURE = frozenset({"_retries", "_retry_delay", "_retry_until", "_timeout", "_temp_dir"})
 
 
-def connector_signature(global_kwargs: dict[str, Any]) -> str:
-    """A comparable digest of the connector arguments a fact runs with (sudo, user, env...)."""
+@functools.cache
+def signature_keys() -> tuple[str, ...]:
+    """The connector arguments a signature holds, sorted."""
     from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS
 
-    items = sorted((k, repr(global_kwargs.get(k))) for k in CONNECTOR_ARGUMENT_KEYS if k not in NOT_IN_SIGNATURE)
+    return tuple(sorted(k for k in CONNECTOR_ARGUMENT_KEYS if k not in NOT_IN_SIGNATURE))
+
+
+def connector_signature(global_kwargs: dict[str, Any]) -> str:
+    """A comparable digest of the connector arguments a fact runs with (sudo, user, env...)."""
+    items = [(k, repr(global_kwargs.get(k))) for k in signature_keys()]
     return hashlib.sha1(repr(items).encode()).hexdigest()
 
 

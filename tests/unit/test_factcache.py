@@ -381,3 +381,27 @@ def test_retries_and_timeouts_do_not_keep_a_fact_from_the_prefetch():
     assert connector_signature({"_sudo": True, "_retries": 2, "_retry_delay": 15, "_timeout": 30}) == plain
     assert connector_signature({"_sudo": True, "_sudo_user": "postgres"}) != plain
     assert connector_signature({"_sudo": True, "_success_exit_codes": [0, 1]}) != plain
+
+
+def test_facts_asked_as_another_user_are_written_down_with_that_users_signature(run, tmp_path, monkeypatch):
+    """The signature is worked out once per context: a fact asked in a deploy run as postgres is
+    written down with a signature of its own, and the plain ones share pyinfra's merge's."""
+    import json
+
+    from pyinfra.api.facts import _handle_fact_kwargs
+
+    from webstack import factprefetch
+
+    state, web1, _web2, _asked = run
+    monkeypatch.setenv("WEBSTACK_PREFETCH_DIR", str(tmp_path))
+    web1.get_fact(Files, path="/etc")
+    web1.get_fact(Files, path="/srv")
+    monkeypatch.setattr(web1, "current_deploy_kwargs", {"_sudo": True, "_sudo_user": "postgres"}, raising=False)
+    web1.get_fact(Files, path="/var/lib/postgresql")
+    expected = factprefetch.connector_signature(dict(_handle_fact_kwargs(state, web1, Files, [], {})[1]))
+    monkeypatch.setattr(web1, "current_deploy_kwargs", None, raising=False)
+    factcache._save_records()
+    items = {i["kwargs"]["path"]: i["conn"] for f in tmp_path.rglob("web1.json") for i in json.loads(f.read_text())}
+    assert items["/etc"] == items["/srv"] == factprefetch.connector_signature(
+        dict(_handle_fact_kwargs(state, web1, Files, [], {})[1]))
+    assert items["/var/lib/postgresql"] == expected != items["/etc"]
