@@ -226,7 +226,6 @@ def install() -> None:
     HostData.__getattr__ = host_data_getattr  # type: ignore[method-assign]
     Users.command = lambda self: USERS_COMMAND  # type: ignore[method-assign]
     operations: Any = importlib.import_module("pyinfra.api.operations")
-    _ORIGINAL["run_single_op"] = operations._run_single_op
     operations._run_single_op = run_single_op_for_its_hosts(operations._run_single_op)
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLD)

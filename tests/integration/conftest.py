@@ -91,8 +91,8 @@ def lab(*args: str, check: bool = True) -> Run:
     return run(str(BIN / "python"), "-m", "lab", *args, check=check)
 
 
-def site(*extra: str, check: bool = True) -> Run:
-    return run(str(BIN / "pyinfra"), "-y", "inventories/lab.py", "deploys/site.py", *extra, check=check)
+def site(*extra: str, check: bool = True, env: dict[str, str] | None = None) -> Run:
+    return run(str(BIN / "pyinfra"), "-y", "inventories/lab.py", "deploys/site.py", *extra, check=check, env=env)
 
 
 def ssh_login(address: str, user: str, **kwargs) -> None:

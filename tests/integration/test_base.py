@@ -60,8 +60,7 @@ def test_a_no_change_run_asks_each_host_one_command(converged, tmp_path):
     the base role's install, run with ``_retries``, sent its two facts alone on every host."""
     site()  # whatever an earlier test left, and this run's record of questions
     stats = tmp_path / "facts.json"
-    again = run(str(BIN / "pyinfra"), "-y", "inventories/lab.py", "deploys/site.py",
-                env={"WEBSTACK_FACT_STATS": str(stats)})
+    again = site(env={"WEBSTACK_FACT_STATS": str(stats)})
     assert again.totals()["changed"] == "-", again.output[-3000:]
     facts = json.loads(stats.read_text())
     assert set(facts) == set(MACHINES)
